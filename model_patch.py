@@ -67,6 +67,27 @@ MODELS = {
 }
 
 
+def resolve_model(name):
+    """--model NAME -> a preset dict (a copy, with 'name' added).
+
+    NAME is a preset, a local model folder, or a hub id 'org/model' (already in your HF
+    cache: nothing here downloads). Folders and hub ids get the paper defaults with
+    Llama-3's beta/gamma and their own window as target_len: override with flags.
+    Raises ValueError naming the presets for anything else.
+    """
+    if name in MODELS:
+        return dict(MODELS[name], name=name)
+    if os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/"))):
+        native = None
+        if os.path.isfile(os.path.join(name, "config.json")):
+            with open(os.path.join(name, "config.json")) as f:
+                native = json.load(f).get("max_position_embeddings")
+        return dict(_PAPER, name=name, path=name, beta=10.0, gamma=3.0,
+                    target_len=native, native_len=native)
+    raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(MODELS)}), "
+                     "a local model folder, or a hub id 'org/model'")
+
+
 def cache_dir():
     return os.environ.get("LOGO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "logo"))
 
