@@ -40,7 +40,8 @@ def logo_loss(chosen_logps, rejected_logps, beta, gamma=None, sft_weight=0.0,
 
     chosen_logps (B,), rejected_logps (B, M): mean per-token log-probs.
     Pass exactly one of gamma (absolute margin) or gamma_beta_ratio (gamma / beta).
-    Returns (loss, metrics): a scalar with grad, and a dict of detached float32 scalars.
+    Returns (loss, metrics): a scalar with grad, and a dict of detached scalars, all in
+    float32 (float64 for float64 inputs) whatever the input dtype.
     """
     if (gamma is None) == (gamma_beta_ratio is None):
         raise ValueError("pass exactly one of gamma (absolute) or gamma_beta_ratio (gamma / beta)")
@@ -50,9 +51,10 @@ def logo_loss(chosen_logps, rejected_logps, beta, gamma=None, sft_weight=0.0,
             or rejected_logps.shape[0] != chosen_logps.shape[0] or rejected_logps.shape[1] < 1:
         raise ValueError(f"expected chosen_logps (B,) and rejected_logps (B, M) with M >= 1, got "
                          f"{tuple(chosen_logps.shape)} and {tuple(rejected_logps.shape)}")
-    # Everything below in float32: with bf16 inputs beta * logp already loses ~3 digits.
-    c = chosen_logps.float()                                  # (B,)
-    r = rejected_logps.float()                                # (B, M)
+    # At least float32 (bf16 keeps ~3 digits, too few for beta * logp); float64 stays float64.
+    dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
+    c = chosen_logps.to(dtype)                                # (B,)
+    r = rejected_logps.to(dtype)                              # (B, M)
     reward_chosen = beta * c                                  # (B,)  r(y_w)
     reward_rejected = beta * r.mean(dim=1)                    # (B,)  1/M sum_j r(y_l^j)
     margin = reward_chosen - reward_rejected                  # (B,)
