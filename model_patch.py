@@ -18,17 +18,19 @@ replaces the authors' M+1 copies of the context, and the output layer runs only 
 hidden states that predict response tokens.
 """
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import warnings
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from loss import token_logps
+from loss import sequence_logps, token_logps
 
 # ----------------------------------------------------------------------------------------
 # Presets (gpt-fast style): --model NAME picks one, explicit flags override its fields.
@@ -231,30 +233,153 @@ def check_rope(config, target_len, native_len=None, rope_theta_changed=False):
     return True
 
 
-# ----------------------------------------------------------------------------------------
-# The packed forward.
+# The packed forward. Three exact ways to run the attention of a packed row:
+#   "split" (CPU default): the prefix through SDPA's causal kernel, then all response
+#       queries at once against [prefix, response] keys under a small (R, P+R) additive mask
+#       (P prefix, R response tokens). Nothing (T, T) is built or computed.
+#   "flex" (CUDA default, needs triton): FlexAttention with a BlockMask from the segment
+#       ids; fully masked blocks (prefix x responses, response x other responses) are skipped.
+#   "mask" (the reference): a dense (B, 1, T, T) additive mask through the model's own
+#       eager or SDPA attention, which computes every masked block.
+# "split" and "flex" run in a function registered in transformers' attention registry. The
+# layout reaches it as an explicit `packed_layout` keyword of the model's forward, which
+# transformers hands to every attention call and gradient checkpointing keeps for the
+# recompute. Calls without it (generation, evaluation) run the model's own attention.
 
 def causal_lm(model):
     """The *ForCausalLM under a peft / DeepSpeed wrapper (LoRA layers stay injected)."""
-    while not hasattr(model, "lm_head"):
-        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
-    return model
+    while True:          # (peft forwards unknown attributes: hasattr(lm_head) tells nothing)
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()                    # peft
+        elif hasattr(model, "module"):
+            model = model.module                              # DeepSpeed engine, DDP
+        else:
+            return model
+
+
+def packed_row_bounds(segment_ids):
+    """Check the layout of (B, T) segment ids; return 1 + M and [(P, E)] per row: P prefix
+    tokens, padding from E on. Every row must read 0..0 1..1 2..2 ... (M+1)..(M+1) -1..-1
+    (non-empty prefix, every response once and in order), else ValueError."""
+    seg = segment_ids.detach().cpu()
+    num_resp, bounds = int(seg.max()), []
+    for b, s in enumerate(seg):
+        runs = torch.unique_consecutive(s).tolist()
+        if runs[:num_resp + 1] != list(range(num_resp + 1)) or runs[num_resp + 1:] not in ([], [-1]):
+            raise ValueError(f"row {b}: segment ids must run 0 (prefix), 1 (chosen), 2..{num_resp} "
+                             f"(rejected), then -1 (padding), each once and in order; got {runs}")
+        bounds.append((int((s == 0).sum()), int((s >= 0).sum())))
+    return num_resp, bounds
+
+
+def packed_mask_mod(segment_ids):
+    """FlexAttention mask_mod of packed rows: may query q attend to key kv? The prefix is
+    causal; a response sees the prefix and its own earlier tokens; padding only itself."""
+    def mask_mod(b, h, q, kv):
+        sq, sk = segment_ids[b, q], segment_ids[b, kv]
+        return ((kv <= q) & (((sk == 0) & (sq >= 0)) | ((sk == sq) & (sq > 0)))) | (q == kv)
+    return mask_mod
 
 
 def packed_attention_mask(segment_ids, dtype):
     """(B, T) segment ids -> (B, 1, T, T) additive mask in `dtype`: 0 attend, dtype min blocked.
-
-    (A bool mask is silently wrong under eager attention in transformers 5.23, and a 1/0
+    (In transformers 5.23 a bool mask is silently wrong under eager attention, and a 1/0
     float mask under both eager and SDPA: it has to be additive.)"""
-    T = segment_ids.shape[1]
-    q = segment_ids[:, :, None]                               # (B, T, 1) query segment
-    k = segment_ids[:, None, :]                               # (B, 1, T) key segment
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = causal & (((k == 0) & (q >= 0)) | ((k == q) & (q > 0)))
-    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)  # padding sees itself
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    B, T = segment_ids.shape
+    i = torch.arange(T, device=segment_ids.device)
+    allowed = packed_mask_mod(segment_ids)(torch.arange(B)[:, None, None], 0, i[:, None], i)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)  # (B, T, T)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class PackedLayout:
+    """What packed attention needs, built once per forward (not per layer).
+
+    bounds [(P, E)] per row; resp_masks per row an additive (1, 1, E-P, E) mask for the
+    response queries (0 over the prefix, causal in the own segment, blocked elsewhere), or
+    block_mask for flex. `mask` is the attention_mask handed to the model: transformers
+    takes any 4D tensor or BlockMask as final, so it builds no (T, T) mask and never reads
+    the position resets at each response start as separate packed sequences. For split it
+    is the (B, 1, 1, T) integer segment ids, which any attention but ours rejects loudly.
+    """
+
+    def __init__(self, segment_ids, dtype, flex=False):
+        self.bounds, self.resp_masks, self.block_mask = packed_row_bounds(segment_ids)[1], [], None
+        if flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+            B, T = segment_ids.shape               # compiled: blockwise, never a (T, T) tensor
+            self.block_mask = create_block_mask(packed_mask_mod(segment_ids), B, None, T, T,
+                                                device=segment_ids.device, _compile=segment_ids.is_cuda)
+        for b, (P, E) in enumerate(self.bounds if not flex else []):
+            r = segment_ids[b, P:E]                                       # (R,) response segments
+            own = (r[:, None] == r) & torch.ones(E - P, E - P, dtype=torch.bool, device=r.device).tril()
+            mask = torch.zeros(E - P, E, dtype=dtype, device=r.device)  # prefix columns stay 0
+            mask[:, P:].masked_fill_(~own, torch.finfo(dtype).min)
+            self.resp_masks.append(mask[None, None])
+        self.mask = self.block_mask if flex else segment_ids[:, None, None, :]
+
+
+def split_attention(query, key, value, layout, scaling, dropout=0.0):
+    """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), row by row.
+    GQA through SDPA's enable_gqa (no repeated keys). Padding (from E on) gets zeros."""
+    sdpa, gqa, rows = torch.nn.functional.scaled_dot_product_attention, query.shape[1] != key.shape[1], []
+    for b, ((P, E), resp_mask) in enumerate(zip(layout.bounds, layout.resp_masks)):
+        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+        prefix = sdpa(q[:, :, :P], k[:, :, :P], v[:, :, :P], dropout_p=dropout, is_causal=True,
+                      scale=scaling, enable_gqa=gqa)                     # (1, H, P, D)
+        resp = sdpa(q[:, :, P:E], k[:, :, :E], v[:, :, :E], attn_mask=resp_mask.to(q.dtype),
+                    dropout_p=dropout, scale=scaling, enable_gqa=gqa)  # (1, H, E-P, D)
+        rows.append(torch.cat([prefix, resp, q.new_zeros(1, q.shape[1], q.shape[2] - E, q.shape[3])], 2))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).transpose(1, 2).contiguous()
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     packed_layout=None, **kwargs):
+    """Registered as 'logo_<base>' (e.g. logo_sdpa). With packed_layout: split or flex.
+    Without: the model's own <base> attention, with the mask transformers built for it."""
+    if packed_layout is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        base = module.config._attn_implementation[len("logo_"):]
+        eager = sys.modules[type(module).__module__].eager_attention_forward  # the arch's own
+        return ALL_ATTENTION_FUNCTIONS.get_interface(base, eager)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if (kwargs.get("sliding_window") or query.shape[2]) < query.shape[2]:
+        raise ValueError("packed attention has no sliding window, and this row is longer than it")
+    if packed_layout.block_mask is None:
+        return split_attention(query, key, value, packed_layout, scaling, dropout), None
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = flex_attention if query.device.type == "cpu" else _compiled_flex_attention()
+    out = flex(query, key, value, block_mask=packed_layout.block_mask, scale=scaling,
+               enable_gqa=query.shape[1] != key.shape[1])               # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """Compiled once, on first use (uncompiled, flex materialises the (T, T) scores; on CPU
+    only the tests run it, forward only, to check the mask)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def use_packed_attention(model):
+    """Switch a model to 'logo_<its attention>' (idempotent; response_logps calls it).
+
+    Registers packed_attention and the base's mask builder under that name on first use,
+    not at import. Calls without packed_layout behave exactly as before. The switch has to
+    outlive response_logps: under gradient checkpointing, backward recomputes the attention.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    config = causal_lm(model).config
+    base = config._attn_implementation or "eager"
+    if not base.startswith("logo_"):
+        if base not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ValueError(f"packed attention wraps eager, sdpa, flash or flex attention, not {base!r}")
+        ALL_ATTENTION_FUNCTIONS.register("logo_" + base, packed_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register("logo_" + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        config._attn_implementation = "logo_" + base
+    return model
 
 
 def response_targets(segment_ids):
@@ -264,7 +389,6 @@ def response_targets(segment_ids):
     (rows, dst), which belongs to response segment seg (1 = chosen). The first token of
     every response is predicted from the last prefix token, not from the previous response.
     """
-    B, T = segment_ids.shape
     rows, dst = torch.nonzero(segment_ids > 0, as_tuple=True)
     seg = segment_ids[rows, dst]
     prefix_len = (segment_ids == 0).sum(1)                    # (B,) prefix comes first
@@ -273,25 +397,60 @@ def response_targets(segment_ids):
     return rows, src, dst, seg
 
 
-def response_logps(model, input_ids, position_ids, segment_ids, chunk_size=1024):
+def response_logps(model, input_ids, position_ids, segment_ids, attention="auto", chunk_size=1024):
     """Mean per-token log-prob of every response in packed rows, in one forward pass.
 
     input_ids, position_ids, segment_ids: (B, T). Returns (logps, counts), both (B, 1+M):
     column 0 is the chosen response, columns 1..M the rejected ones; logps float32.
+    attention: "auto" (flex on CUDA with triton, else split), "split", "flex" or "mask"
+    (see above). All but "mask" switch the model once: use_packed_attention.
     """
+    from torch.utils._triton import has_triton
     lm = causal_lm(model)
-    num_resp = int(segment_ids.max())                         # 1 + M
+    num_resp = packed_row_bounds(segment_ids)[0]              # 1 + M, and checks the layout
+    if attention == "auto":
+        attention = "flex" if input_ids.is_cuda and has_triton() else "split"
     dtype = next(lm.parameters()).dtype
-    mask = packed_attention_mask(segment_ids, dtype)
-    hidden = lm.model(input_ids=input_ids, position_ids=position_ids.long(),
-                      attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
+    if attention == "mask":
+        kwargs = dict(attention_mask=packed_attention_mask(segment_ids, dtype))
+    elif attention in ("split", "flex"):
+        use_packed_attention(lm)
+        layout = PackedLayout(segment_ids, dtype, flex=attention == "flex")
+        kwargs = dict(attention_mask=layout.mask, packed_layout=layout)
+    else:
+        raise ValueError(f"attention must be auto, split, flex or mask, not {attention!r}")
+    hidden = lm.model(input_ids=input_ids, position_ids=position_ids.long(), use_cache=False,
+                      **kwargs).last_hidden_state             # (B, T, hidden)
     rows, src, dst, seg = response_targets(segment_ids)
     logits = lm.lm_head(hidden[rows, src])                    # (n_resp_tokens, V) only
     lp = token_logps(logits, input_ids[rows, dst], chunk_size)
-    B = input_ids.shape[0]
-    flat = rows * num_resp + (seg.long() - 1)
-    sums = torch.zeros(B * num_resp, dtype=torch.float32, device=lp.device).index_add(0, flat, lp)
-    counts = torch.zeros(B * num_resp, dtype=torch.long, device=lp.device).index_add(
-        0, flat, torch.ones_like(flat))
-    logps = (sums / counts.clamp(min=1)).view(B, num_resp)
-    return logps, counts.view(B, num_resp)
+    flat = rows * num_resp + (seg.long() - 1)                 # slot in (B * (1+M)) per token
+    sums = torch.zeros(len(input_ids) * num_resp, dtype=torch.float32, device=lp.device).index_add(0, flat, lp)
+    counts = torch.zeros_like(sums, dtype=torch.long).index_add(0, flat, torch.ones_like(flat))
+    return (sums / counts).view(-1, num_resp), counts.view(-1, num_resp)
+
+
+def response_logps_unpacked(model, input_ids, position_ids, segment_ids, chunk_size=1024):
+    """The same numbers in the authors' layout, for tests and bench.py: every response in
+    its own row prefix + response (B * (1+M) rows, right-padded), full-vocabulary logits
+    for every token, then loss.sequence_logps. Returns (logps, counts) like response_logps."""
+    lm = causal_lm(model)
+    num_resp = packed_row_bounds(segment_ids)[0]
+    ids, pos, scored = [], [], []
+    for b in range(len(segment_ids)):
+        for j in range(1, num_resp + 1):
+            keep = (segment_ids[b] == 0) | (segment_ids[b] == j)
+            ids.append(input_ids[b, keep])
+            pos.append(position_ids[b, keep])
+            scored.append(segment_ids[b, keep] == j)
+    L = max(len(x) for x in ids)
+
+    def pad(rows):
+        return torch.stack([torch.nn.functional.pad(x, (0, L - len(x))) for x in rows])
+    # A 2D attention mask, even all ones: with none, transformers reads every jump in the
+    # synthesized positions as the start of a new packed sequence.
+    logits = lm(input_ids=pad(ids), position_ids=pad(pos).long(), use_cache=False,
+                attention_mask=pad([torch.ones_like(x) for x in ids])).logits  # (B*(1+M), L, V)
+    scored = pad(scored)
+    logps = sequence_logps(logits, pad(ids), scored, chunk_size)
+    return logps.view(-1, num_resp), scored.sum(1).view(-1, num_resp)
