@@ -1,0 +1,1129 @@
+"""
+Evaluate a model, or a model plus a LOGO / SFT LoRA adapter, the four ways the LOGO paper
+does (arXiv 2410.18533, Sec. 4.2-4.3, 5 and Appendix B), plus a QA task for the CPU demo.
+
+    python evaluate.py --task niah   --model smollm2-135m --lengths 1K,2K,4K
+    python evaluate.py --task mvniah --model smollm2-135m --adapter runs/logo/final --compare
+    python evaluate.py --task ppl    --model smollm2-135m --lengths 1K,2K,4K,8K --text ../shared/data/pg_essays
+    python evaluate.py --task qa     --adapter runs/logo/final --compare --lengths 2K,4K,12K,16K
+    python evaluate.py --task longbench --model llama3-8b-80k --data_dir LongBench/data \
+        --config_dir LongBench/LongBench/config --adapter runs/logo/final --compare
+
+Tasks
+- longbench: LongBench v1 jsonl files, scored exactly as LongBench's pred.py + eval.py do
+  (official prompts, middle truncation in tokens to a fixed budget, chat template except on
+  trec/triviaqa/samsum/lsht/lcc/repobench-p, greedy decoding, official metrics under their
+  own names, max over the gold answers, first line only for trec/triviaqa/samsum/lsht);
+  per-dataset scores and the paper's Table 1 categories (Avg = mean of the five categories).
+- niah: needle-in-a-haystack, context length x depth grid, green/red heat map.
+- mvniah: multi-value NIAH (Appendix B): several needles sharing one key; recall of the values,
+  and the retrieval score: per attention head, the fraction of needle tokens it copies while
+  decoding; heads under 0.1 dropped; mean of the top 10.
+- ppl: sliding-window perplexity at several window lengths, PPL-vs-length plot.
+- qa: held-out records of the built-in corpus (corpus.qa_records, another seed than training)
+  or a JSONL; accuracy = the normalised gold answer occurs in the normalised prediction.
+
+Reads: --model (preset / folder / hub id already cached), --adapter RUN/final (peft adapter +
+logo_config.json written by train.py), the data of each task. Writes into --out_dir:
+TASK.json (resolved config + results), TASK.csv (the table), TASK.png, and for longbench
+pred/LABEL/DATASET.jsonl in LongBench's own format (its eval.py can rescore them). Files are
+written to a temporary name and renamed, so a crash never leaves a half-written result.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+import warnings
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+import corpus
+from loss import token_logps
+from model_patch import (MODELS, causal_lm, get_rope_theta, load_model, load_tokenizer,
+                         resolve_model, tokenizer_fingerprint)
+
+TASKS = ["longbench", "niah", "mvniah", "ppl", "qa"]
+COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device",
+                "max_samples", "max_new_tokens", "no_chat_template"]
+TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length"],
+              "niah": ["depths", "haystack", "needle", "question", "answer"],
+              "mvniah": ["haystack", "num_needles", "seed"],
+              "qa": ["data", "prompt", "seed"],
+              "ppl": ["text", "stride", "max_tokens"]}
+DEFAULT_LENGTHS = {"niah": "1K,2K,4K", "mvniah": "1K,2K,4K", "ppl": "1K,2K,4K,8K", "qa": "2K,4K"}
+DEFAULT_NEW_TOKENS = {"niah": 48, "mvniah": 64, "qa": 24}   # longbench: dataset2maxlen.json
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # task
+    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
+    p.add_argument("--out_dir", default=None,
+                   help="output folder (default eval/MODEL[+LABEL]/TASK)")
+    p.add_argument("--max_samples", type=int, default=None,
+                   help="longbench: first N records per dataset (default all); mvniah / qa: "
+                        "samples per context length (default 10 / 20)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="greedy tokens per answer (default: niah 48, mvniah 64, qa 24; "
+                        "longbench: dataset2maxlen.json)")
+    p.add_argument("--no_chat_template", action="store_true",
+                   help="feed raw prompts even to a model that has a chat template")
+    # model
+    p.add_argument("--model", default=None,
+                   help=f"preset ({', '.join(MODELS)}), local folder or cached hub id "
+                        "(default: the adapter's base model, else smollm2-135m)")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder written by train.py (RUN/final)")
+    p.add_argument("--compare", action="store_true",
+                   help="evaluate the base model and base+adapter side by side")
+    p.add_argument("--label", default=None,
+                   help="name of the adapter in tables (default: its run folder's name)")
+    p.add_argument("--rope_theta", type=float, default=None,
+                   help="RoPE base for every evaluated model (default: the checkpoint's for the "
+                        "base, the training value from logo_config.json for an adapter)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: float32 on CPU, which is faster there; the "
+                        "preset's dtype on GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow model code from the hub folder (off: safer)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is faster on a busy CPU)")
+    # longbench
+    p.add_argument("--data_dir", default=None, help="folder of LongBench v1 DATASET.jsonl files")
+    p.add_argument("--config_dir", default=None,
+                   help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json, "
+                        "optional model2maxlen.json)")
+    p.add_argument("--datasets", default="paper",
+                   help="comma list, 'paper' (the 14 English datasets of Table 1's five "
+                        "categories plus code) or 'all' (every dataset in dataset2prompt.json)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="prompt budget in tokens, truncated from the middle (default: "
+                        "model2maxlen.json's entry, else the model's window - 500, as LongBench)")
+    # niah / mvniah / qa / ppl
+    p.add_argument("--lengths", default=None,
+                   help="context lengths in tokens, comma list, K = 1024 (default niah/mvniah "
+                        "1K,2K,4K; ppl 1K,2K,4K,8K; qa 2K,4K)")
+    p.add_argument("--depths", default="0,25,50,75,100",
+                   help="niah: needle depths in percent of the context")
+    p.add_argument("--haystack", default=None,
+                   help="niah / mvniah: a .txt file or a folder of them (default: the built-in "
+                        "filler prose of corpus.py)")
+    p.add_argument("--needle", default="The best thing to do in San Francisco is eat a "
+                   "sandwich and sit in Dolores Park on a sunny day.", help="niah: needle sentence")
+    p.add_argument("--question", default="What is the best thing to do in San Francisco?",
+                   help="niah: the question about the needle")
+    p.add_argument("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
+                   help="niah: expected answer; cell score = fraction of its words in the reply")
+    p.add_argument("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="mvniah / qa sample seed (use another seed than prepare.py's for held-out)")
+    p.add_argument("--data", default=None,
+                   help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
+    p.add_argument("--prompt", default="{context}\n\n{question}",
+                   help="qa: user message template (default: prepare.py's, so the adapter is "
+                        "asked the way it was trained)")
+    p.add_argument("--text", default=None,
+                   help="ppl: a .txt file or folder (default: built-in filler prose)")
+    p.add_argument("--stride", type=int, default=0,
+                   help="ppl: window step in tokens (0 = the window length, non-overlapping; "
+                        "256 = Press et al.'s protocol, slower)")
+    p.add_argument("--max_tokens", type=int, default=None,
+                   help="ppl: tokens of text scored at every length (default 2 x the longest)")
+    args = p.parse_args(argv)
+    return args
+
+
+class UserError(Exception):
+    """Bad input: main() prints 'error: <what> (<where>); <what to do>' and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# LongBench v1 metrics (THUDM/LongBench, LongBench/metrics.py), same names, signatures and
+# behaviour, quirks included, so scores here equal the official ones.
+
+try:
+    import jieba        # Chinese word segmentation: only multifieldqa_zh, dureader, vcsum need it
+    jieba.setLogLevel(60)
+except ImportError:
+    jieba = None
+with warnings.catch_warnings():     # "using slow pure-python SequenceMatcher": as LongBench
+    warnings.simplefilter("ignore")
+    from fuzzywuzzy import fuzz
+from rouge import Rouge
+
+
+def normalize_answer(s):
+    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD)."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def normalize_zh_answer(s):
+    """Lower-case, drop English and Chinese punctuation and all whitespace."""
+    cn_punctuation = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】"
+                      "〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+    punctuation = set(string.punctuation + cn_punctuation)
+    return "".join("".join(ch for ch in s.lower() if ch not in punctuation).split())
+
+
+def count_score(prediction, ground_truth, **kwargs):
+    """Fraction of the numbers in the prediction that equal the gold count."""
+    numbers = re.findall(r"\d+", prediction)
+    right = sum(str(n) == str(ground_truth) for n in numbers)
+    return 0.0 if not numbers else float(right / len(numbers))
+
+
+def retrieval_score(prediction, ground_truth, **kwargs):
+    """Fraction of the numbers in the prediction that equal the gold 'Paragraph N'."""
+    gold = re.findall(r"Paragraph (\d+)", ground_truth)[0]
+    numbers = re.findall(r"\d+", prediction)
+    right = sum(str(n) == str(gold) for n in numbers)
+    return 0.0 if not numbers else float(right / len(numbers))
+
+
+def retrieval_zh_score(prediction, ground_truth, **kwargs):
+    gold = re.findall(r"段落(\d+)", ground_truth)[0]
+    numbers = re.findall(r"\d+", prediction)
+    right = sum(str(n) == str(gold) for n in numbers)
+    return 0.0 if not numbers else float(right / len(numbers))
+
+
+def code_sim_score(prediction, ground_truth, **kwargs):
+    """fuzz.ratio / 100 between the gold line and the first prediction line that holds no
+    backtick, '#' or '//' (an empty string if none)."""
+    line = ""
+    for candidate in prediction.lstrip("\n").split("\n"):
+        if "`" not in candidate and "#" not in candidate and "//" not in candidate:
+            line = candidate
+            break
+    return fuzz.ratio(line, ground_truth) / 100
+
+
+def classification_score(prediction, ground_truth, **kwargs):
+    """1 / (number of class names found in the prediction) when the gold class is among them.
+
+    Class names that are substrings of the gold class are removed first, but with
+    LongBench's quirk kept on purpose: they are removed from the list *while iterating over
+    it*, so the element after each removed one is skipped and may stay."""
+    matches = [c for c in kwargs["all_classes"] if c in prediction]
+    for term in matches:
+        if term in ground_truth and term != ground_truth:
+            matches.remove(term)              # mutates the list being iterated: the quirk
+    return 1.0 / len(matches) if ground_truth in matches else 0.0
+
+
+def rouge_score(prediction, ground_truth, **kwargs):
+    """ROUGE-L F of the `rouge` package (summary-level LCS over '.'-split sentences, word
+    counts over distinct words, case-sensitive); 0 when it refuses (an empty prediction)."""
+    try:
+        scores = Rouge().get_scores([prediction], [ground_truth], avg=True)
+    except (ValueError, RecursionError):      # LongBench: a bare except returning 0
+        return 0.0
+    return scores["rouge-l"]["f"]
+
+
+def rouge_zh_score(prediction, ground_truth, **kwargs):
+    prediction = " ".join(jieba.cut(prediction, cut_all=False))
+    ground_truth = " ".join(jieba.cut(ground_truth, cut_all=False))
+    return rouge_score(prediction, ground_truth)
+
+
+def f1_score(prediction, ground_truth, **kwargs):
+    """Token-multiset F1 of two token lists."""
+    num_same = sum((Counter(prediction) & Counter(ground_truth)).values())
+    if num_same == 0:
+        return 0
+    precision, recall = num_same / len(prediction), num_same / len(ground_truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1_score(prediction, ground_truth, **kwargs):
+    return f1_score(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def qa_f1_zh_score(prediction, ground_truth, **kwargs):
+    pred = [normalize_zh_answer(t) for t in jieba.cut(prediction, cut_all=False)]
+    gold = [normalize_zh_answer(t) for t in jieba.cut(ground_truth, cut_all=False)]
+    return f1_score([t for t in pred if t], [t for t in gold if t])
+
+
+dataset2metric = {
+    "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score,
+    "multifieldqa_zh": qa_f1_zh_score, "hotpotqa": qa_f1_score, "2wikimqa": qa_f1_score,
+    "musique": qa_f1_score, "dureader": rouge_zh_score, "gov_report": rouge_score,
+    "qmsum": rouge_score, "multi_news": rouge_score, "vcsum": rouge_zh_score,
+    "trec": classification_score, "triviaqa": qa_f1_score, "samsum": rouge_score,
+    "lsht": classification_score, "passage_retrieval_en": retrieval_score,
+    "passage_count": count_score, "passage_retrieval_zh": retrieval_zh_score,
+    "lcc": code_sim_score, "repobench-p": code_sim_score,
+}
+NEEDS_JIEBA = {"multifieldqa_zh", "dureader", "vcsum"}
+FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}              # eval.py
+NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}  # pred.py
+# The paper's Table 1 categories (LongBench's own grouping); Avg excludes Code, as the paper.
+CATEGORIES = {
+    "S-Doc QA": ["narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"],
+    "M-Doc QA": ["hotpotqa", "2wikimqa", "musique", "dureader"],
+    "Summ": ["gov_report", "qmsum", "multi_news", "vcsum"],
+    "Few-shot": ["trec", "triviaqa", "samsum", "lsht"],
+    "Synthetic": ["passage_count", "passage_retrieval_en", "passage_retrieval_zh"],
+    "Code": ["lcc", "repobench-p"],
+}
+PAPER_DATASETS = [d for c in CATEGORIES.values() for d in c
+                  if not d.endswith("_zh") and d not in ("dureader", "vcsum", "lsht")]
+
+
+def scorer(dataset, predictions, answers, all_classes):
+    """LongBench eval.py's scorer: mean over samples of the max over gold answers, x100,
+    rounded to 2 decimals; first line of the prediction only for the few-shot datasets."""
+    total = 0.0
+    for prediction, ground_truths in zip(predictions, answers):
+        if dataset in FIRST_LINE_ONLY:
+            prediction = prediction.lstrip("\n").split("\n")[0]
+        total += max([0.0] + [dataset2metric[dataset](prediction, g, all_classes=all_classes)
+                              for g in ground_truths])
+    return round(100 * total / len(predictions), 2)
+
+
+def category_scores(per_dataset):
+    """{dataset: score} -> {category: mean over its evaluated datasets, ..., 'Avg': mean of
+    the five non-code categories present} (paper Table 1: e.g. 39.3 36.2 24.8 63.5 39.9 -> 40.7)."""
+    out = {}
+    for cat, names in CATEGORIES.items():
+        got = [per_dataset[d] for d in names if d in per_dataset]
+        if got:
+            out[cat] = round(sum(got) / len(got), 2)
+    five = [v for k, v in out.items() if k != "Code"]
+    if five:
+        out["Avg"] = round(sum(five) / len(five), 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts and greedy decoding.
+
+def chat_prompt(tok, text, use_chat, answer_prefix=""):
+    """Wrap text as one user turn with the tokenizer's chat template (when it has one and
+    use_chat); answer_prefix starts the assistant's reply. Returns (prompt, templated)."""
+    if use_chat and tok.chat_template:
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+        return prompt + answer_prefix, True
+    return text + answer_prefix, False
+
+
+def encode(tok, prompt, templated, offsets=False):
+    """Token ids of a prompt. A chat template already writes BOS when the model wants one, so
+    special tokens are only added to raw prompts (as LongBench's tokenizer(prompt) does)."""
+    enc = tok(prompt, add_special_tokens=not templated, return_offsets_mapping=offsets)
+    return (enc.input_ids, enc.offset_mapping) if offsets else enc.input_ids
+
+
+def stop_token_ids(tok, lm):
+    eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask=None):
+    """Greedy decoding of one prompt with a KV cache. ids: list of prompt token ids.
+
+    Returns (new_ids, copies). With needle_mask (bool (T,), the prompt positions of the
+    needles) it also records which needle positions every head copies (Appendix B): at each
+    decode step, head h's most-attended input position j counts when j is inside a needle
+    and ids[j] equals the token generated at that step. copies: bool (layers, heads, T).
+    Attention weights exist only in eager attention, so the prompt is prefilled with the
+    model's fast kernel (SDPA) up to its last token, and only the decode steps (the last
+    prompt token included, which generates the first answer token) run eager: a (1, T) row
+    of attention per head, cheap even at 64K tokens.
+    """
+    device = next(lm.parameters()).device
+    track = needle_mask is not None
+    prompt = torch.tensor(ids, device=device)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    out = lm(input_ids=prompt[None, :-1] if track else prompt[None], use_cache=True,
+             logits_to_keep=1)
+    impl = lm.config._attn_implementation
+    copies = None
+    try:
+        if track:
+            lm.set_attn_implementation("eager")
+            out = lm(input_ids=prompt[None, -1:], past_key_values=out.past_key_values,
+                     use_cache=True, output_attentions=True)
+            T = len(ids)
+            copies = torch.zeros(lm.config.num_hidden_layers, lm.config.num_attention_heads, T,
+                                 dtype=torch.bool, device=device)
+            needle_mask = needle_mask.to(device)
+        new = []
+        for step in range(max_new_tokens):
+            logits = out.logits[0, -1].float()                      # (V,)
+            if step < min_new_tokens and len(stops):
+                logits[stops] = -math.inf
+            token = int(logits.argmax())
+            if track:
+                att = torch.stack([a[0, :, -1] for a in out.attentions])   # (L, H, T + step)
+                layer, head, pos = copy_hits(att, prompt, needle_mask, token)
+                copies[layer, head, pos] = True
+            new.append(token)
+            if token in stop_ids or step + 1 == max_new_tokens:
+                break
+            out = lm(input_ids=torch.tensor([[token]], device=device),
+                     past_key_values=out.past_key_values, use_cache=True, output_attentions=track)
+    finally:
+        lm.set_attn_implementation(impl)
+    return new, copies
+
+
+def copy_hits(att, prompt, needle_mask, token):
+    """The heads that copy `token` at this decode step (Appendix B): their most-attended
+    input position j is inside a needle and prompt[j] == token.
+    att: (L, H, K) attention of the current query over the K >= T cached positions (the
+    prompt, then earlier answer tokens, which never count). Returns (layer, head, j)."""
+    T = len(prompt)
+    j = att.argmax(-1)                                              # (L, H)
+    jj = j.clamp(max=T - 1)
+    hit = (j < T) & needle_mask[jj] & (prompt[jj] == token)
+    layer, head = hit.nonzero(as_tuple=True)
+    return layer, head, jj[layer, head]
+
+
+def decode_answer(tok, new_ids):
+    return tok.decode(new_ids, skip_special_tokens=True)
+
+
+def head_copy_scores(copies, needle_mask):
+    """Retrieval score of every head for one sample, paper Eq. 5: |g_h & K| / |K|, g_h the
+    needle positions head h copied, K all needle tokens. (L, H, T) bool -> (L, H) float."""
+    return copies.float().sum(-1).cpu() / max(int(needle_mask.sum()), 1)
+
+
+def retrieval_head_score(head_scores, threshold=0.1, top_k=10):
+    """Appendix B: drop heads scoring under 0.1, average the top 10 of the rest (0 if none).
+    head_scores: (L, H) per-head scores averaged over samples."""
+    kept = head_scores.flatten()
+    kept = kept[kept >= threshold]
+    return float(kept.sort(descending=True).values[:top_k].mean()) if len(kept) else 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# longbench
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found ({path}); point --config_dir at LongBench's "
+                        "LongBench/config folder (dataset2prompt.json, dataset2maxlen.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} is not valid JSON: {e.msg} ({path}:{e.lineno}); "
+                        "restore it from a LongBench checkout") from None
+
+
+def read_jsonl(path, required, what):
+    """Records of a JSONL file; every line must be an object holding the required fields."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{what}: malformed JSON, {e.msg} ({path}:{lineno}); "
+                                "fix or remove that line") from None
+            # a tuple in `required` means any one of its fields will do
+            missing = [" or ".join(k) if isinstance(k, tuple) else k for k in required
+                       if not isinstance(rec, dict)
+                       or not any(x in rec for x in (k if isinstance(k, tuple) else (k,)))]
+            if missing:
+                raise UserError(f"{what}: record without {', '.join(missing)} ({path}:{lineno}); "
+                                "every line needs " + ", ".join(
+                                    " or ".join(k) if isinstance(k, tuple) else k for k in required))
+            records.append(rec)
+    if not records:
+        raise UserError(f"{what}: no records ({path}); check the file")
+    return records
+
+
+LONGBENCH_FIELDS = ["input", "context", "answers", "length", "dataset", "language",
+                    "all_classes", "_id"]
+
+
+def longbench_setup(args, preset_name):
+    """Check every file and config entry before any model is loaded; returns
+    (datasets, prompts, maxgen, model2maxlen, records by dataset, skipped {dataset: why})."""
+    if not args.data_dir or not args.config_dir:
+        raise UserError("--task longbench needs --data_dir (LongBench's data/ folder of "
+                        "DATASET.jsonl) and --config_dir (its LongBench/config folder); pass both")
+    prompts = read_json(os.path.join(args.config_dir, "dataset2prompt.json"), "dataset2prompt.json")
+    maxgen = read_json(os.path.join(args.config_dir, "dataset2maxlen.json"), "dataset2maxlen.json")
+    m2l_path = os.path.join(args.config_dir, "model2maxlen.json")
+    model2maxlen = read_json(m2l_path, "model2maxlen.json") if os.path.isfile(m2l_path) else {}
+    if args.datasets == "paper":
+        datasets = PAPER_DATASETS
+    elif args.datasets == "all":
+        datasets = list(prompts)
+    else:
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    records, skipped = {}, {}
+    for d in datasets:
+        for table, name in ((prompts, "dataset2prompt.json"), (maxgen, "dataset2maxlen.json")):
+            if d not in table:
+                raise UserError(f"no entry for dataset {d!r} in {name} "
+                                f"({os.path.join(args.config_dir, name)}); add it or drop {d} "
+                                "from --datasets")
+        if d not in dataset2metric:
+            raise UserError(f"no LongBench metric for dataset {d!r}; known: "
+                            f"{', '.join(dataset2metric)}")
+        if d in NEEDS_JIEBA and jieba is None:
+            skipped[d] = "needs jieba (pip install jieba)"
+            continue
+        path = os.path.join(args.data_dir, f"{d}.jsonl")
+        if not os.path.isfile(path):
+            raise UserError(f"LongBench file not found ({path}); download LongBench's data.zip "
+                            f"into --data_dir or drop {d} from --datasets")
+        recs = read_jsonl(path, LONGBENCH_FIELDS, f"LongBench {d}")
+        for i, r in enumerate(recs):
+            try:
+                prompts[d].format(**r)
+            except (KeyError, IndexError, ValueError) as e:
+                raise UserError(f"the {d} prompt template does not fit its records ({e}) "
+                                f"({os.path.join(args.config_dir, 'dataset2prompt.json')}); "
+                                "use LongBench's own config files") from None
+            break
+        records[d] = recs[:args.max_samples] if args.max_samples else recs
+    for d, why in skipped.items():
+        print(f"skipping {d}: {why}")
+    return datasets, prompts, maxgen, model2maxlen, records, skipped
+
+
+def truncate_middle(tok, prompt, max_length):
+    """LongBench pred.py: if the prompt is over max_length tokens, keep the first and last
+    max_length // 2 tokens (decoded back to text, specials dropped). The budget is fixed per
+    model, never reduced from sample to sample."""
+    ids = tok(prompt, truncation=False).input_ids
+    if len(ids) <= max_length:
+        return prompt
+    half = int(max_length / 2)
+    return (tok.decode(ids[:half], skip_special_tokens=True)
+            + tok.decode(ids[-half:], skip_special_tokens=True))
+
+
+def run_longbench(args, lm, tok, setup, max_length, label):
+    datasets, prompts, maxgen, _, records, _ = setup
+    stops = stop_token_ids(tok, lm)
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    pred_dir = os.path.join(args.out_dir, "pred", label)
+    scores, counts = {}, {}
+    for d, recs in records.items():
+        preds = []
+        for r in tqdm(recs, desc=f"{label} {d}", leave=False):
+            prompt = truncate_middle(tok, prompts[d].format(**r), max_length)
+            prompt, templated = chat_prompt(tok, prompt,
+                                            d not in NO_CHAT_TEMPLATE and not args.no_chat_template)
+            ids = encode(tok, prompt, templated)
+            # samsum: LongBench also stops at a newline and forces one new token
+            new, _ = generate(lm, ids, args.max_new_tokens or maxgen[d],
+                              stops | {newline} if d == "samsum" else stops,
+                              min_new_tokens=1 if d == "samsum" else 0)
+            preds.append({"pred": decode_answer(tok, new), "answers": r["answers"],
+                          "all_classes": r["all_classes"], "length": r["length"],
+                          "prompt_tokens": len(ids)})
+        write_text(os.path.join(pred_dir, f"{d}.jsonl"),
+                   "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+        scores[d] = scorer(d, [p["pred"] for p in preds], [p["answers"] for p in preds],
+                           preds[-1]["all_classes"] if preds else None)
+        counts[d] = len(preds)
+        print(f"{label} {d}: {scores[d]:.2f} ({len(preds)} samples)")
+    return {"datasets": scores, "samples": counts, "categories": category_scores(scores),
+            "max_length": max_length}
+
+
+# ----------------------------------------------------------------------------------------
+# niah and mvniah
+
+NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\n{question} Answer in one short sentence, "
+                 "using only the document above.")
+MV_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to "
+               "memorize them. I will quiz you about the numbers afterwards.\n\n{context}\n\n"
+               "What are all the special magic numbers for {key} mentioned in the provided text?")
+MV_NEEDLE = "One of the special magic numbers for {key} is: {value}."
+MV_ANSWER_PREFIX = "The special magic numbers for {key} mentioned in the provided text are:"
+MV_KEYS_A = ["amber", "basalt", "cobalt", "dusky", "ember", "fennel", "garnet", "hollow",
+             "indigo", "jasper", "kelp", "lunar", "mossy", "nimble", "onyx", "quartz"]
+MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", "mango",
+             "quokka", "zeppelin", "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
+
+
+def read_text(path, what):
+    """A .txt file, or every .txt file of a folder in name order joined by blank lines."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".txt"))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UserError(f"{what} not found ({path}); pass a .txt file or a folder of .txt files")
+    texts = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            texts.append(fh.read().strip())
+    text = "\n\n".join(t for t in texts if t)
+    if not text:
+        raise UserError(f"{what} holds no text ({path}); pass a non-empty .txt file or folder")
+    return text
+
+
+def filler_text(tok, path, num_tokens, what):
+    """At least num_tokens tokens of haystack: the file(s) at path, repeated if too short, or
+    the built-in filler prose of corpus.py."""
+    if path:
+        text = base = read_text(path, what)
+        while len(tok(text, add_special_tokens=False).input_ids) < num_tokens:
+            text += "\n\n" + base
+        return text
+    chars = num_tokens * 5
+    while True:
+        text = corpus.haystack(chars, seed=0)
+        if len(tok(text, add_special_tokens=False).input_ids) >= num_tokens:
+            return text
+        chars *= 2
+
+
+def cut_tokens(tok, text, num_tokens):
+    """The longest prefix of text (ending at a token boundary) with num_tokens tokens."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc.input_ids) <= num_tokens:
+        return text
+    return text[:enc.offset_mapping[num_tokens - 1][1]]
+
+
+def insert_at_depth(context, needle, depth):
+    """Put the needle after the last sentence end ('.' or a line break) before the given
+    fraction of the context (as the standard harness does), depth in [0, 1]."""
+    pos = int(len(context) * depth)
+    if depth >= 1:
+        return context.rstrip() + " " + needle
+    cut = max(context.rfind(".", 0, pos), context.rfind("\n", 0, pos))
+    if cut < 0:
+        return needle + " " + context
+    return context[:cut + 1] + " " + needle + context[cut + 1:]
+
+
+def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
+    """Context tokens that make the whole prompt about `length` tokens."""
+    prompt, templated = chat_prompt(tok, template.format(context="", **fields), use_chat,
+                                    answer_prefix)
+    budget = length - len(encode(tok, prompt, templated)) - extra_tokens
+    if budget < 16:
+        raise UserError(f"context length {length} leaves no room for a haystack next to the "
+                        "prompt; use --lengths above a few hundred tokens")
+    return budget
+
+
+def niah_samples(args, tok, lengths, depths):
+    use_chat = not args.no_chat_template
+    hay = filler_text(tok, args.haystack, max(lengths), "--haystack")
+    needle_tokens = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
+    samples = []
+    for L in lengths:
+        n = context_budget(tok, NIAH_TEMPLATE, L, use_chat, needle_tokens, question=args.question)
+        base = cut_tokens(tok, hay, n)
+        for d in depths:
+            text = NIAH_TEMPLATE.format(context=insert_at_depth(base, args.needle, d / 100),
+                                        question=args.question)
+            prompt, templated = chat_prompt(tok, text, use_chat)
+            samples.append({"length": L, "depth": d, "ids": encode(tok, prompt, templated)})
+    return samples
+
+
+def niah_score(prediction, answer):
+    """Fraction of the expected answer's (normalised) words that the reply contains."""
+    gold = normalize_answer(answer).split()
+    said = set(normalize_answer(prediction).split())
+    return sum(w in said for w in gold) / max(len(gold), 1)
+
+
+def run_niah(args, lm, tok, samples, label):
+    stops, cells = stop_token_ids(tok, lm), []
+    for s in tqdm(samples, desc=f"{label} niah"):
+        new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["niah"], stops)
+        pred = decode_answer(tok, new)
+        cells.append({"length": s["length"], "depth": s["depth"], "prompt_tokens": len(s["ids"]),
+                      "score": niah_score(pred, args.answer), "prediction": pred})
+    return {"mean_score": sum(c["score"] for c in cells) / len(cells), "cells": cells}
+
+
+def mvniah_samples(args, tok, lengths, num_samples):
+    """num_samples per length: n needles 'One of the special magic numbers for KEY is: V.'
+    at random depths, one key per sample, n distinct 7-digit values (RULER's multi-value
+    NIAH; the key and values occur nowhere else, Appendix B)."""
+    use_chat = not args.no_chat_template
+    hay = filler_text(tok, args.haystack, max(lengths), "--haystack")
+    samples = []
+    for L in lengths:
+        rng = random.Random(f"{args.seed}-{L}")
+        for i in range(num_samples):
+            key = f"{rng.choice(MV_KEYS_A)}-{rng.choice(MV_KEYS_B)}"
+            values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), args.num_needles)]
+            needles = [MV_NEEDLE.format(key=key, value=v) for v in values]
+            extra = sum(len(tok(" " + x, add_special_tokens=False).input_ids) for x in needles)
+            prefix = MV_ANSWER_PREFIX.format(key=key)
+            n = context_budget(tok, MV_TEMPLATE, L, use_chat, extra, prefix, key=key)
+            # a different stretch of haystack per sample, starting at a paragraph
+            start = hay.find("\n\n", rng.randrange(max(len(hay) // 2, 1))) + 2
+            context = cut_tokens(tok, hay[start:] + "\n\n" + hay, n)
+            for needle, depth in sorted(zip(needles, (rng.random() for _ in needles)),
+                                        key=lambda x: -x[1]):
+                context = insert_at_depth(context, needle, depth)
+            prompt, templated = chat_prompt(tok, MV_TEMPLATE.format(context=context, key=key),
+                                            use_chat, prefix)
+            ids, offsets = encode(tok, prompt, templated, offsets=True)
+            # needle_mask: the tokens of the values inside the needles (the tokens to copy)
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            for v in values:
+                a = prompt.index(MV_NEEDLE.format(key=key, value=v)) + len(
+                    MV_NEEDLE.split("{value}")[0].format(key=key))
+                b = a + len(v)
+                for t, (s, e) in enumerate(offsets):
+                    if e > a and s < b:
+                        mask[t] = True
+            samples.append({"length": L, "ids": ids, "values": values, "needle_mask": mask})
+    return samples
+
+
+def run_mvniah(args, lm, tok, samples, label):
+    stops, rows = stop_token_ids(tok, lm), []
+    per_length = {}
+    for s in tqdm(samples, desc=f"{label} mvniah"):
+        new, copies = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["mvniah"],
+                               stops, needle_mask=s["needle_mask"])
+        pred = decode_answer(tok, new)
+        recall = sum(v in pred for v in s["values"]) / len(s["values"])
+        heads = head_copy_scores(copies, s["needle_mask"])            # (L, H)
+        per_length.setdefault(s["length"], []).append(heads)
+        rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "recall": recall,
+                     "values": s["values"], "prediction": pred})
+    lengths = {}
+    for L, heads in per_length.items():
+        rec = [r["recall"] for r in rows if r["length"] == L]
+        lengths[str(L)] = {"recall": sum(rec) / len(rec),
+                           "retrieval_score": retrieval_head_score(torch.stack(heads).mean(0)),
+                           "samples": len(rec)}
+    all_heads = torch.stack([h for hs in per_length.values() for h in hs]).mean(0)
+    return {"recall": sum(r["recall"] for r in rows) / len(rows),
+            "retrieval_score": retrieval_head_score(all_heads), "lengths": lengths,
+            "head_scores": [[round(x, 4) for x in row] for row in all_heads.tolist()],
+            "samples": rows}
+
+
+# ----------------------------------------------------------------------------------------
+# qa (the demo's held-out task, issue 7)
+
+def qa_samples(args, tok, lengths, num_samples):
+    use_chat, samples = not args.no_chat_template, []
+    if args.data:
+        recs = read_jsonl(args.data, ["context", "question", ("answer", "answers")], "--data")
+        for r in recs[:num_samples] if args.max_samples else recs:
+            answers = r.get("answers", r.get("answer"))
+            prompt, templated = chat_prompt(tok, args.prompt.format(**r), use_chat)
+            ids = encode(tok, prompt, templated)
+            bucket = next((L for L in lengths if len(ids) <= L), None)
+            samples.append({"length": bucket if bucket else f">{lengths[-1]}", "ids": ids,
+                            "answers": answers if isinstance(answers, list) else [answers]})
+        return samples
+    # characters per token of this tokenizer on corpus text, to size the contexts
+    probe = corpus.qa_record(0, 8000, args.seed)["context"]
+    chars_per_token = len(probe) / len(tok(probe, add_special_tokens=False).input_ids)
+    for L in lengths:
+        n = context_budget(tok, args.prompt, L, use_chat, 48, question="")
+        # qa_records overshoots by up to one ~550-character paragraph: aim half of one lower,
+        # so prompts come out within about half a paragraph of L on average
+        chars = max(int(n * chars_per_token) - 275, 600)
+        for r in corpus.qa_records(num_samples, chars, args.seed):
+            prompt, templated = chat_prompt(tok, args.prompt.format(**r), use_chat)
+            samples.append({"length": L, "ids": encode(tok, prompt, templated),
+                            "answers": [r["answer"]]})
+    return samples
+
+
+def run_qa(args, lm, tok, samples, label):
+    stops, rows = stop_token_ids(tok, lm), []
+    for s in tqdm(samples, desc=f"{label} qa"):
+        new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["qa"], stops)
+        pred = decode_answer(tok, new)
+        correct = any(normalize_answer(a) in normalize_answer(pred) for a in s["answers"])
+        rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": correct,
+                     "answers": s["answers"], "prediction": pred})
+    lengths = {}
+    for L in dict.fromkeys(r["length"] for r in rows):
+        got = [r for r in rows if r["length"] == L]
+        lengths[str(L)] = {"accuracy": sum(r["correct"] for r in got) / len(got),
+                           "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got),
+                           "samples": len(got)}
+    return {"accuracy": sum(r["correct"] for r in rows) / len(rows), "lengths": lengths,
+            "samples": rows}
+
+
+# ----------------------------------------------------------------------------------------
+# ppl
+
+@torch.no_grad()
+def sliding_nll(lm, ids, length, stride):
+    """Sum of -log p(token | preceding tokens in its window), in windows of `length` tokens
+    starting every `stride` tokens (HF's perplexity guide, Press et al.'s sliding window).
+    A window scores only the tokens no earlier window scored, so with stride < length every
+    token after the first window sees at least length - stride tokens of context. With
+    stride = length the windows do not overlap and each window's first token, which has no
+    context inside its window, is not scored (as in HF's guide). ids: (N,) long.
+    Returns (nll_sum, num_scored_tokens)."""
+    N, total, count, scored_to = len(ids), 0.0, 0, 1       # ids[0] has nothing to predict it
+    for begin in range(0, N - 1, stride):
+        end = min(begin + length, N)
+        window = ids[begin:end][None]                                   # (1, w)
+        hidden = lm.model(input_ids=window).last_hidden_state[0]        # (w, H)
+        first = max(scored_to - begin, 1)          # window index of the first new target
+        logits = lm.lm_head(hidden[first - 1:-1])                       # (n, V) predict ...
+        lp = token_logps(logits, window[0, first:])                     # ... window[first:]
+        total -= float(lp.double().sum())
+        count += lp.numel()
+        scored_to = end
+        if end == N:
+            break
+    return total, count
+
+
+def ppl_ids(args, tok, lengths):
+    need = args.max_tokens or 2 * max(lengths)
+    if args.text:
+        text = read_text(args.text, "--text")
+    else:
+        text = filler_text(tok, None, need, "--text")
+    ids = tok(text, add_special_tokens=False).input_ids
+    if len(ids) < max(lengths):
+        raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window "
+                        f"{max(lengths)} ({args.text}); pass a longer text or shorter --lengths")
+    return torch.tensor(ids[:need])
+
+
+def run_ppl(args, lm, ids, lengths, label):
+    device = next(lm.parameters()).device
+    ids, rows = ids.to(device), []
+    for L in tqdm(lengths, desc=f"{label} ppl"):
+        nll, n = sliding_nll(lm, ids, L, args.stride or L)
+        rows.append({"length": L, "ppl": math.exp(nll / n), "tokens": n})
+        print(f"{label} ppl @ {L}: {rows[-1]['ppl']:.3f} over {n} tokens")
+    return {"lengths": rows, "stride": args.stride or "length"}
+
+
+# ----------------------------------------------------------------------------------------
+# Loading models and adapters.
+
+def read_adapter(path):
+    if not os.path.isdir(path):
+        raise UserError(f"adapter folder not found ({path}); pass the RUN/final folder "
+                        "train.py wrote")
+    cfg_path = os.path.join(path, "logo_config.json")
+    for f in ("adapter_config.json", "logo_config.json"):
+        if not os.path.isfile(os.path.join(path, f)):
+            raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final "
+                            "folder train.py wrote (an interrupted run has no final/)")
+    with open(cfg_path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"logo_config.json is not valid JSON ({cfg_path}:{e.lineno}); "
+                            "rerun train.py") from None
+
+
+def adapter_label(path):
+    """runs/logo/final -> 'logo'; any other folder -> its own name."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name == "final" else name
+
+
+def same_base(adapter_cfg, preset):
+    names = {adapter_cfg.get("model"), adapter_cfg.get("model_path")} - {None}
+    return bool(names & {preset["name"], preset["path"]})
+
+
+def load_for_eval(args, preset, tok, adapter_cfg, with_adapter):
+    """The model to evaluate, in eval mode on args.device: the base, or base + adapter with
+    the RoPE base it was trained with (a LoRA trained with a raised rope_theta only works
+    with it)."""
+    if args.rope_theta is not None:
+        rope = args.rope_theta
+    else:
+        rope = adapter_cfg.get("rope_theta") if with_adapter else None
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = torch.float32 if args.device == "cpu" else getattr(torch, preset["dtype"])
+    try:
+        model = load_model(preset["path"], dtype=dtype, rope_theta=rope,
+                           trust_remote_code=args.trust_remote_code)
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; "
+                        "download it into your HF cache or pass a local folder") from None
+    if with_adapter:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); "
+                            "evaluate it with the --model it was trained on") from None
+    lm = causal_lm(model).to(args.device).eval()
+    print(f"loaded {preset['name']}{' + ' + args.adapter if with_adapter else ''}: "
+          f"rope_theta={get_rope_theta(lm.config):g}, dtype={dtype}, device={args.device}")
+    return lm
+
+
+# ----------------------------------------------------------------------------------------
+# Writing results: temporary name, then rename (a crash leaves the old file or none).
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_csv(path, header, rows):
+    lines = [",".join(header)] + [",".join("" if v is None else str(v) for v in r) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def save_figure(fig, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot(task, results, path, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(results)
+    if task == "niah":
+        from matplotlib.colors import LinearSegmentedColormap
+        cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
+        fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4), squeeze=False)
+        for ax, label in zip(axes[0], labels):
+            cells = results[label]["cells"]
+            lengths = sorted({c["length"] for c in cells})
+            depths = sorted({c["depth"] for c in cells})
+            grid = [[next(c["score"] for c in cells if c["length"] == L and c["depth"] == d)
+                     for L in lengths] for d in depths]
+            im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel("needle depth")
+            ax.set_title(f"{label}: mean {results[label]['mean_score']:.2f}")
+            fig.colorbar(im, ax=ax, label="score")
+    elif task == "longbench":
+        cats = [c for c in list(CATEGORIES) + ["Avg"]
+                if any(c in results[lb]["categories"] for lb in labels)]
+        fig, ax = plt.subplots(figsize=(1.4 * len(cats) + 2, 4))
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            ax.bar([k + i * width for k in range(len(cats))],
+                   [results[label]["categories"].get(c, 0) for c in cats], width, label=label)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(cats))], cats)
+        ax.set_ylabel("LongBench score")
+        ax.legend()
+    else:
+        key = {"mvniah": ["recall", "retrieval_score"], "qa": ["accuracy"], "ppl": ["ppl"]}[task]
+        fig, axes = plt.subplots(1, len(key), figsize=(5.5 * len(key), 4), squeeze=False)
+        for ax, k in zip(axes[0], key):
+            for label in labels:
+                if task == "ppl":
+                    xs = [r["length"] for r in results[label]["lengths"]]
+                    ys = [r["ppl"] for r in results[label]["lengths"]]
+                else:
+                    pts = [(int(L), v[k]) for L, v in results[label]["lengths"].items()
+                           if str(L).isdigit()]
+                    xs, ys = zip(*pts) if pts else ([], [])
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel(k.replace("_", " "))
+            if task == "ppl":
+                ax.set_yscale("log")
+            ax.legend()
+    fig.suptitle(f"{task}: {args.model_name}")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def table(task, results):
+    """(header, rows) of the CSV: one row per dataset / cell / length, a column per model."""
+    labels = list(results)
+    first = results[labels[0]]
+    if task == "longbench":
+        names = list(first["datasets"]) + list(first["categories"])
+        rows = [[n] + [results[lb]["datasets"].get(n, results[lb]["categories"].get(n))
+                       for lb in labels] for n in names]
+        return ["dataset"] + labels, rows
+    if task == "niah":
+        rows = [[c["length"], c["depth"]] + [round(results[lb]["cells"][i]["score"], 4)
+                                             for lb in labels]
+                for i, c in enumerate(first["cells"])]
+        return ["length", "depth"] + labels, rows
+    if task == "ppl":
+        rows = [[r["length"]] + [round(results[lb]["lengths"][i]["ppl"], 4) for lb in labels]
+                for i, r in enumerate(first["lengths"])]
+        return ["length"] + [f"ppl_{lb}" for lb in labels], rows
+    keys = ["recall", "retrieval_score"] if task == "mvniah" else ["accuracy"]
+    rows = [[L] + [round(results[lb]["lengths"][L][k], 4) for lb in labels for k in keys]
+            for L in first["lengths"]]
+    return ["length"] + [f"{k}_{lb}" for lb in labels for k in keys], rows
+
+
+# ----------------------------------------------------------------------------------------
+
+def parse_lengths(spec):
+    try:
+        out = [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x)
+               for x in (s.strip() for s in spec.split(",")) if x]
+    except (ValueError, IndexError):
+        out = []
+    if not out or min(out) <= 0:
+        raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; "
+                        "write e.g. 1K,2K,4096")
+    return sorted(out)
+
+
+def evaluate(args):
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.task == "qa":
+        try:
+            args.prompt.format(context="", question="")
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; "
+                            "fix the template") from None
+    adapter_cfg = read_adapter(args.adapter) if args.adapter else {}
+    if args.compare and not args.adapter:
+        raise UserError("--compare needs --adapter; pass the RUN/final folder to compare with")
+    name = args.model or adapter_cfg.get("model") or "smollm2-135m"
+    try:
+        preset = resolve_model(name)
+    except ValueError as e:
+        raise UserError(f"{e}; pick one of those or a folder with config.json") from None
+    if args.adapter and not same_base(adapter_cfg, preset):
+        raise UserError(f"adapter trained on {adapter_cfg.get('model')!r}, not {name!r} "
+                        f"({os.path.join(args.adapter, 'logo_config.json')}); evaluate it with "
+                        f"--model {adapter_cfg.get('model')} or pass an adapter trained on {name}")
+    label = args.label or (adapter_label(args.adapter) if args.adapter else None)
+    if label == "base":
+        label = "adapter"               # "base" names the model without the adapter
+    args.model_name = preset["name"]
+    if args.out_dir is None:
+        tag = os.path.basename(os.path.normpath(preset["name"])) + (f"+{label}" if args.adapter else "")
+        args.out_dir = os.path.join("eval", tag, args.task)
+
+    # Every input is checked before the (slow) model load.
+    setup = longbench_setup(args, preset["name"]) if args.task == "longbench" else None
+    try:
+        tok = load_tokenizer(preset["path"], args.trust_remote_code)
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; "
+                        "download the model into your HF cache or pass a local folder") from None
+    if args.adapter and adapter_cfg.get("tokenizer_fingerprint") not in (
+            None, tokenizer_fingerprint(tok)):
+        raise UserError(f"adapter trained with another tokenizer than {name}'s "
+                        f"({os.path.join(args.adapter, 'logo_config.json')}); evaluate it "
+                        "with the model it was trained on")
+    lengths = parse_lengths(args.lengths or DEFAULT_LENGTHS[args.task]) \
+        if args.task != "longbench" else None
+    num = args.max_samples or {"mvniah": 10, "qa": 20}.get(args.task)
+    if args.task == "niah":
+        try:
+            depths = [float(d) for d in args.depths.split(",")]
+        except ValueError:
+            raise UserError(f"--depths {args.depths!r} is not a comma list of percentages; "
+                            "write e.g. 0,25,50,75,100") from None
+        if not all(0 <= d <= 100 for d in depths):
+            raise UserError(f"--depths {args.depths!r}: depths are percentages in [0, 100]; "
+                            "fix the list")
+        data = niah_samples(args, tok, lengths, depths)
+    elif args.task == "mvniah":
+        data = mvniah_samples(args, tok, lengths, num)
+    elif args.task == "qa":
+        data = qa_samples(args, tok, lengths, num)
+    elif args.task == "ppl":
+        data = ppl_ids(args, tok, lengths)
+
+    runs = ([("base", False)] if not args.adapter or args.compare else []) + \
+        ([(label, True)] if args.adapter else [])
+    keys = COMMON_FLAGS + TASK_FLAGS[args.task]
+    config = {k: getattr(args, k) for k in keys}
+    config.update(lengths=lengths, label=label)
+    print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
+    config.update(resolved_model=preset, adapter_config=adapter_cfg or None,
+                  jieba=jieba is not None)
+    results = {}
+    for run_label, with_adapter in runs:
+        lm = load_for_eval(args, preset, tok, adapter_cfg, with_adapter)
+        if args.task == "longbench":
+            # the budget LongBench would give this model: an adapter trained to a longer
+            # window K gets K - 500, a plain model its model2maxlen.json entry or window - 500
+            if args.max_length:
+                max_length = args.max_length
+            elif with_adapter and adapter_cfg.get("target_len"):
+                max_length = adapter_cfg["target_len"] - 500
+            else:
+                max_length = setup[3].get(preset["name"]) or (
+                    preset["native_len"] or lm.config.max_position_embeddings) - 500
+            results[run_label] = run_longbench(args, lm, tok, setup, max_length, run_label)
+            results[run_label]["skipped"] = setup[5]
+        elif args.task == "ppl":
+            results[run_label] = run_ppl(args, lm, data, lengths, run_label)
+        else:
+            run = {"niah": run_niah, "mvniah": run_mvniah, "qa": run_qa}[args.task]
+            results[run_label] = run(args, lm, tok, data, run_label)
+        del lm
+
+    header, rows = table(args.task, results)
+    write_csv(os.path.join(args.out_dir, f"{args.task}.csv"), header, rows)
+    print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in [header] + rows))
+    plot(args.task, results, os.path.join(args.out_dir, f"{args.task}.png"), args)
+    out = {"task": args.task, "config": config, "results": results,
+           "wall_s": round(time.time() - t0, 1)}
+    write_text(os.path.join(args.out_dir, f"{args.task}.json"),
+               json.dumps(out, indent=1, default=str, ensure_ascii=False))
+    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
