@@ -1,0 +1,767 @@
+"""
+Train a LoRA adapter with the LOGO loss (Tang et al. 2024, arXiv 2410.18533): one plain
+DeepSpeed loop, from this laptop CPU to a GPU node. No Trainer, no callbacks: read it
+top to bottom.
+
+Reads   <data_dir>/meta.json + shard_*.safetensors     (written by prepare.py)
+Writes  <out_dir>/run_config.json      the resolved configuration (written at start)
+        <out_dir>/log.jsonl            one JSON object per optimiser step
+        <out_dir>/checkpoints/step_N/  DeepSpeed checkpoints (LoRA + optimiser state only)
+        <out_dir>/final/               the peft adapter (safetensors), tokenizer, logo_config.json
+        <out_dir>/merged/              with --merge: the base with the adapter merged in
+
+    python train.py                                    # the CPU demo: smollm2-135m on data/demo
+    python train.py --model tiny --data_dir data/tiny --max_steps 20
+    deepspeed --num_gpus 8 train.py --model llama3-8b-80k --data_dir data/llama3 --gradient_checkpointing
+    python train.py --model tiny --data_dir data/tiny --resume      # continue out/tiny exactly
+
+One optimiser step = global_batch packed rows (prefix | chosen | rejected 1..M, see
+model_patch.py), split into micro-batches of micro_batch rows per process and
+global_batch / (micro_batch * world_size) gradient-accumulation steps. The row order,
+the learning rate and the dropout RNG are functions of (seed, step) alone, so --resume
+from a checkpoint replays exactly what an uninterrupted run would have done.
+
+RoPE rule (checked before anything heavy loads): data made for a window of K = target_len
+positions needs RoPE settings that cover K. With the checkpoint's rope_theta that is its
+native window (the preset's native_len, else max_position_embeddings). A raised
+--rope_theta stretches it by the NTK-aware factor s = (theta / theta_native)^((d-2)/d)
+(d = head dim: the longest RoPE wavelength grows by exactly s), capped at 8x, the largest
+extension in the paper (8K -> 64K, 4K -> 32K). Beyond that train.py stops and names the
+smallest rope_theta that would do.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+import model_patch
+from loss import logo_loss
+
+FORMAT_VERSION = 1          # of the data prepare.py writes; meta.json carries it
+MAX_ROPE_EXTENSION = 8      # the paper extends a window at most 8x (Sec. 4.1)
+
+
+class UserError(Exception):
+    """Bad input or environment: printed as one `error: ...` line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration: flags left at None take the preset's value (model_patch.MODELS).
+
+PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps", "global_batch",
+               "micro_batch", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+               "rope_theta", "dtype"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--data_dir", default="data/demo", help="folder prepare.py wrote (meta.json + shards)")
+    p.add_argument("--out_dir", default=None, help="run folder; default out/<model>")
+    # model
+    p.add_argument("--model", default="smollm2-135m",
+                   help=f"preset ({', '.join(model_patch.MODELS)}), local folder or hub id")
+    p.add_argument("--rope_theta", type=float, default=None,
+                   help="RoPE base; default the preset's (None keeps the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and compute; default the preset's (bf16: DeepSpeed bf16 with fp32 master weights)")
+    p.add_argument("--attention", choices=["auto", "split", "flex", "mask"], default="auto",
+                   help="packed attention kernel of model_patch.response_logps")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    # LoRA (peft)
+    p.add_argument("--lora_r", type=int, default=None, help="LoRA rank")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (update scaled by alpha/r)")
+    p.add_argument("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
+    p.add_argument("--lora_targets", default=None,
+                   help="comma-separated module names (paper: attention projections + embed_tokens)")
+    # LOGO loss
+    p.add_argument("--loss", choices=["logo", "sft"], default="logo",
+                   help="logo: Eq. 2 + lambda * SFT (Eq. 3); sft: mean NLL of the chosen response "
+                        "only (the paper's 'Instruct Tuning (Partial)' baseline)")
+    p.add_argument("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
+    p.add_argument("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
+    p.add_argument("--gamma_beta_ratio", type=float, default=None,
+                   help="gamma given as gamma/beta (SimPO's and the released code's convention)")
+    p.add_argument("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
+    # optimisation
+    p.add_argument("--max_steps", type=int, default=None, help="optimiser steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    p.add_argument("--lr_schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after the linear warmup")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine ends at lr * this")
+    p.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps")
+    p.add_argument("--global_batch", type=int, default=None, help="rows per optimiser step, all processes")
+    p.add_argument("--micro_batch", type=int, default=None, help="rows per forward pass per process")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="LoRA init, row order, dropout")
+    # checkpoints and export
+    p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="checkpoint and stop after this step (the schedule still spans max_steps)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in out_dir first")
+    p.add_argument("--merge", action="store_true", help="also save the merged model to out_dir/merged")
+    # system
+    p.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="DeepSpeed ZeRO stage; default 3 on GPU, 0 on CPU")
+    p.add_argument("--offload_optimizer", action="store_true", help="ZeRO: optimiser state in CPU memory")
+    p.add_argument("--offload_params", action="store_true", help="ZeRO-3: parameters in CPU memory")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in backward (needed for 8K+ rows on a GPU)")
+    p.add_argument("--max_nonfinite_steps", type=int, default=3,
+                   help="stop after this many non-finite losses in a row (each is skipped)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    p.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
+    p.add_argument("--print_ds_config", action="store_true", help="print the DeepSpeed config and exit")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--debug_nan_steps", default="",
+                   help="fault injection for tests: make the loss NaN at these steps (comma-separated)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """Flags + preset -> one flat dict: what runs, what is printed, what is saved."""
+    try:
+        preset = model_patch.resolve_model(args.model)
+    except ValueError as e:
+        raise UserError(f"{e}; pick one with --model")
+    cfg = {k: v for k, v in vars(args).items() if k not in ("local_rank", "print_ds_config")}
+    for k in PRESET_KEYS:
+        if cfg.get(k) is None:
+            cfg[k] = preset.get(k)
+    if isinstance(cfg["lora_targets"], str):
+        cfg["lora_targets"] = [t for t in cfg["lora_targets"].split(",") if t]
+    if args.gamma is not None and args.gamma_beta_ratio is not None:
+        raise UserError("--gamma and --gamma_beta_ratio both given; pass one "
+                        "(gamma is absolute, gamma_beta_ratio = gamma / beta)")
+    if args.gamma_beta_ratio is not None:
+        cfg["gamma"] = args.gamma_beta_ratio * cfg["beta"]  # logged as the absolute margin
+    del cfg["gamma_beta_ratio"]
+    cfg.update(model=preset["name"], model_path=preset["path"], native_len=preset.get("native_len"))
+    cfg["out_dir"] = args.out_dir or os.path.join("out", os.path.basename(preset["name"].rstrip("/")))
+    cfg["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg["zero_stage"] = args.zero_stage if args.zero_stage is not None else (
+        3 if torch.cuda.is_available() else 0)
+    rows_per_pass = cfg["micro_batch"] * cfg["world_size"]
+    if cfg["global_batch"] % rows_per_pass:
+        raise UserError(f"--global_batch {cfg['global_batch']} is not a multiple of micro_batch "
+                        f"{cfg['micro_batch']} x world size {cfg['world_size']}; change one of them")
+    cfg["grad_accum"] = cfg["global_batch"] // rows_per_pass
+    cfg["adam_betas"] = list(cfg["adam_betas"])
+    cfg["debug_nan_steps"] = [int(s) for s in str(args.debug_nan_steps).split(",") if s.strip()]
+    return cfg
+
+
+def ds_config(cfg):
+    """The DeepSpeed config dict (print it with --print_ds_config)."""
+    zero = {"stage": cfg["zero_stage"]}
+    if cfg["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg["offload_params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": cfg["global_batch"],
+        "train_micro_batch_size_per_gpu": cfg["micro_batch"],
+        "gradient_accumulation_steps": cfg["grad_accum"],
+        "gradient_clipping": cfg["grad_clip"],
+        # bf16: weights and activations in bf16, fp32 master weights in the optimiser
+        # wrapper (works on CPU too). float32: no wrapper, the AdamW below steps directly.
+        "bf16": {"enabled": cfg["dtype"] == "bfloat16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,    # a torch AdamW: no JIT-built optimiser
+        "zero_force_ds_cpu_optimizer": False,     # ... also with offload (LoRA state is small)
+        "steps_per_print": 10 ** 9,               # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Data: the shards prepare.py wrote, checked, then read row by row (memory-mapped).
+
+def prepare_hint(cfg):
+    return f"run: python prepare.py --model {cfg['model']} --out_dir {cfg['data_dir']}"
+
+
+class PackedRows:
+    """The rows of <data_dir>/shard_*.safetensors. row(i) -> (input_ids, position_ids,
+    segment_ids) as int64 numpy arrays; only the offsets are read into memory up front."""
+
+    def __init__(self, data_dir, meta, vocab_size, cfg):
+        names = sorted(f for f in os.listdir(data_dir)
+                       if f.startswith("shard_") and f.endswith(".safetensors"))
+        if not names:
+            raise UserError(f"no shards in {data_dir} (expected shard_00000.safetensors, ...); "
+                            f"{prepare_hint(cfg)}")
+        self.files, self.index = [], []                     # index: (file, start, end) per row
+        M, K = int(meta["num_rejected"]), int(meta["target_len"])
+        for name in names:
+            path = os.path.join(data_dir, name)
+            try:
+                f = safe_open(path, framework="np")
+                keys = set(f.keys())
+            except Exception as e:                            # truncated or not safetensors
+                raise UserError(f"cannot read shard ({path}): {e}; {prepare_hint(cfg)}")
+            missing = {"input_ids", "position_ids", "segment_ids", "offsets"} - keys
+            if missing:
+                raise UserError(f"shard lacks {sorted(missing)} ({path}); {prepare_hint(cfg)}")
+            self._check(f, path, M, K, vocab_size, cfg)
+            off = f.get_tensor("offsets")
+            self.index += [(len(self.files), int(a), int(b)) for a, b in zip(off[:-1], off[1:])]
+            self.files.append(f)
+
+    @staticmethod
+    def _check(f, path, M, K, vocab_size, cfg):
+        """The packed layout, checked once for the whole shard (vectorised): each row is
+        0..0 1..1 2..2 ... (M+1)..(M+1), token ids inside the vocabulary, positions < K."""
+        ids, pos, seg, off = (f.get_tensor(k) for k in ("input_ids", "position_ids", "segment_ids", "offsets"))
+        dtypes = (ids.dtype, pos.dtype, seg.dtype, off.dtype)
+        problem = None
+        if dtypes != (np.int32, np.int32, np.int8, np.int64):
+            problem = f"dtypes {[str(d) for d in dtypes]}, expected int32, int32, int8, int64"
+        elif not (len(ids) == len(pos) == len(seg) == off[-1]) or off[0] != 0 or len(off) < 2 \
+                or (np.diff(off) <= 0).any():
+            problem = "offsets do not match the token arrays"
+        elif ids.min() < 0 or ids.max() >= vocab_size:
+            problem = f"token ids outside the model's vocabulary of {vocab_size}"
+        elif pos.min() < 0 or pos.max() >= K:
+            problem = f"position ids outside [0, target_len={K})"
+        else:
+            starts = off[:-1]
+            step = np.diff(seg.astype(np.int64))
+            step[starts[1:] - 1] = 0                          # row boundaries may step down
+            if (seg[starts] != 0).any() or ((step != 0) & (step != 1)).any() \
+                    or (np.maximum.reduceat(seg, starts) != M + 1).any():
+                problem = f"segment ids are not prefix, chosen, then {M} rejected responses per row"
+        if problem:
+            raise UserError(f"{problem} ({path}); the shard is damaged or from another "
+                            f"version: {prepare_hint(cfg)}")
+
+    def __len__(self):
+        return len(self.index)
+
+    def row(self, i):
+        f, a, b = self.index[i]
+        f = self.files[f]
+        return tuple(f.get_slice(k)[a:b].astype("int64") for k in ("input_ids", "position_ids", "segment_ids"))
+
+
+@functools.lru_cache(maxsize=4)
+def row_order(n, seed, epoch):
+    """A fresh permutation of the n rows per epoch, a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def step_rows(step, cfg, n):
+    """The global_batch row indices of optimiser step `step` (0-based). Global sample
+    g = step * global_batch + j walks through a new permutation each epoch, so a resumed
+    run reads the same rows as an uninterrupted one. Every process can compute this."""
+    first = step * cfg["global_batch"]
+    return [int(row_order(n, cfg["seed"], g // n)[g % n]) for g in range(first, first + cfg["global_batch"])]
+
+
+def micro_batch(data, rows, cfg, micro, rank, pad_id, device):
+    """Micro-batch `micro` of process `rank` out of the step's rows, right-padded (pad
+    token, position 0, segment -1): three (B, T) int64 tensors."""
+    B = cfg["micro_batch"]
+    first = (micro * cfg["world_size"] + rank) * B
+    batch = [data.row(i) for i in rows[first:first + B]]
+    T = max(len(r[0]) for r in batch)
+    out = torch.zeros((3, B, T), dtype=torch.long)
+    out[0].fill_(pad_id)
+    out[2].fill_(-1)
+    for b, r in enumerate(batch):
+        for k in range(3):
+            out[k, b, :len(r[k])] = torch.from_numpy(r[k])
+    return [x.to(device) for x in out]
+
+
+def read_meta(cfg):
+    d = cfg["data_dir"]
+    if not os.path.isdir(d):
+        raise UserError(f"data folder {d} does not exist; {prepare_hint(cfg)} (or pass --data_dir)")
+    path = os.path.join(d, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {d} was not written by prepare.py, or it was "
+                        f"interrupted; {prepare_hint(cfg)}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"meta.json is not valid JSON ({path}:{e.lineno}); {prepare_hint(cfg)}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"shards in format version {meta.get('format_version')}, this train.py reads "
+                        f"version {FORMAT_VERSION} ({path}); re-run prepare.py from this checkout: "
+                        f"{prepare_hint(cfg)}")
+    need = ["tokenizer_fingerprint", "vocab_size", "num_rejected", "target_len"]
+    if [k for k in need if k not in meta]:
+        raise UserError(f"meta.json lacks {[k for k in need if k not in meta]} ({path}); {prepare_hint(cfg)}")
+    return meta, path
+
+
+def check_tokenizer(meta, meta_path, tok, config, cfg):
+    fp = model_patch.tokenizer_fingerprint(tok)
+    if meta["tokenizer_fingerprint"] != fp:
+        raise UserError(
+            f"the shards were tokenized for {meta.get('model', '?')} (tokenizer {meta.get('tokenizer', '?')}, "
+            f"fingerprint {meta['tokenizer_fingerprint']}), but --model {cfg['model']} has tokenizer "
+            f"fingerprint {fp} ({meta_path}); {prepare_hint(cfg)} or train with the --model the data was made for")
+    if int(meta["vocab_size"]) > config.vocab_size:
+        raise UserError(f"the data's vocabulary ({meta['vocab_size']}) is larger than the model's "
+                        f"({config.vocab_size}) ({meta_path}); {prepare_hint(cfg)}")
+
+
+def rope_coverage(native_len, theta_native, theta, head_dim):
+    """Positions the RoPE settings cover (the rule in the docstring at the top)."""
+    if theta is None or theta <= theta_native:
+        return native_len
+    s = (theta / theta_native) ** ((head_dim - 2) / head_dim)   # NTK-aware stretch
+    return int(native_len * min(MAX_ROPE_EXTENSION, s))
+
+
+def check_rope(meta, meta_path, config, cfg):
+    """target_len of the data must be inside what the (possibly raised) RoPE base covers.
+    `config` is the checkpoint's, before --rope_theta is applied."""
+    native = cfg["native_len"] or config.max_position_embeddings
+    theta0 = model_patch.get_rope_theta(config)
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    K = int(meta["target_len"])
+    covered = rope_coverage(native, theta0, cfg["rope_theta"], d)
+    if K <= covered:
+        return
+    if K > MAX_ROPE_EXTENSION * native:
+        todo = (f"LOGO extends a window at most {MAX_ROPE_EXTENSION}x: re-run prepare.py with "
+                f"--target_len {MAX_ROPE_EXTENSION * native} or less")
+    else:
+        need = theta0 * (K / native) ** (d / (d - 2))
+        todo = f"pass --rope_theta {need:.3g} or more, or re-run prepare.py with --target_len {covered}"
+    raise UserError(f"the data's positions reach target_len {K} but {cfg['model']}'s RoPE settings "
+                    f"(rope_theta {cfg['rope_theta'] or theta0:g}, native window {native}) cover "
+                    f"{covered} ({meta_path}); {todo}")
+
+
+# ----------------------------------------------------------------------------------------
+# Files: everything is written under a temporary name and renamed when complete.
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp, final):
+    """Move a finished folder into place; the old one (if any) goes only afterwards."""
+    old = f"{final}.old{os.getpid()}"
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(out_dir):
+    """Finished checkpoints, oldest first: [(step, path)]. Half-written ones live under
+    .tmp names and never show up here."""
+    d = os.path.join(out_dir, "checkpoints")
+    found = []
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        path = os.path.join(d, name)
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def safe_torch_load(path, map_location=None):
+    """DeepSpeed's loader calls torch.load(weights_only=False), i.e. unpickles anything.
+    Ours is weights_only=True with an explicit allowlist of the two DeepSpeed classes its
+    checkpoints hold (an enum and the bf16/fp16 loss-scaler record)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise UserError(f"refusing to unpickle {path}: {str(e).splitlines()[-1][:300]}; "
+                            "it holds objects beyond tensors and DeepSpeed's own records")
+
+
+def save_checkpoint(engine, state, cfg, rank):
+    """DeepSpeed checkpoint of the trainable state (LoRA weights, fp32 masters, AdamW
+    moments), written to checkpoints/.tmp_step_N and renamed to step_N when every process
+    has finished, then `latest` (DeepSpeed's pointer) is replaced."""
+    import deepspeed
+    ckdir = os.path.join(cfg["out_dir"], "checkpoints")
+    tag = f"step_{state['step']:06d}"
+    tmp = os.path.join(ckdir, f".tmp_{tag}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    deepspeed.comm.barrier()
+    engine.save_checkpoint(tmp, tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    deepspeed.comm.barrier()
+    if rank == 0:
+        write_json(os.path.join(tmp, tag, "trainer_state.json"), state)   # marks it complete
+        final = os.path.join(ckdir, tag)
+        replace_dir(os.path.join(tmp, tag), final)
+        for extra in os.listdir(tmp):          # zero_to_fp32.py, DeepSpeed's recovery script
+            os.replace(os.path.join(tmp, extra), os.path.join(ckdir, extra))
+        os.rmdir(tmp)
+        with open(os.path.join(ckdir, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(ckdir, "latest.tmp"), os.path.join(ckdir, "latest"))
+    deepspeed.comm.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# Model, loss, schedule.
+
+class LogoScorer(torch.nn.Module):
+    """What DeepSpeed wraps: packed rows in, (B, 1+M) response log-probs out. The forward
+    goes through the engine so that ZeRO-3's hooks gather the sharded weights."""
+
+    def __init__(self, peft_model, attention):
+        super().__init__()
+        self.peft = peft_model
+        self.attention = attention
+
+    def forward(self, input_ids, position_ids, segment_ids):
+        return model_patch.response_logps(self.peft, input_ids, position_ids, segment_ids,
+                                          attention=self.attention)
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW whose next step can be skipped: after a non-finite loss the step is
+    dropped whole (no update, moments untouched) whatever wrapper DeepSpeed puts around it;
+    DeepSpeed zeroes the gradients afterwards as usual."""
+    skip = False
+
+    def step(self, closure=None):
+        return None if self.skip else super().step(closure)
+
+
+def lr_at(step, cfg):
+    """Learning rate for optimiser step `step` (0-based): linear warmup to lr, then cosine
+    down to lr * min_lr_ratio at max_steps (or constant)."""
+    lr, warm, total = cfg["lr"], cfg["warmup_steps"], cfg["max_steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    if cfg["lr_schedule"] == "constant":
+        return lr
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return lr * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def compute_loss(logps, cfg):
+    """(B, 1+M) mean token log-probs -> (loss, metrics). The LOGO metrics are logged in
+    both modes, so an SFT run shows what it does to the reward margin."""
+    chosen, rejected = logps[:, 0], logps[:, 1:]              # (B,), (B, M)
+    loss, metrics = logo_loss(chosen, rejected, cfg["beta"], gamma=cfg["gamma"],
+                              sft_weight=cfg["sft_weight"])
+    if cfg["loss"] == "sft":
+        loss = -chosen.mean()                                 # = metrics["sft"], with grad
+    return loss, metrics
+
+
+def plain_grad_norm(engine, cfg):
+    """The global gradient norm where DeepSpeed does not report one (ZeRO 0 in float32:
+    the gradients are still in p.grad before the step); None elsewhere."""
+    if cfg["zero_stage"] != 0 or cfg["dtype"] != "float32":
+        return None
+    norms = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
+METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
+
+
+def build(cfg, tok, rank):
+    """Base model (frozen) + LoRA (peft) -> DeepSpeed engine and the AdamW inside it."""
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    dtype = getattr(torch, cfg["dtype"])
+    model = model_patch.load_model(cfg["model_path"], dtype=dtype, rope_theta=cfg["rope_theta"],
+                                   trust_remote_code=cfg["trust_remote_code"])
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg["seed"])                            # LoRA A init; B starts at 0
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules=cfg["lora_targets"], bias="none")
+    model = get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")
+    opt = SkippableAdamW(trainable, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                         weight_decay=cfg["weight_decay"])
+    scorer = LogoScorer(model, cfg["attention"])
+    engine, _, _, _ = deepspeed.initialize(model=scorer, optimizer=opt, config=ds_config(cfg))
+    engine.checkpoint_engine.load = safe_torch_load           # no pickle (see safe_torch_load)
+    return engine, opt, scorer
+
+
+def export(engine, scorer, tok, cfg, check, rank):
+    """<out_dir>/final: adapter_model.safetensors + adapter_config.json (peft), the
+    tokenizer, logo_config.json (the run config + log-probs to check a reload against).
+    Under ZeRO-3 each process holds a shard of every LoRA matrix: gather them first, or
+    the saved adapter is empty."""
+    import deepspeed
+    peft_model = scorer.peft
+    lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    with deepspeed.zero.GatheredParameters(lora_params, enabled=cfg["zero_stage"] == 3):
+        if rank == 0:
+            state = {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters()
+                     if "lora_" in n}
+    if rank == 0:
+        final = os.path.join(cfg["out_dir"], "final")
+        tmp = f"{final}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # save_embedding_layers=False: LoRA on embed_tokens is saved as its A/B matrices; the
+        # vocabulary is unchanged, so the full embedding matrix need not be copied.
+        peft_model.peft_config["default"].base_model_name_or_path = cfg["model_path"]
+        peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True,
+                                   save_embedding_layers=False)
+        tok.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "logo_config.json"), dict(cfg, check_logps=check))
+        replace_dir(tmp, final)
+    deepspeed.comm.barrier()
+
+
+def merge(cfg, tok):
+    """<out_dir>/merged: a fresh base + the exported adapter, merged (safetensors)."""
+    from peft import PeftModel
+    base = model_patch.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]),
+                                  rope_theta=cfg["rope_theta"], trust_remote_code=cfg["trust_remote_code"])
+    merged = PeftModel.from_pretrained(base, os.path.join(cfg["out_dir"], "final")).merge_and_unload()
+    out = os.path.join(cfg["out_dir"], "merged")
+    tmp = f"{out}.tmp{os.getpid()}"
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    replace_dir(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
+
+RESUME_MAY_CHANGE = {"max_steps", "stop_after", "save_every", "resume", "overwrite", "merge", "wandb",
+                     "tensorboard", "max_nonfinite_steps", "debug_nan_steps", "gradient_checkpointing",
+                     "offload_optimizer", "offload_params", "attention"}
+
+
+def start_run(cfg, rank):
+    """Fresh run, or --resume: returns the checkpoint to load (or None)."""
+    out = cfg["out_dir"]
+    found = checkpoints(out)
+    saved = os.path.join(out, "run_config.json")
+    if cfg["resume"]:
+        if not found:
+            raise UserError(f"--resume: no finished checkpoint in {out}/checkpoints; "
+                            "start again with --overwrite (or check --out_dir)")
+        with open(saved) as f:
+            old = json.load(f)
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in cfg.items()
+                if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+        if diff:
+            raise UserError(f"--resume with settings that differ from the run's ({saved}): "
+                            f"{'; '.join(diff)}; resume with the same flags or use a new --out_dir")
+        return found[-1]
+    if os.path.exists(saved) or found:
+        if not cfg["overwrite"]:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it, "
+                            "--overwrite to replace it, or another --out_dir")
+        if rank == 0:
+            shutil.rmtree(out)
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    if args.print_ds_config:
+        print(json.dumps(ds_config(cfg), indent=2))
+        return
+
+    # Plain `python train.py`: DeepSpeed reads the rendezvous from the environment and,
+    # without it, goes looking for MPI. One process, a free local port.
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    rank = int(os.environ["RANK"])
+
+    # Everything that can be wrong with the input is checked before the model loads.
+    meta, meta_path = read_meta(cfg)
+    tok = model_patch.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    config = model_patch.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    check_tokenizer(meta, meta_path, tok, config, cfg)
+    check_rope(meta, meta_path, config, cfg)
+    data = PackedRows(cfg["data_dir"], meta, config.vocab_size, cfg)
+    cfg.update(target_len=int(meta["target_len"]), num_rejected=int(meta["num_rejected"]),
+               tokenizer_fingerprint=meta["tokenizer_fingerprint"], rows=len(data))
+    resume_from = start_run(cfg, rank)
+    if rank == 0:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        print("config: " + json.dumps(cfg, sort_keys=True))
+        if resume_from is None:
+            write_json(os.path.join(cfg["out_dir"], "run_config.json"), cfg)
+        for name in os.listdir(os.path.join(cfg["out_dir"])):   # leftovers of a crash
+            if ".tmp" in name or ".old" in name:
+                shutil.rmtree(os.path.join(cfg["out_dir"], name), ignore_errors=True)
+        ckdir = os.path.join(cfg["out_dir"], "checkpoints")
+        for name in os.listdir(ckdir) if os.path.isdir(ckdir) else []:
+            if name.startswith(".tmp_"):
+                shutil.rmtree(os.path.join(ckdir, name), ignore_errors=True)
+
+    import deepspeed
+    import logging
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    engine, opt, scorer = build(cfg, tok, rank)
+    device = engine.device
+    start, nonfinite_total, log_path = 0, 0, os.path.join(cfg["out_dir"], "log.jsonl")
+    if resume_from is not None:
+        step, path = resume_from
+        engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                               load_module_strict=False, load_lr_scheduler_states=False)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        start, nonfinite_total = state["step"], state["nonfinite_total"]
+        if rank == 0:                         # drop log lines past the checkpoint (and torn ones)
+            kept = []
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= start:
+                            kept.append(line)
+                    except (json.JSONDecodeError, KeyError):
+                        pass
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
+            print(f"resumed from {path} at step {start}")
+
+    writers = []
+    if rank == 0 and cfg["tensorboard"]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package; pip install tensorboard")
+        tb = SummaryWriter(os.path.join(cfg["out_dir"], "tensorboard"))
+        writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items()
+                                    if isinstance(v, (int, float)) and k != "step"])
+    if rank == 0 and cfg["wandb"]:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb needs the wandb package; pip install wandb")
+        wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
+        writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
+
+    from tqdm import tqdm
+    end = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])
+    bar = tqdm(total=cfg["max_steps"], initial=start, disable=rank != 0, desc="train", unit="step",
+               dynamic_ncols=True)
+    log = open(log_path, "a") if rank == 0 else None
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    world = cfg["world_size"]
+    streak = 0
+    engine.train()
+    for step in range(start, end):
+        t0 = time.time()
+        torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # LoRA dropout: a function of the step
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows = step_rows(step, cfg, len(data))
+        sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)   # metrics, bad, tokens
+        for micro in range(cfg["grad_accum"]):
+            ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, device)
+            logps, counts = engine(ids, pos, seg)             # (B, 1+M) each
+            loss, metrics = compute_loss(logps, cfg)
+            if step + 1 in cfg["debug_nan_steps"]:
+                loss = loss * float("nan")
+            engine.backward(loss)                             # DeepSpeed divides by grad_accum
+            vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
+            sums += torch.tensor(vals + [not math.isfinite(loss.item()), (seg >= 0).sum().item()],
+                                 dtype=torch.float64)
+            if micro == cfg["grad_accum"] - 1:                # the step: every process agrees to skip
+                if world > 1:
+                    torch.distributed.all_reduce(sums)
+                opt.skip = bool(sums[-2] > 0)
+                grad_norm = plain_grad_norm(engine, cfg)
+            engine.step()                                     # updates at the last micro-batch only
+        opt.skip, skipped = False, bool(sums[-2] > 0)
+        seconds = time.time() - t0
+        n = cfg["grad_accum"] * world
+        rec = {"step": step + 1, **{k: float(sums[i] / n) for i, k in enumerate(METRICS)}, "lr": lr}
+        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        rec.update(grad_norm=None if skipped or grad_norm is None else float(grad_norm),
+                   tokens=int(sums[-1]), tokens_per_s=float(sums[-1]) / seconds,
+                   seconds_per_step=seconds, skipped=skipped, rows=rows)
+        streak = streak + 1 if skipped else 0
+        nonfinite_total += skipped
+        rec["nonfinite_steps"] = nonfinite_total
+        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        if rank == 0:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            for w in writers:
+                w(rec)
+            f = lambda k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
+            tqdm.write(f"step {step + 1:5d} | loss {f('loss')} | logo {f('logo')} | sft {f('sft')} | "
+                       f"r_chosen {f('reward_chosen')} | r_rejected {f('reward_rejected')} | "
+                       f"margin {f('reward_margin')} | acc {f('reward_accuracy')} | lr {lr:.2e} | "
+                       f"{rec['tokens_per_s']:.0f} tok/s | {seconds:.2f} s/step"
+                       + (" | SKIPPED: non-finite loss" if skipped else ""))
+            bar.update(1)
+        if streak >= cfg["max_nonfinite_steps"]:
+            raise UserError(f"the loss was non-finite for {streak} steps in a row (steps "
+                            f"{step + 2 - streak}-{step + 1}, each skipped) ({log_path}); lower --lr, "
+                            "check the data, or --resume from the last checkpoint with other settings")
+        done = step + 1
+        if done % cfg["save_every"] == 0 or done == cfg["stop_after"]:
+            save_checkpoint(engine, {"step": done, "nonfinite_total": nonfinite_total}, cfg, rank)
+    bar.close()
+    if log:
+        log.close()
+    if end < cfg["max_steps"]:
+        if rank == 0:
+            print(f"stopped after step {end} (--stop_after); continue with --resume")
+        return
+
+    # The trained model's log-probs on the first micro-batch, saved with the adapter: a
+    # reload (PeftModel.from_pretrained) must reproduce them.
+    engine.eval()
+    rows = step_rows(0, cfg, len(data))
+    ids, pos, seg = micro_batch(data, rows, cfg, 0, rank, pad_id, device)
+    with torch.no_grad():
+        logps, _ = engine(ids, pos, seg)
+    check = {"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}
+    export(engine, scorer, tok, cfg, check, rank)
+    if rank == 0:
+        if cfg["merge"]:
+            merge(cfg, tok)
+        print(f"saved the adapter to {os.path.join(cfg['out_dir'], 'final')}; {nonfinite_total} "
+              f"non-finite steps skipped")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
