@@ -1,31 +1,36 @@
 """
 Benchmark of LOGO's packing: one LoRA training step (forward + backward) on LOGO-shaped
-samples, packed (model_patch.response_logps: the context once, logits only where a response
-token is predicted) against the authors' layout (model_patch.response_logps_unpacked: M+1
-rows of context + response, full-vocabulary logits for every token).
+samples, packed (model_patch.response_logps: the shared context once, logits only where a
+response token is predicted) against the authors' layout (model_patch.response_logps_unpacked:
+M+1 rows of context + response, full-vocabulary logits for every token).
 
 A sample: N chunks x C tokens of context, a question of Q tokens, M+1 responses of R tokens,
 positions synthesized over the preset's target window (positions.py). Token ids are random:
 speed and memory do not depend on the text, and both layouts score the same tokens.
 
     python bench.py                                    # SmolLM2-135M, 16 x 128, R=64, M=2, bf16
-    python bench.py --chunk_len 512                    # the paper's context shape (16 x 512)
+    python bench.py --chunk_len 512                    # the paper's context shape, 16 x 512
     python bench.py --model tiny --dtype float32       # seconds: a random 2-layer model
 
 Each layout runs in its own fresh subprocess (this script with --variant), so neither sees
-the other's memory. How the numbers are measured:
-  step time    median over --steps steps, after --warmup untimed steps (one-time costs).
-  step memory  the peak resident set size of the process during the steps, minus the resident
-               set once the model, LoRA and the sample are loaded. The kernel keeps the peak
-               (VmHWM); we reset it (/proc/self/clear_refs) just before the first step, so
-               model loading does not count. torch's CPU allocator keeps no statistics and
-               tracemalloc does not see it, hence RSS. On CUDA: torch.cuda.max_memory_allocated.
-  FLOP bound   (M+1)(k+r) / (k+(M+1)r) with k = N*C+Q prefix tokens, r = R: the ratio of
-               tokens through the transformer, which is what packing saves (attention aside).
-  max |diff|   of the (B, 1+M) mean log-probs of the two layouts.
+the other's memory. How each number is measured:
+  step time    median of --steps steps after --warmup untimed ones (min and max shown too:
+               on a shared machine, look at the spread before trusting a ratio). On CPU also
+               the process CPU time per step (all threads), which other processes disturb less.
+  step memory  peak resident set size during the steps minus the resident set once model,
+               LoRA and sample are loaded. The kernel tracks the peak (VmHWM); we reset it
+               (/proc/self/clear_refs) right before the first step, so loading does not count.
+               (torch's CPU allocator keeps no statistics and tracemalloc does not see it.)
+               On CUDA: torch.cuda.max_memory_allocated minus memory_allocated.
+  FLOP bound   (M+1)(k+r) / (k+(M+1)r), k = N*C+Q prefix tokens, r = R: the ratio of tokens
+               through the transformer layers, i.e. what packing saves outside attention.
+  log-probs    max |difference| of the (B, 1+M) mean response log-probs of the two layouts,
+               and of each against a float32 forward pass: in bf16 both layouts should sit
+               at the same distance from float32 (that distance is the bf16 noise).
 """
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -33,9 +38,9 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
-import warnings
 
 import model_patch
 from loss import logo_loss
@@ -47,13 +52,13 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
 parser.add_argument("--model", default="smollm2-135m", help="preset: smollm2-135m (the CPU demo) or tiny")
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
 parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
-                    help="the model's own attention (what the unpacked layout uses)")
+                    help="the model's own attention (used by the unpacked layout)")
 parser.add_argument("--attention", default="auto", choices=["auto", "split", "flex", "mask"],
                     help="packed attention, see model_patch.response_logps (auto: split on CPU)")
 parser.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: the preset's)")
-parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (both layouts)")
+parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing, both layouts")
 # sample shape
-parser.add_argument("--num_chunks", type=int, default=16, help="N: context chunks")
+parser.add_argument("--num_chunks", type=int, default=16, help="N: context chunks (paper: 16)")
 parser.add_argument("--chunk_len", type=int, default=128, help="C: tokens per chunk (paper: 512)")
 parser.add_argument("--question_len", type=int, default=32, help="Q: question tokens")
 parser.add_argument("--response_len", type=int, default=64, help="R: tokens per response")
@@ -65,145 +70,170 @@ parser.add_argument("--target_len", type=int, default=None,
 parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
 parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
 parser.add_argument("--mem_limit_gib", type=float, default=18.0,
-                    help="address-space budget per layout on top of the loaded model; beyond it "
-                         "the layout is reported as not fitting instead of waking the OOM killer")
+                    help="address space a layout may add once loaded (CPU): beyond it, it is "
+                         "reported as not fitting, instead of waking the kernel's OOM killer")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--variant", choices=["packed", "unpacked"], default=None,
-                    help="internal: run one layout in this process and print a JSON line")
+                    help="internal: run one layout in this process and print one JSON line")
 args = parser.parse_args()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft vs transformers 5
-
-
-def peak_rss_reset():
-    with open("/proc/self/clear_refs", "w") as f:              # "5": reset VmHWM to VmRSS
-        f.write("5")
+warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # peft: LoRA on tied embeddings
 
 
 def proc_status(key):
+    """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: peak resident)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024             # kB -> bytes
+                return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
-def make_sample(vocab_size, target_len, g):
-    """One packed LOGO row: (T,) input ids, position ids, segment ids."""
+def load(dtype):
+    """The preset's model with a LoRA on its preset targets (seeded: same adapters each time)."""
+    from peft import LoraConfig, get_peft_model
+    preset = model_patch.resolve_model(args.model)
+    model = model_patch.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(r=args.lora_r or preset["lora_r"], lora_alpha=preset["lora_alpha"],
+                      lora_dropout=0.0, target_modules=preset["lora_targets"])
+    model = get_peft_model(model, lora)
+    return (model.cuda() if torch.cuda.is_available() else model), preset
+
+
+def make_batch(vocab_size, target_len, device):
+    """B packed LOGO rows: (B, T) input ids, position ids, segment ids."""
     n, c, q, r, m = args.num_chunks, args.chunk_len, args.question_len, args.response_len, args.num_rejected
-    ctx = synthesize_position_ids([c] * n, target_len - q - r, "continuous", g)   # (N*C,)
-    pos = pack_position_ids(ctx, q, [r] * (m + 1))                                  # (T,)
-    seg = torch.cat([torch.zeros(n * c + q, dtype=torch.long)] +
-                    [torch.full((r,), j + 1) for j in range(m + 1)])                # 0 | 1 | 2..M+1
-    ids = torch.randint(10, vocab_size, pos.shape, generator=g)   # skip the special tokens
-    return ids, pos, seg
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for _ in range(args.batch_size):
+        ctx = synthesize_position_ids([c] * n, target_len - q - r, "continuous", g)  # (N*C,)
+        pos = pack_position_ids(ctx, q, [r] * (m + 1))                                 # (T,)
+        seg = torch.cat([torch.zeros(n * c + q, dtype=torch.long)] +
+                        [torch.full((r,), j + 1) for j in range(m + 1)])               # 0 | 1 | 2..M+1
+        ids = torch.randint(10, vocab_size, pos.shape, generator=g)   # above the special tokens
+        rows.append((ids, pos, seg))
+    return [torch.stack(x).to(device) for x in zip(*rows)]
 
 
 def run_variant():
-    """Load, build the sample, time --warmup + --steps steps of one layout; print JSON."""
-    from peft import LoraConfig, get_peft_model
-    preset = model_patch.resolve_model(args.model)
-    cuda = torch.cuda.is_available()
-    model = model_patch.load_model(preset["path"], dtype=getattr(torch, args.dtype),
-                                   attn_implementation=args.attn_implementation)
-    model = get_peft_model(model, LoraConfig(r=args.lora_r or preset["lora_r"], lora_alpha=preset["lora_alpha"],
-                                             lora_dropout=0.0, target_modules=preset["lora_targets"]))
-    if cuda:
-        model.cuda()
+    """Time --warmup + --steps steps of one layout in this process; print one JSON line."""
+    from torch.utils._triton import has_triton
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, preset = load(getattr(torch, args.dtype))
     model.train()
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    g = torch.Generator().manual_seed(args.seed)
-    rows = [make_sample(model.config.vocab_size, args.target_len or preset["target_len"], g)
-            for _ in range(args.batch_size)]
-    ids, pos, seg = (torch.stack(x).to(model.device) for x in zip(*rows))      # (B, T) each
-    from torch.utils._triton import has_triton               # as response_logps decides "auto"
+    cuda = model.device.type == "cuda"
+    ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
     attention = args.attention if args.attention != "auto" else "flex" if cuda and has_triton() else "split"
     if args.variant == "packed":
         def score():
             return model_patch.response_logps(model, ids, pos, seg, attention=attention)
-        tokens = ids.numel()
     else:
         def score():
             return model_patch.response_logps_unpacked(model, ids, pos, seg)
-        tokens = int(sum(((s == 0) | (s == j)).sum() for s in seg for j in range(1, int(seg.max()) + 1)))
 
-    # Memory: everything allocated from here on is the step's. A budget on the address
-    # space turns "does not fit" into a clean allocation error instead of the OOM killer.
-    held = torch.cuda.memory_allocated() if cuda else proc_status("VmRSS")
-    if not cuda:
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (proc_status("VmSize") + int(args.mem_limit_gib * 2**30), hard))
-        peak_rss_reset()
-    else:
+    # Everything allocated from here on is the step's. On CPU, a limit on the address space
+    # turns "does not fit" into a clean allocation error instead of the OOM killer.
+    gc.collect()
+    if cuda:
+        held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    times, logps = [], None
+    else:
+        held = proc_status("VmRSS")
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (proc_status("VmSize") + int(args.mem_limit_gib * 2**30), hard))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                         # reset the peak (VmHWM) to now
+    times, cpu_times = [], []
     try:
         for step in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            lp, counts = score()                                 # (B, 1+M) mean log-probs
-            loss, _ = logo_loss(lp[:, 0], lp[:, 1:], beta=preset["beta"], gamma=preset["gamma"],
+            t0, c0 = time.perf_counter(), time.process_time()
+            logps, counts = score()                              # (B, 1+M) mean log-probs
+            loss, _ = logo_loss(logps[:, 0], logps[:, 1:], beta=preset["beta"], gamma=preset["gamma"],
                                 sft_weight=preset["sft_weight"])
             loss.backward()
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            print(f"  {args.variant} step {step + 1}/{args.warmup + args.steps}: {dt:.2f} s"
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+            print(f"  {args.variant} step {step + 1}/{args.warmup + args.steps}: {times[-1]:.2f} s"
                   + (" (warm-up)" if step < args.warmup else ""), file=sys.stderr, flush=True)
-            if step >= args.warmup:
-                times.append(dt)
-            logps = lp.detach().float().cpu()
-            del lp, loss
-    except (RuntimeError, MemoryError) as e:                     # allocation beyond the budget
-        if "memory" not in str(e).lower():
+            logps = logps.detach().float().cpu()
+            del loss
+    except (RuntimeError, MemoryError) as e:                     # an allocation beyond the limit
+        if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
             raise
-        print(json.dumps(dict(oom=True, error=str(e).splitlines()[0], tokens=tokens)))
+        print(json.dumps(dict(error=str(e).strip().splitlines()[0][:80])))
         return
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
-    print(json.dumps(dict(oom=False, times=times, step_mem=peak - held, tokens=tokens,
-                          logps=logps.tolist(), counts=counts.tolist(), threads=torch.get_num_threads(),
-                          device=str(model.device), attention=attention)))
+    print(json.dumps(dict(times=times[args.warmup:], cpu_times=cpu_times[args.warmup:],
+                          step_mem=peak - held, logps=logps.tolist(),
+                          counts=counts.tolist(), attention=attention, device=str(model.device),
+                          threads=torch.get_num_threads())))
+
+
+def float32_logps():
+    """The packed log-probs from a float32 forward pass (no grad): the reference for noise.
+    (Packed and unpacked agree to 1e-5 in float32: tests/test_model_patch.py.)"""
+    model, preset = load(torch.float32)
+    ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
+    with torch.no_grad():
+        return model_patch.response_logps(model, ids, pos, seg)[0].cpu()
 
 
 def main():
     preset = model_patch.resolve_model(args.model)
-    n, c, q, r, m = args.num_chunks, args.chunk_len, args.question_len, args.response_len, args.num_rejected
-    k = n * c + q                                                # prefix (context + question)
-    flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)
-    print(f"LOGO packing benchmark: {args.model} {args.dtype}, B={args.batch_size} x [{n} x {c} context "
-          f"+ {q} question, {m + 1} responses x {r} (M={m})], positions over "
-          f"{args.target_len or preset['target_len']}, LoRA on {', '.join(preset['lora_targets'])}, "
-          f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}")
-    results = {}
+    B, n, c, q, r, m = (args.batch_size, args.num_chunks, args.chunk_len, args.question_len,
+                        args.response_len, args.num_rejected)
+    k = n * c + q                                                # prefix: context + question
+    tokens = dict(packed=B * (k + (m + 1) * r), unpacked=B * (m + 1) * (k + r))
+    print(f"LOGO packing benchmark: {args.model} {args.dtype}, B={B} x [{n} x {c} context + {q} question, "
+          f"{m + 1} responses x {r} (M={m})], positions over {args.target_len or preset['target_len']}, "
+          f"LoRA r={args.lora_r or preset['lora_r']} on {'/'.join(preset['lora_targets'])}, "
+          f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}", flush=True)
+    res = {}
     for variant in ("packed", "unpacked"):                       # each in a fresh process
-        argv = [a for a in sys.argv[1:]]
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--variant", variant],
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", variant],
                              stdout=subprocess.PIPE, text=True)
-        if out.returncode != 0:
-            sys.exit(f"error: the {variant} run failed (exit status {out.returncode}); its output is above")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        lines = out.stdout.strip().splitlines()
+        res[variant] = (json.loads(lines[-1]) if out.returncode == 0 and lines else
+                        dict(error=f"the process died (exit status {out.returncode})"))
 
-    def row(name, res):
-        if res["oom"]:
-            return f"{name:<22} {res['tokens']:>8,}   does not fit in {args.mem_limit_gib:g} GiB ({res['error'][:60]})"
-        return (f"{name:<22} {res['tokens']:>8,}   {statistics.median(res['times']):>9.2f} s"
-                f"   {res['step_mem'] / 2**20:>10,.0f} MiB")
+    def row(name, v):
+        x = res[v]
+        if "error" in x:
+            return f"{name:<24} {tokens[v]:>7,}   does not fit in {args.mem_limit_gib:g} GiB: {x['error']}"
+        t = x["times"]
+        return (f"{name:<24} {tokens[v]:>7,}   {statistics.median(t):>8.2f} s ({min(t):.2f}-{max(t):.2f})"
+                f"   {statistics.median(x['cpu_times']):>8.2f} s   {x['step_mem'] / 2**20:>9,.0f} MiB")
 
-    p, u = results["packed"], results["unpacked"]
-    print(f"\n{'layout':<22} {'tokens':>8}   {'step time':>11}   {'step memory':>14}")
-    print(row("unpacked (M+1 rows)", u))
-    print(row(f"packed ({p['attention']})", p))
-    if not (p["oom"] or u["oom"]):
-        t = statistics.median(u["times"]) / statistics.median(p["times"])
-        mem = u["step_mem"] / p["step_mem"]
-        print(f"{'ratio unpacked/packed':<22} {u['tokens'] / p['tokens']:>7.2f}x   {t:>10.2f}x   {mem:>13.2f}x"
-              f"   (FLOP bound {flop_bound:.2f}x)")
-        diff = (torch.tensor(p["logps"]) - torch.tensor(u["logps"])).abs().max().item()
-        eps = torch.finfo(getattr(torch, args.dtype)).eps
-        print(f"max |logp packed - logp unpacked| = {diff:.2e}  (mean token log-probs "
-              f"{[round(x, 3) for x in p['logps'][0]]}; {args.dtype} eps {eps:.1e})")
-    print(f"medians of {args.steps} steps after {args.warmup} warm-up; {p.get('threads', '?')} threads "
-          f"on {p.get('device', '?')}; each layout in its own process")
+    p, u = res["packed"], res["unpacked"]
+    print(f"\n{'layout':<24} {'tokens':>7}   {'step time, median (min-max)':<27}   {'CPU time':>10}"
+          f"   {'step memory':>13}")
+    print(row("unpacked (M+1 rows)", "unpacked"))
+    print(row(f"packed ({p.get('attention', '?')})", "packed"))
+    flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)
+    if "error" in p or "error" in u:
+        print(f"FLOP bound {flop_bound:.2f}x")
+        return
+    speed = statistics.median(u["times"]) / statistics.median(p["times"])
+    cpu = statistics.median(u["cpu_times"]) / statistics.median(p["cpu_times"])
+    print(f"{'unpacked / packed':<24} {tokens['unpacked'] / tokens['packed']:>6.2f}x   {speed:>8.2f}x{'':<17}"
+          f"   {cpu:>9.2f}x   {u['step_mem'] / p['step_mem']:>12.2f}x   (FLOP bound {flop_bound:.2f}x)")
+    lp, lu = torch.tensor(p["logps"]), torch.tensor(u["logps"])
+    print(f"\nmean response log-probs (packed, row 0): {[round(x, 4) for x in p['logps'][0]]}")
+    print(f"max |packed - unpacked| = {(lp - lu).abs().max():.2e}")
+    if args.dtype != "float32":
+        ref = float32_logps()
+        print(f"max |packed - float32| = {(lp - ref).abs().max():.2e},  "
+              f"max |unpacked - float32| = {(lu - ref).abs().max():.2e}   ({args.dtype} noise)")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up, each layout in its own process; "
+          f"{p['threads']} threads on {p['device']}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ The packed row (this is also the on-disk format prepare.py writes and train.py r
 A prefix token attends causally to the prefix; a response token attends to the whole
 prefix and causally to its own segment; padding attends only to itself. One forward pass
 replaces the authors' M+1 copies of the context, and the output layer runs only on the
-hidden states that predict response tokens.
+hidden states that predict response tokens. The attention never computes the masked
+blocks: the causal prefix kernel plus one small block for the responses on CPU,
+FlexAttention on CUDA (see "The packed forward" below; bench.py measures the gain).
+
+    logps, counts = response_logps(model, input_ids, position_ids, segment_ids)  # (B, 1+M)
 """
 
 import functools
@@ -265,7 +269,7 @@ def packed_row_bounds(segment_ids):
     num_resp, bounds = int(seg.max()), []
     for b, s in enumerate(seg):
         runs = torch.unique_consecutive(s).tolist()
-        if runs[:num_resp + 1] != list(range(num_resp + 1)) or runs[num_resp + 1:] not in ([], [-1]):
+        if runs not in (list(range(num_resp + 1)), list(range(num_resp + 1)) + [-1]):
             raise ValueError(f"row {b}: segment ids must run 0 (prefix), 1 (chosen), 2..{num_resp} "
                              f"(rejected), then -1 (padding), each once and in order; got {runs}")
         bounds.append((int((s == 0).sum()), int((s >= 0).sum())))
@@ -304,15 +308,18 @@ class PackedLayout:
     """
 
     def __init__(self, segment_ids, dtype, flex=False):
-        self.bounds, self.resp_masks, self.block_mask = packed_row_bounds(segment_ids)[1], [], None
+        self.bounds = packed_row_bounds(segment_ids)[1]
+        self.resp_masks, self.block_mask = [], None
         if flex:
             from torch.nn.attention.flex_attention import create_block_mask
             B, T = segment_ids.shape               # compiled: blockwise, never a (T, T) tensor
             self.block_mask = create_block_mask(packed_mask_mod(segment_ids), B, None, T, T,
-                                                device=segment_ids.device, _compile=segment_ids.is_cuda)
+                                                device=segment_ids.device,
+                                                _compile=segment_ids.is_cuda)
         for b, (P, E) in enumerate(self.bounds if not flex else []):
             r = segment_ids[b, P:E]                                       # (R,) response segments
-            own = (r[:, None] == r) & torch.ones(E - P, E - P, dtype=torch.bool, device=r.device).tril()
+            causal = torch.ones(E - P, E - P, dtype=torch.bool, device=r.device).tril()
+            own = (r[:, None] == r) & causal                              # (R, R)
             mask = torch.zeros(E - P, E, dtype=dtype, device=r.device)  # prefix columns stay 0
             mask[:, P:].masked_fill_(~own, torch.finfo(dtype).min)
             self.resp_masks.append(mask[None, None])
@@ -322,14 +329,16 @@ class PackedLayout:
 def split_attention(query, key, value, layout, scaling, dropout=0.0):
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), row by row.
     GQA through SDPA's enable_gqa (no repeated keys). Padding (from E on) gets zeros."""
-    sdpa, gqa, rows = torch.nn.functional.scaled_dot_product_attention, query.shape[1] != key.shape[1], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa, rows = query.shape[1] != key.shape[1], []
     for b, ((P, E), resp_mask) in enumerate(zip(layout.bounds, layout.resp_masks)):
         q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
         prefix = sdpa(q[:, :, :P], k[:, :, :P], v[:, :, :P], dropout_p=dropout, is_causal=True,
                       scale=scaling, enable_gqa=gqa)                     # (1, H, P, D)
         resp = sdpa(q[:, :, P:E], k[:, :, :E], v[:, :, :E], attn_mask=resp_mask.to(q.dtype),
                     dropout_p=dropout, scale=scaling, enable_gqa=gqa)  # (1, H, E-P, D)
-        rows.append(torch.cat([prefix, resp, q.new_zeros(1, q.shape[1], q.shape[2] - E, q.shape[3])], 2))
+        pad = q.new_zeros(1, q.shape[1], q.shape[2] - E, q.shape[3])
+        rows.append(torch.cat([prefix, resp, pad], dim=2))               # (1, H, T, D)
     return (rows[0] if len(rows) == 1 else torch.cat(rows)).transpose(1, 2).contiguous()
 
 
@@ -375,7 +384,8 @@ def use_packed_attention(model):
     base = config._attn_implementation or "eager"
     if not base.startswith("logo_"):
         if base not in ALL_MASK_ATTENTION_FUNCTIONS:
-            raise ValueError(f"packed attention wraps eager, sdpa, flash or flex attention, not {base!r}")
+            raise ValueError(f"packed attention wraps eager, sdpa, flash or flex attention, "
+                             f"not {base!r}")
         ALL_ATTENTION_FUNCTIONS.register("logo_" + base, packed_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register("logo_" + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
         config._attn_implementation = "logo_" + base
@@ -425,7 +435,8 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
     logits = lm.lm_head(hidden[rows, src])                    # (n_resp_tokens, V) only
     lp = token_logps(logits, input_ids[rows, dst], chunk_size)
     flat = rows * num_resp + (seg.long() - 1)                 # slot in (B * (1+M)) per token
-    sums = torch.zeros(len(input_ids) * num_resp, dtype=torch.float32, device=lp.device).index_add(0, flat, lp)
+    sums = torch.zeros(len(input_ids) * num_resp, dtype=torch.float32, device=lp.device)
+    sums = sums.index_add(0, flat, lp)
     counts = torch.zeros_like(sums, dtype=torch.long).index_add(0, flat, torch.ones_like(flat))
     return (sums / counts).view(-1, num_resp), counts.view(-1, num_resp)
 

@@ -259,3 +259,22 @@ def test_rope_theta_from_a_preset_reaches_the_rotary_tables():
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     expected = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(), expected, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# bench.py, on the tiny model: both layouts run and agree (its numbers are not asserted:
+# speed targets live in bench.py's output, not in timed tests).
+
+def test_bench_runs_both_layouts_and_they_agree_on_the_tiny_model():
+    import re
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "bench.py", "--model", "tiny", "--dtype", "float32",
+                          "--num_chunks", "4", "--chunk_len", "32", "--response_len", "16",
+                          "--warmup", "0", "--steps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"unpacked \(M\+1 rows\)\s+528 ", out.stdout)        # 3 x (4*32 + 32 + 16)
+    assert re.search(r"packed \(split\)\s+208 ", out.stdout)               # 4*32 + 32 + 3*16
+    diff = float(re.search(r"max \|packed - unpacked\| = (\S+)", out.stdout).group(1))
+    assert diff < 1e-5
