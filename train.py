@@ -13,7 +13,7 @@ Writes  <out_dir>/run_config.json      the resolved configuration (written at st
     python train.py                                    # the CPU demo: smollm2-135m on data/demo
     python train.py --model tiny --data_dir data/tiny --max_steps 20
     deepspeed --num_gpus 8 train.py --model llama3-8b-80k --data_dir data/llama3 --gradient_checkpointing
-    python train.py --model tiny --data_dir data/tiny --resume      # continue out/tiny exactly
+    python train.py --model tiny --data_dir data/tiny --resume      # continue runs/logo exactly
 
 One optimiser step = global_batch packed rows (prefix | chosen | rejected 1..M, see
 model_patch.py), split into micro-batches of micro_batch rows per process and
@@ -35,10 +35,13 @@ import functools
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import socket
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -68,7 +71,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data_dir", default="data/demo", help="folder prepare.py wrote (meta.json + shards)")
-    p.add_argument("--out_dir", default=None, help="run folder; default out/<model>")
+    p.add_argument("--out_dir", default=None, help="run folder; default runs/<loss> (runs/logo, runs/sft)")
     # model
     p.add_argument("--model", default="smollm2-135m",
                    help=f"preset ({', '.join(model_patch.MODELS)}), local folder or hub id")
@@ -151,7 +154,7 @@ def resolve_config(args):
         cfg["gamma"] = args.gamma_beta_ratio * cfg["beta"]  # logged as the absolute margin
     del cfg["gamma_beta_ratio"]
     cfg.update(model=preset["name"], model_path=preset["path"], native_len=preset.get("native_len"))
-    cfg["out_dir"] = args.out_dir or os.path.join("out", os.path.basename(preset["name"].rstrip("/")))
+    cfg["out_dir"] = args.out_dir or os.path.join("runs", args.loss)
     cfg["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     cfg["zero_stage"] = args.zero_stage if args.zero_stage is not None else (
         3 if torch.cuda.is_available() else 0)
@@ -202,6 +205,11 @@ class PackedRows:
     def __init__(self, data_dir, meta, vocab_size, cfg):
         names = sorted(f for f in os.listdir(data_dir)
                        if f.startswith("shard_") and f.endswith(".safetensors"))
+        gone = sorted(set(meta.get("shards", names)) - set(names))   # meta.json lists its shards
+        if gone:
+            raise UserError(f"meta.json lists shards that are not there: {gone} "
+                            f"({os.path.join(data_dir, 'meta.json')}); {prepare_hint(cfg)}")
+        names = meta.get("shards", names)
         if not names:
             raise UserError(f"no shards in {data_dir} (expected shard_00000.safetensors, ...); "
                             f"{prepare_hint(cfg)}")
@@ -306,6 +314,10 @@ def read_meta(cfg):
         raise UserError(f"shards in format version {meta.get('format_version')}, this train.py reads "
                         f"version {FORMAT_VERSION} ({path}); re-run prepare.py from this checkout: "
                         f"{prepare_hint(cfg)}")
+    if meta.get("complete") is False:
+        raise UserError(f"the data is incomplete, shards {meta.get('missing_shards')} are not written yet "
+                        f"({path}); wait for the other prepare.py workers (--num_shards) to finish, "
+                        f"or {prepare_hint(cfg)}")
     need = ["tokenizer_fingerprint", "vocab_size", "num_rejected", "target_len"]
     if [k for k in need if k not in meta]:
         raise UserError(f"meta.json lacks {[k for k in need if k not in meta]} ({path}); {prepare_hint(cfg)}")
@@ -393,9 +405,11 @@ def safe_torch_load(path, map_location=None):
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise UserError(f"refusing to unpickle {path}: {str(e).splitlines()[-1][:300]}; "
-                            "it holds objects beyond tensors and DeepSpeed's own records")
+        except pickle.UnpicklingError as e:
+            what = re.search(r"GLOBAL (\S+)", str(e))
+            raise UserError(f"refusing to unpickle {what.group(1) if what else 'an object'} from "
+                            f"a checkpoint ({path}); it holds more than tensors and DeepSpeed's own "
+                            "records: resume only from checkpoints train.py wrote")
 
 
 def save_checkpoint(engine, state, cfg, rank):
@@ -499,7 +513,9 @@ def build(cfg, tok, rank):
     torch.manual_seed(cfg["seed"])                            # LoRA A init; B starts at 0
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=cfg["lora_targets"], bias="none")
-    model = get_peft_model(model, lora)
+    with warnings.catch_warnings():     # tied embeddings (SmolLM2): LoRA on the input side only
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")  # merge() unties
+        model = get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     if rank == 0:
@@ -544,6 +560,11 @@ def merge(cfg, tok):
     from peft import PeftModel
     base = model_patch.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]),
                                   rope_theta=cfg["rope_theta"], trust_remote_code=cfg["trust_remote_code"])
+    if base.config.tie_word_embeddings and "embed_tokens" in cfg["lora_targets"]:
+        # The adapter changes the input embeddings only (lm_head reads the base matrix), so
+        # merging into a tied matrix would change the output layer too: untie first.
+        base.lm_head.weight = torch.nn.Parameter(base.get_input_embeddings().weight.detach().clone())
+        base.config.tie_word_embeddings = False
     merged = PeftModel.from_pretrained(base, os.path.join(cfg["out_dir"], "final")).merge_and_unload()
     out = os.path.join(cfg["out_dir"], "merged")
     tmp = f"{out}.tmp{os.getpid()}"
@@ -555,13 +576,15 @@ def merge(cfg, tok):
 # ----------------------------------------------------------------------------------------
 # The run.
 
-RESUME_MAY_CHANGE = {"max_steps", "stop_after", "save_every", "resume", "overwrite", "merge", "wandb",
+RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge", "wandb",
                      "tensorboard", "max_nonfinite_steps", "debug_nan_steps", "gradient_checkpointing",
                      "offload_optimizer", "offload_params", "attention"}
 
 
 def start_run(cfg, rank):
-    """Fresh run, or --resume: returns the checkpoint to load (or None)."""
+    """Fresh run, or --resume: returns the checkpoint to load (or None). A resumed run must
+    have the settings that shape the training (folders may move; the data is recognised by
+    its tokenizer fingerprint and row count)."""
     out = cfg["out_dir"]
     found = checkpoints(out)
     saved = os.path.join(out, "run_config.json")
@@ -679,64 +702,66 @@ def main(argv=None):
     world = cfg["world_size"]
     streak = 0
     engine.train()
-    for step in range(start, end):
-        t0 = time.time()
-        torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # LoRA dropout: a function of the step
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        rows = step_rows(step, cfg, len(data))
-        sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)   # metrics, bad, tokens
-        for micro in range(cfg["grad_accum"]):
-            ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, device)
-            logps, counts = engine(ids, pos, seg)             # (B, 1+M) each
-            loss, metrics = compute_loss(logps, cfg)
-            if step + 1 in cfg["debug_nan_steps"]:
-                loss = loss * float("nan")
-            engine.backward(loss)                             # DeepSpeed divides by grad_accum
-            vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
-            sums += torch.tensor(vals + [not math.isfinite(loss.item()), (seg >= 0).sum().item()],
-                                 dtype=torch.float64)
-            if micro == cfg["grad_accum"] - 1:                # the step: every process agrees to skip
-                if world > 1:
-                    torch.distributed.all_reduce(sums)
-                opt.skip = bool(sums[-2] > 0)
-                grad_norm = plain_grad_norm(engine, cfg)
-            engine.step()                                     # updates at the last micro-batch only
-        opt.skip, skipped = False, bool(sums[-2] > 0)
-        seconds = time.time() - t0
-        n = cfg["grad_accum"] * world
-        rec = {"step": step + 1, **{k: float(sums[i] / n) for i, k in enumerate(METRICS)}, "lr": lr}
-        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        rec.update(grad_norm=None if skipped or grad_norm is None else float(grad_norm),
-                   tokens=int(sums[-1]), tokens_per_s=float(sums[-1]) / seconds,
-                   seconds_per_step=seconds, skipped=skipped, rows=rows)
-        streak = streak + 1 if skipped else 0
-        nonfinite_total += skipped
-        rec["nonfinite_steps"] = nonfinite_total
-        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-        if rank == 0:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            for w in writers:
-                w(rec)
-            f = lambda k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
-            tqdm.write(f"step {step + 1:5d} | loss {f('loss')} | logo {f('logo')} | sft {f('sft')} | "
-                       f"r_chosen {f('reward_chosen')} | r_rejected {f('reward_rejected')} | "
-                       f"margin {f('reward_margin')} | acc {f('reward_accuracy')} | lr {lr:.2e} | "
-                       f"{rec['tokens_per_s']:.0f} tok/s | {seconds:.2f} s/step"
-                       + (" | SKIPPED: non-finite loss" if skipped else ""))
-            bar.update(1)
-        if streak >= cfg["max_nonfinite_steps"]:
-            raise UserError(f"the loss was non-finite for {streak} steps in a row (steps "
-                            f"{step + 2 - streak}-{step + 1}, each skipped) ({log_path}); lower --lr, "
-                            "check the data, or --resume from the last checkpoint with other settings")
-        done = step + 1
-        if done % cfg["save_every"] == 0 or done == cfg["stop_after"]:
-            save_checkpoint(engine, {"step": done, "nonfinite_total": nonfinite_total}, cfg, rank)
-    bar.close()
-    if log:
-        log.close()
+    try:
+        for step in range(start, end):
+            t0 = time.time()
+            torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # LoRA dropout: a function of the step
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            rows = step_rows(step, cfg, len(data))
+            sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)   # metrics, bad, tokens
+            for micro in range(cfg["grad_accum"]):
+                ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, device)
+                logps, counts = engine(ids, pos, seg)             # (B, 1+M) each
+                loss, metrics = compute_loss(logps, cfg)
+                if step + 1 in cfg["debug_nan_steps"]:
+                    loss = loss * float("nan")
+                engine.backward(loss)                             # DeepSpeed divides by grad_accum
+                vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
+                sums += torch.tensor(vals + [not math.isfinite(loss.item()), (seg >= 0).sum().item()],
+                                     dtype=torch.float64)
+                if micro == cfg["grad_accum"] - 1:                # the step: every process agrees to skip
+                    if world > 1:
+                        torch.distributed.all_reduce(sums)
+                    opt.skip = bool(sums[-2] > 0)
+                    grad_norm = plain_grad_norm(engine, cfg)
+                engine.step()                                     # updates at the last micro-batch only
+            opt.skip, skipped = False, bool(sums[-2] > 0)
+            seconds = time.time() - t0
+            n = cfg["grad_accum"] * world
+            rec = {"step": step + 1, **{k: float(sums[i] / n) for i, k in enumerate(METRICS)}, "lr": lr}
+            grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+            rec.update(grad_norm=None if skipped or grad_norm is None else float(grad_norm),
+                       tokens=int(sums[-1]), tokens_per_s=float(sums[-1]) / seconds,
+                       seconds_per_step=seconds, skipped=skipped, rows=rows)
+            streak = streak + 1 if skipped else 0
+            nonfinite_total += skipped
+            rec["nonfinite_steps"] = nonfinite_total
+            rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+            if rank == 0:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                for w in writers:
+                    w(rec)
+                f = lambda k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
+                tqdm.write(f"step {step + 1:5d} | loss {f('loss')} | logo {f('logo')} | sft {f('sft')} | "
+                           f"r_chosen {f('reward_chosen')} | r_rejected {f('reward_rejected')} | "
+                           f"margin {f('reward_margin')} | acc {f('reward_accuracy')} | lr {lr:.2e} | "
+                           f"{rec['tokens_per_s']:.0f} tok/s | {seconds:.2f} s/step"
+                           + (" | SKIPPED: non-finite loss" if skipped else ""))
+                bar.update(1)
+            if streak >= cfg["max_nonfinite_steps"]:
+                raise UserError(f"the loss was non-finite for {streak} steps in a row (steps "
+                                f"{step + 2 - streak}-{step + 1}, each skipped) ({log_path}); lower --lr, "
+                                "check the data, or --resume from the last checkpoint with other settings")
+            done = step + 1
+            if done % cfg["save_every"] == 0 or done == cfg["stop_after"]:
+                save_checkpoint(engine, {"step": done, "nonfinite_total": nonfinite_total}, cfg, rank)
+    finally:                      # the bar ends its line before any error is printed
+        bar.close()
+        if log:
+            log.close()
     if end < cfg["max_steps"]:
         if rank == 0:
             print(f"stopped after step {end} (--stop_after); continue with --resume")
