@@ -59,7 +59,7 @@ TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length"],
               "qa": ["data", "prompt", "seed"],
               "ppl": ["text", "stride", "max_tokens"]}
 DEFAULT_LENGTHS = {"niah": "1K,2K,4K", "mvniah": "1K,2K,4K", "ppl": "1K,2K,4K,8K", "qa": "2K,4K"}
-DEFAULT_NEW_TOKENS = {"niah": 48, "mvniah": 64, "qa": 24}   # longbench: dataset2maxlen.json
+DEFAULT_NEW_TOKENS = {"niah": 48, "qa": 24}   # mvniah: 12 per needle; longbench: dataset2maxlen.json
 
 
 def parse_args(argv=None):
@@ -73,7 +73,7 @@ def parse_args(argv=None):
                    help="longbench: first N records per dataset (default all); mvniah / qa: "
                         "samples per context length (default 10 / 20)")
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="greedy tokens per answer (default: niah 48, mvniah 64, qa 24; "
+                   help="greedy tokens per answer (default: niah 48, mvniah 12 per needle, qa 24; "
                         "longbench: dataset2maxlen.json)")
     p.add_argument("--no_chat_template", action="store_true",
                    help="feed raw prompts even to a model that has a chat template")
@@ -464,7 +464,7 @@ LONGBENCH_FIELDS = ["input", "context", "answers", "length", "dataset", "languag
                     "all_classes", "_id"]
 
 
-def longbench_setup(args, preset_name):
+def longbench_setup(args):
     """Check every file and config entry before any model is loaded; returns
     (datasets, prompts, maxgen, model2maxlen, records by dataset, skipped {dataset: why})."""
     if not args.data_dir or not args.config_dir:
@@ -498,14 +498,12 @@ def longbench_setup(args, preset_name):
             raise UserError(f"LongBench file not found ({path}); download LongBench's data.zip "
                             f"into --data_dir or drop {d} from --datasets")
         recs = read_jsonl(path, LONGBENCH_FIELDS, f"LongBench {d}")
-        for i, r in enumerate(recs):
-            try:
-                prompts[d].format(**r)
-            except (KeyError, IndexError, ValueError) as e:
-                raise UserError(f"the {d} prompt template does not fit its records ({e}) "
-                                f"({os.path.join(args.config_dir, 'dataset2prompt.json')}); "
-                                "use LongBench's own config files") from None
-            break
+        try:
+            prompts[d].format(**recs[0])
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"the {d} prompt template does not fit its records ({e}) "
+                            f"({os.path.join(args.config_dir, 'dataset2prompt.json')}); "
+                            "use LongBench's own config files") from None
         records[d] = recs[:args.max_samples] if args.max_samples else recs
     for d, why in skipped.items():
         print(f"skipping {d}: {why}")
@@ -573,7 +571,11 @@ MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", 
 def read_text(path, what):
     """A .txt file, or every .txt file of a folder in name order joined by blank lines."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".txt"))
+        names = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
+        legal = [f for f in names if f.upper().startswith(("LICENSE", "README"))]
+        if legal:
+            print(f"{what}: leaving out {', '.join(legal)} (not prose)")
+        files = [os.path.join(path, f) for f in names if f not in legal]
     elif os.path.isfile(path):
         files = [path]
     else:
@@ -710,7 +712,7 @@ def run_mvniah(args, lm, tok, samples, label):
     stops, rows = stop_token_ids(tok, lm), []
     per_length = {}
     for s in tqdm(samples, desc=f"{label} mvniah"):
-        new, copies = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["mvniah"],
+        new, copies = generate(lm, s["ids"], args.max_new_tokens or 12 * args.num_needles,
                                stops, needle_mask=s["needle_mask"])
         pred = decode_answer(tok, new)
         recall = sum(v in pred for v in s["values"]) / len(s["values"])
@@ -933,6 +935,9 @@ def plot(task, results, path, args):
             grid = [[next(c["score"] for c in cells if c["length"] == L and c["depth"] == d)
                      for L in lengths] for d in depths]
             im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+            for y, row in enumerate(grid):
+                for x, v in enumerate(row):
+                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=8)
             ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
             ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
             ax.set_xlabel("context length (tokens)")
@@ -964,10 +969,19 @@ def plot(task, results, path, args):
                     xs, ys = zip(*pts) if pts else ([], [])
                 ax.plot(xs, ys, marker="o", label=label)
             ax.set_xscale("log", base=2)
+            ticks = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
+            ax.set_xticks(ticks, [f"{x / 1024:g}K" if x % 256 == 0 else str(x) for x in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(k.replace("_", " "))
             if task == "ppl":
+                from matplotlib.ticker import FuncFormatter
                 ax.set_yscale("log")
+                for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                    axis_fmt(FuncFormatter(lambda v, _: f"{v:g}"))
+            else:
+                ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
             ax.legend()
     fig.suptitle(f"{task}: {args.model_name}")
     save_figure(fig, path)
@@ -1043,7 +1057,7 @@ def evaluate(args):
         args.out_dir = os.path.join("eval", tag, args.task)
 
     # Every input is checked before the (slow) model load.
-    setup = longbench_setup(args, preset["name"]) if args.task == "longbench" else None
+    setup = longbench_setup(args) if args.task == "longbench" else None
     try:
         tok = load_tokenizer(preset["path"], args.trust_remote_code)
     except (OSError, FileNotFoundError) as e:
@@ -1107,6 +1121,8 @@ def evaluate(args):
     header, rows = table(args.task, results)
     write_csv(os.path.join(args.out_dir, f"{args.task}.csv"), header, rows)
     print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in [header] + rows))
+    if setup and setup[5]:
+        print("not scored: " + "; ".join(f"{d} ({why})" for d, why in setup[5].items()))
     plot(args.task, results, os.path.join(args.out_dir, f"{args.task}.png"), args)
     out = {"task": args.task, "config": config, "results": results,
            "wall_s": round(time.time() - t0, 1)}

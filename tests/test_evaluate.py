@@ -74,6 +74,14 @@ def test_scorer_takes_the_max_over_gold_answers_and_the_mean_over_samples():
                      [["Obama", "Barack Hussein Obama"], ["Paris"]], None) == 90.0
 
 
+def test_chinese_metrics_segment_with_jieba_as_longbench():
+    pytest.importorskip("jieba")
+    # jieba: 我|爱|北京 and 我|爱|上海 -> two of three words in common
+    assert ev.qa_f1_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3)
+    assert ev.qa_f1_zh_score("北京。", "北京") == 1.0           # punctuation dropped
+    assert ev.rouge_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3, abs=1e-7)
+
+
 def test_category_scores_average_datasets_then_the_five_categories_without_code():
     # the paper's Table 1 row for Llama-3-8B-Instruct-8K: 39.3 36.2 24.8 63.5 39.9 -> 40.7
     scores = {"narrativeqa": 39.3, "hotpotqa": 30.0, "2wikimqa": 42.4, "gov_report": 24.8,
@@ -316,6 +324,24 @@ def test_longbench_prompts_templates_truncation_and_metrics(tmp_path, monkeypatc
     assert len(tok(user).input_ids) == 200                     # 100 head + 100 tail tokens
     assert user.startswith("Answer the question based on")
     assert user.endswith("Question: Where was the writer born?\nAnswer:")
+
+
+def test_chinese_datasets_are_skipped_with_a_message_without_jieba(tmp_path, monkeypatch, capsys):
+    import shutil
+    lb = tmp_path / "lb"
+    shutil.copytree(FIXTURES, lb)
+    for name, value in (("dataset2prompt.json", "{context}{input}"), ("dataset2maxlen.json", 64)):
+        table = json.loads((lb / "config" / name).read_text())
+        table["multifieldqa_zh"] = value
+        (lb / "config" / name).write_text(json.dumps(table))
+    monkeypatch.setattr(ev, "jieba", None)
+    saved, _ = run(tmp_path, "--task", "longbench", "--data_dir", str(lb / "data"),
+                   "--config_dir", str(lb / "config"), "--datasets", "multifieldqa_zh,trec",
+                   "--max_new_tokens", "2")
+    res = saved["results"]["base"]
+    assert list(res["datasets"]) == ["trec"]
+    assert res["skipped"] == {"multifieldqa_zh": "needs jieba (pip install jieba)"}
+    assert "skipping multifieldqa_zh: needs jieba" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------
