@@ -191,7 +191,8 @@ def qa_records(num_samples, context_tokens_approx_chars, seed=0):
 
 
 # ----------------------------------------------------------------------------------------
-# Filler prose: no names, no numbers, no facts a needle question could ask about.
+# Filler prose: no names, no numbers, no facts a needle question could ask about
+# (only seasons and times of day, which spaCy tags DATE/TIME).
 
 _SUBJECTS = ["the old ferry", "a tired shepherd", "the morning market", "the river",
              "a small bakery", "the village school", "the north wind", "an empty orchard",
@@ -226,7 +227,7 @@ def _sentence(rng):
 
 def haystack(num_chars, seed=0):
     """About num_chars characters (exactly, cut at a word boundary when possible) of plain
-    filler prose in paragraphs: no names, places, organisations, dates or numbers, so any
+    filler prose in paragraphs: no names, places, organisations, years or numbers, so any
     fact a needle-in-a-haystack test inserts is the only one."""
     rng = random.Random(f"haystack-{seed}")
     paragraphs, n = [], 0

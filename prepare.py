@@ -271,10 +271,16 @@ def normalize(text):
     return re.sub(r"(?:'s|’s)$", "", text)
 
 
+# Bare numbers ("two") and ordinals ("first") are entities to spaCy but name nothing: a
+# question and a chunk sharing "first" are not about the same thing.
+NOT_NAMES = {"CARDINAL", "ORDINAL"}
+
+
 def doc_features(doc, lemmas=False):
-    """Distinct normalised entity texts of a spaCy Doc (labels ignored: the small model
-    often tags one name ORG in one sentence and PERSON in the next), plus noun/verb lemmas."""
-    feats = {normalize(e.text) for e in doc.ents} - {""}
+    """Distinct normalised entity texts of a spaCy Doc (labels otherwise ignored: the small
+    model often tags one name ORG in one sentence and PERSON in the next), plus noun/verb
+    lemmas when asked."""
+    feats = {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
     if lemmas:
         feats |= {"lemma:" + t.lemma_.lower() for t in doc
                   if t.pos_ in ("NOUN", "VERB") and not t.is_stop}

@@ -1,0 +1,158 @@
+"""prepare.py's user errors (issue 8): one line `error: <what> (<where>); <what to do>` on
+stderr, exit status 2, no traceback, and no partial file left behind. Tiny preset, real
+spaCy model. Most cases call prepare.main in-process (its return value is the exit status);
+the first one goes through the command line to check the real exit status."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+
+import prepare
+from corpus import qa_record
+from model_patch import tiny_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--max_new_tokens", "6"]
+
+
+def write_jsonl(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n")
+    return str(path)
+
+
+def good(i=0):
+    return qa_record(i, 1200, 5)
+
+
+def fails(capsys, argv, *expected):
+    """Run prepare.main(argv): exit status 2, one error line naming each expected piece."""
+    assert prepare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "; " in last, last
+    for piece in expected:
+        assert piece in last, f"{piece!r} not in {last!r}"
+    return last
+
+
+def no_partial_files(out):
+    """Nothing a later run could mistake for data: no shard, no temp file."""
+    left = os.listdir(out) if os.path.isdir(out) else []
+    assert not [f for f in left if f.startswith("shard_") or ".tmp" in f], left
+
+
+def test_a_malformed_json_line_stops_with_its_file_and_line_from_the_command_line(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [good(), b'{"context": "x", "question": '])
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, "prepare.py", "--input", src, "--out_dir", out] + TINY,
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: malformed JSON")
+    assert f"({src}:2)" in r.stderr and "--skip_bad" in r.stderr
+    no_partial_files(out)
+
+
+def test_a_record_missing_its_question_names_the_field(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [good(), good(1), {"context": good()["context"]}])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
+          "no text field 'question'", f"{src}:3")
+    no_partial_files(tmp_path / "o")
+
+
+def test_a_record_missing_its_context_names_the_field(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"question": "Who?", "answer": "me"}])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
+          "no text field 'context'", f"{src}:1")
+    no_partial_files(tmp_path / "o")
+
+
+def test_invalid_utf8_bytes_are_reported_with_their_line(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [good(), b'{"context": "caf\xe9", "question": "q"}'])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
+          "invalid UTF-8", f"{src}:2", "re-encode")
+    no_partial_files(tmp_path / "o")
+
+
+def test_an_empty_input_file_is_an_error(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n\n")
+    fails(capsys, TINY + ["--input", str(src), "--out_dir", str(tmp_path / "o")],
+          "no records", str(src))
+    no_partial_files(tmp_path / "o")
+
+
+def test_a_context_shorter_than_one_chunk_is_an_error(tmp_path, capsys):
+    rec = dict(good(), context="Maria Lopez lives in Boston.")          # 28 bytes < 64
+    src = write_jsonl(tmp_path / "in.jsonl", [rec])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
+          "context has 28 tokens", "--chunk_len 64", f"{src}:1")
+    no_partial_files(tmp_path / "o")
+
+
+def test_a_question_sharing_no_entity_with_the_context_is_an_error(tmp_path, capsys):
+    rec = dict(good(), question="What colour is the sky on a clear day?")
+    src = write_jsonl(tmp_path / "in.jsonl", [rec])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
+          "shares no named entity", f"{src}:1", "--skip_bad")
+    no_partial_files(tmp_path / "o")
+
+
+def test_a_gold_answer_longer_than_the_generation_budget_is_an_error(tmp_path, capsys):
+    rec = dict(good(), answer="a very long gold answer of many bytes")   # 37 byte tokens
+    src = write_jsonl(tmp_path / "in.jsonl", [rec])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o"), "--chosen", "gold",
+                          "--max_new_tokens", "20"],
+          "gold answer has 37 tokens", "--max_new_tokens 20", f"{src}:1")
+    no_partial_files(tmp_path / "o")
+
+
+def test_an_unknown_model_names_the_presets(tmp_path, capsys):
+    fails(capsys, ["--model", "llama9-huge", "--out_dir", str(tmp_path / "o")],
+          "unknown model 'llama9-huge'", "smollm2-135m", "--model")
+    no_partial_files(tmp_path / "o")
+
+
+def test_an_out_dir_with_shards_made_with_other_arguments_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    args = TINY + ["--num_samples", "2", "--out_dir", out]
+    assert prepare.main(args) == 0
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    capsys.readouterr()
+    fails(capsys, args + ["--delta", "3"], "holds shards made with other arguments",
+          "delta: 2.0 there, 3.0 now", "another --out_dir")
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+
+
+def test_an_out_dir_with_shards_from_another_tokenizer_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert prepare.main(TINY + ["--num_samples", "2", "--out_dir", out]) == 0
+    capsys.readouterr()
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])                        # another vocabulary
+    folder = str(tmp_path / "other-tokenizer")
+    other.save_pretrained(folder)
+    same_shape = ["--chunk_len", "64", "--num_chunks", "8", "--target_len", "4096",
+                  "--num_rejected", "2", "--dtype", "float32"]
+    fails(capsys, ["--model", folder, "--max_new_tokens", "6", "--num_samples", "2",
+                   "--out_dir", out] + same_shape,
+          "other arguments or another tokenizer", "tokenizer_fingerprint")
+
+
+def test_a_full_disk_while_writing_a_shard_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)                         # half a file, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = str(tmp_path / "o")
+    fails(capsys, TINY + ["--num_samples", "2", "--out_dir", out], "No space left on device",
+          "shard_00000.safetensors", "finished shards are kept")
+    no_partial_files(out)
