@@ -33,6 +33,7 @@ smallest rope_theta that would do.
 import argparse
 import functools
 import json
+import logging
 import math
 import os
 import pickle
@@ -609,6 +610,110 @@ def start_run(cfg, rank):
     return None
 
 
+def resume(engine, path, log_path, rank):
+    """Load checkpoint `path` (weights-only, see safe_torch_load) and cut the log back to it
+    (lines of steps after the checkpoint, and a line torn by a kill, are dropped)."""
+    engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                           load_module_strict=False, load_lr_scheduler_states=False)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if rank == 0:
+        kept = []
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= state["step"]:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    pass
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+        print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def extra_loggers(cfg):
+    """--tensorboard / --wandb: imported only when asked. Returns functions of a log record."""
+    writers = []
+    if cfg["tensorboard"]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package; pip install tensorboard")
+        tb = SummaryWriter(os.path.join(cfg["out_dir"], "tensorboard"))
+        writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items()
+                                    if isinstance(v, (int, float)) and k != "step"])
+    if cfg["wandb"]:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb needs the wandb package; pip install wandb")
+        wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
+        writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
+    return writers
+
+
+def train_step(step, engine, opt, data, cfg, rank, pad_id):
+    """One optimiser step over global_batch rows. Returns the log record (metrics averaged
+    over micro-batches and processes). A non-finite loss on any process skips the step on all."""
+    t0 = time.time()
+    torch.manual_seed(cfg["seed"] * 1_000_003 + step)         # LoRA dropout: a function of the step
+    lr = lr_at(step, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    rows = step_rows(step, cfg, len(data))
+    world, accum = cfg["world_size"], cfg["grad_accum"]
+    sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)  # METRICS..., non-finite, tokens
+    grad_norm = None
+    for micro in range(accum):
+        ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, engine.device)
+        logps, _ = engine(ids, pos, seg)                      # (B, 1+M) mean token log-probs
+        loss, metrics = compute_loss(logps, cfg)
+        if step + 1 in cfg["debug_nan_steps"]:
+            loss = loss * float("nan")
+        engine.backward(loss)                                 # DeepSpeed divides by grad_accum
+        vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
+        sums += torch.tensor(vals + [not math.isfinite(vals[0]), (seg >= 0).sum().item()],
+                             dtype=torch.float64)
+        if micro == accum - 1:                                # before the update: agree on a skip
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            opt.skip = bool(sums[-2] > 0)
+            grad_norm = plain_grad_norm(engine, cfg)
+        engine.step()                                         # updates after the last micro-batch only
+    skipped, opt.skip = bool(sums[-2] > 0), False
+    seconds = time.time() - t0
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    rec = {"step": step + 1, **{k: float(sums[i]) / (accum * world) for i, k in enumerate(METRICS)},
+           "lr": lr, "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
+           "tokens": int(sums[-1]), "tokens_per_s": float(sums[-1]) / seconds,
+           "seconds_per_step": seconds, "skipped": skipped, "rows": rows}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+def log_line(rec):
+    f = lambda k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
+    return (f"step {rec['step']:5d} | loss {f('loss')} | logo {f('logo')} | sft {f('sft')} | "
+            f"r_chosen {f('reward_chosen')} | r_rejected {f('reward_rejected')} | "
+            f"margin {f('reward_margin')} | acc {f('reward_accuracy')} | lr {rec['lr']:.2e} | "
+            f"{rec['tokens_per_s']:.0f} tok/s | {rec['seconds_per_step']:.2f} s/step"
+            + (" | SKIPPED: non-finite loss" if rec["skipped"] else ""))
+
+
+def summary(log_path):
+    """First quarter of the run against the last: what the demo should show rising."""
+    with open(log_path) as f:
+        recs = [r for r in map(json.loads, f) if not r["skipped"]]
+    q = max(1, len(recs) // 4)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    a, b = recs[:q], recs[-q:]
+    parts = [f"{k} {mean(a, k):.3f} -> {mean(b, k):.3f}" for k in ("loss", "reward_margin", "reward_accuracy")]
+    return (f"steps {a[0]['step']}-{a[-1]['step']} vs {b[0]['step']}-{b[-1]['step']}: " + ", ".join(parts)
+            + f"; {sum(r['seconds_per_step'] for r in recs) / 60:.1f} min of steps")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
@@ -636,129 +741,56 @@ def main(argv=None):
     cfg.update(target_len=int(meta["target_len"]), num_rejected=int(meta["num_rejected"]),
                tokenizer_fingerprint=meta["tokenizer_fingerprint"], rows=len(data))
     resume_from = start_run(cfg, rank)
+    out, log_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "log.jsonl")
     if rank == 0:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
+        os.makedirs(out, exist_ok=True)
         print("config: " + json.dumps(cfg, sort_keys=True))
         if resume_from is None:
-            write_json(os.path.join(cfg["out_dir"], "run_config.json"), cfg)
-        for name in os.listdir(os.path.join(cfg["out_dir"])):   # leftovers of a crash
-            if ".tmp" in name or ".old" in name:
-                shutil.rmtree(os.path.join(cfg["out_dir"], name), ignore_errors=True)
-        ckdir = os.path.join(cfg["out_dir"], "checkpoints")
-        for name in os.listdir(ckdir) if os.path.isdir(ckdir) else []:
-            if name.startswith(".tmp_"):
-                shutil.rmtree(os.path.join(ckdir, name), ignore_errors=True)
+            write_json(os.path.join(out, "run_config.json"), cfg)
+        ckdir = os.path.join(out, "checkpoints")             # what a crash left half-written
+        for d, names in ((out, os.listdir(out)), (ckdir, os.listdir(ckdir) if os.path.isdir(ckdir) else [])):
+            for name in names:
+                if ".tmp" in name or ".old" in name:
+                    path = os.path.join(d, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    import deepspeed
-    import logging
+    import deepspeed                  # not before the checks above: a bad input fails in seconds
     deepspeed.utils.logger.setLevel(logging.WARNING)
     engine, opt, scorer = build(cfg, tok, rank)
-    device = engine.device
-    start, nonfinite_total, log_path = 0, 0, os.path.join(cfg["out_dir"], "log.jsonl")
+    start, nonfinite = 0, 0
     if resume_from is not None:
-        step, path = resume_from
-        engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
-                               load_module_strict=False, load_lr_scheduler_states=False)
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
-        start, nonfinite_total = state["step"], state["nonfinite_total"]
-        if rank == 0:                         # drop log lines past the checkpoint (and torn ones)
-            kept = []
-            with open(log_path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= start:
-                            kept.append(line)
-                    except (json.JSONDecodeError, KeyError):
-                        pass
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
-            print(f"resumed from {path} at step {start}")
-
-    writers = []
-    if rank == 0 and cfg["tensorboard"]:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package; pip install tensorboard")
-        tb = SummaryWriter(os.path.join(cfg["out_dir"], "tensorboard"))
-        writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items()
-                                    if isinstance(v, (int, float)) and k != "step"])
-    if rank == 0 and cfg["wandb"]:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb needs the wandb package; pip install wandb")
-        wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
-        writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
+        state = resume(engine, resume_from[1], log_path, rank)
+        start, nonfinite = state["step"], state["nonfinite_total"]
 
     from tqdm import tqdm
+    writers = extra_loggers(cfg) if rank == 0 else []
     end = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])
     bar = tqdm(total=cfg["max_steps"], initial=start, disable=rank != 0, desc="train", unit="step",
                dynamic_ncols=True)
     log = open(log_path, "a") if rank == 0 else None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    world = cfg["world_size"]
-    streak = 0
+    streak = 0                                                # non-finite steps in a row
     engine.train()
     try:
         for step in range(start, end):
-            t0 = time.time()
-            torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # LoRA dropout: a function of the step
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            rows = step_rows(step, cfg, len(data))
-            sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)   # metrics, bad, tokens
-            for micro in range(cfg["grad_accum"]):
-                ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, device)
-                logps, counts = engine(ids, pos, seg)             # (B, 1+M) each
-                loss, metrics = compute_loss(logps, cfg)
-                if step + 1 in cfg["debug_nan_steps"]:
-                    loss = loss * float("nan")
-                engine.backward(loss)                             # DeepSpeed divides by grad_accum
-                vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
-                sums += torch.tensor(vals + [not math.isfinite(loss.item()), (seg >= 0).sum().item()],
-                                     dtype=torch.float64)
-                if micro == cfg["grad_accum"] - 1:                # the step: every process agrees to skip
-                    if world > 1:
-                        torch.distributed.all_reduce(sums)
-                    opt.skip = bool(sums[-2] > 0)
-                    grad_norm = plain_grad_norm(engine, cfg)
-                engine.step()                                     # updates at the last micro-batch only
-            opt.skip, skipped = False, bool(sums[-2] > 0)
-            seconds = time.time() - t0
-            n = cfg["grad_accum"] * world
-            rec = {"step": step + 1, **{k: float(sums[i] / n) for i, k in enumerate(METRICS)}, "lr": lr}
-            grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-            rec.update(grad_norm=None if skipped or grad_norm is None else float(grad_norm),
-                       tokens=int(sums[-1]), tokens_per_s=float(sums[-1]) / seconds,
-                       seconds_per_step=seconds, skipped=skipped, rows=rows)
-            streak = streak + 1 if skipped else 0
-            nonfinite_total += skipped
-            rec["nonfinite_steps"] = nonfinite_total
-            rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+            rec = train_step(step, engine, opt, data, cfg, rank, pad_id)
+            streak = streak + 1 if rec["skipped"] else 0
+            nonfinite += rec["skipped"]
+            rec["nonfinite_steps"] = nonfinite
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 for w in writers:
                     w(rec)
-                f = lambda k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
-                tqdm.write(f"step {step + 1:5d} | loss {f('loss')} | logo {f('logo')} | sft {f('sft')} | "
-                           f"r_chosen {f('reward_chosen')} | r_rejected {f('reward_rejected')} | "
-                           f"margin {f('reward_margin')} | acc {f('reward_accuracy')} | lr {lr:.2e} | "
-                           f"{rec['tokens_per_s']:.0f} tok/s | {seconds:.2f} s/step"
-                           + (" | SKIPPED: non-finite loss" if skipped else ""))
+                tqdm.write(log_line(rec))
                 bar.update(1)
             if streak >= cfg["max_nonfinite_steps"]:
                 raise UserError(f"the loss was non-finite for {streak} steps in a row (steps "
                                 f"{step + 2 - streak}-{step + 1}, each skipped) ({log_path}); lower --lr, "
                                 "check the data, or --resume from the last checkpoint with other settings")
-            done = step + 1
-            if done % cfg["save_every"] == 0 or done == cfg["stop_after"]:
-                save_checkpoint(engine, {"step": done, "nonfinite_total": nonfinite_total}, cfg, rank)
-    finally:                      # the bar ends its line before any error is printed
+            if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["stop_after"]:
+                save_checkpoint(engine, {"step": step + 1, "nonfinite_total": nonfinite}, cfg, rank)
+    finally:                          # the bar ends its line before any error is printed
         bar.close()
         if log:
             log.close()
@@ -771,16 +803,15 @@ def main(argv=None):
     # reload (PeftModel.from_pretrained) must reproduce them.
     engine.eval()
     rows = step_rows(0, cfg, len(data))
-    ids, pos, seg = micro_batch(data, rows, cfg, 0, rank, pad_id, device)
+    ids, pos, seg = micro_batch(data, rows, cfg, 0, rank, pad_id, engine.device)
     with torch.no_grad():
         logps, _ = engine(ids, pos, seg)
-    check = {"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}
-    export(engine, scorer, tok, cfg, check, rank)
+    export(engine, scorer, tok, cfg, {"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}, rank)
     if rank == 0:
         if cfg["merge"]:
             merge(cfg, tok)
-        print(f"saved the adapter to {os.path.join(cfg['out_dir'], 'final')}; {nonfinite_total} "
-              f"non-finite steps skipped")
+        print(f"summary: {summary(log_path)}; {nonfinite} non-finite steps skipped")
+        print(f"saved the adapter to {os.path.join(out, 'final')}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import model_patch
-from train_helpers import ROOT, baseline, read_log, read_rows, reference_logps, run_train
+from train_helpers import baseline, read_log, read_rows, reference_logps, run_train
 
 TOL = 1e-5
 
