@@ -4,7 +4,8 @@ does (arXiv 2410.18533, Sec. 4.2-4.3, 5 and Appendix B), plus a QA task for the 
 
     python evaluate.py --task niah   --model smollm2-135m --lengths 1K,2K,4K
     python evaluate.py --task mvniah --model smollm2-135m --adapter runs/logo/final --compare
-    python evaluate.py --task ppl    --model smollm2-135m --lengths 1K,2K,4K,8K --text ../shared/data/pg_essays
+    python evaluate.py --task ppl    --model smollm2-135m --lengths 1K,2K,4K,8K \
+        --text ../shared/data/pg_essays
     python evaluate.py --task qa     --adapter runs/logo/final --compare --lengths 2K,4K,12K,16K
     python evaluate.py --task longbench --model llama3-8b-80k --data_dir LongBench/data \
         --config_dir LongBench/LongBench/config --adapter runs/logo/final --compare
@@ -59,88 +60,92 @@ TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length"],
               "qa": ["data", "prompt", "seed"],
               "ppl": ["text", "stride", "max_tokens"]}
 DEFAULT_LENGTHS = {"niah": "1K,2K,4K", "mvniah": "1K,2K,4K", "ppl": "1K,2K,4K,8K", "qa": "2K,4K"}
-DEFAULT_NEW_TOKENS = {"niah": 48, "qa": 24}   # mvniah: 12 per needle; longbench: dataset2maxlen.json
+DEFAULT_NEW_TOKENS = {"niah": 48, "qa": 24}   # mvniah 12 per needle; longbench dataset2maxlen
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # task
-    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
-    p.add_argument("--out_dir", default=None,
+    g = p.add_argument_group("task")
+    g.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
+    g.add_argument("--out_dir", default=None,
                    help="output folder (default eval/MODEL[+LABEL]/TASK)")
-    p.add_argument("--max_samples", type=int, default=None,
+    g.add_argument("--max_samples", type=int, default=None,
                    help="longbench: first N records per dataset (default all); mvniah / qa: "
                         "samples per context length (default 10 / 20)")
-    p.add_argument("--max_new_tokens", type=int, default=None,
+    g.add_argument("--max_new_tokens", type=int, default=None,
                    help="greedy tokens per answer (default: niah 48, mvniah 12 per needle, qa 24; "
                         "longbench: dataset2maxlen.json)")
-    p.add_argument("--no_chat_template", action="store_true",
+    g.add_argument("--no_chat_template", action="store_true",
                    help="feed raw prompts even to a model that has a chat template")
     # model
-    p.add_argument("--model", default=None,
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
                    help=f"preset ({', '.join(MODELS)}), local folder or cached hub id "
                         "(default: the adapter's base model, else smollm2-135m)")
-    p.add_argument("--adapter", default=None,
+    g.add_argument("--adapter", default=None,
                    help="LoRA adapter folder written by train.py (RUN/final)")
-    p.add_argument("--compare", action="store_true",
+    g.add_argument("--compare", action="store_true",
                    help="evaluate the base model and base+adapter side by side")
-    p.add_argument("--label", default=None,
+    g.add_argument("--label", default=None,
                    help="name of the adapter in tables (default: its run folder's name)")
-    p.add_argument("--rope_theta", type=float, default=None,
+    g.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base for every evaluated model (default: the checkpoint's for the "
                         "base, the training value from logo_config.json for an adapter)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: float32 on CPU, which is faster there; the "
                         "preset's dtype on GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust_remote_code", action="store_true",
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub folder (off: safer)")
-    p.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is faster on a busy CPU)")
     # longbench
-    p.add_argument("--data_dir", default=None, help="folder of LongBench v1 DATASET.jsonl files")
-    p.add_argument("--config_dir", default=None,
+    g = p.add_argument_group("longbench")
+    g.add_argument("--data_dir", default=None, help="folder of LongBench v1 DATASET.jsonl files")
+    g.add_argument("--config_dir", default=None,
                    help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json, "
                         "optional model2maxlen.json)")
-    p.add_argument("--datasets", default="paper",
+    g.add_argument("--datasets", default="paper",
                    help="comma list, 'paper' (the 14 English datasets of Table 1's five "
-                        "categories plus code) or 'all' (every dataset in dataset2prompt.json)")
-    p.add_argument("--max_length", type=int, default=None,
+                        "categories, no code) or 'all' (every dataset in dataset2prompt.json)")
+    g.add_argument("--max_length", type=int, default=None,
                    help="prompt budget in tokens, truncated from the middle (default: "
                         "model2maxlen.json's entry, else the model's window - 500, as LongBench)")
     # niah / mvniah / qa / ppl
-    p.add_argument("--lengths", default=None,
+    g = p.add_argument_group("niah / mvniah / qa / ppl")
+    g.add_argument("--lengths", default=None,
                    help="context lengths in tokens, comma list, K = 1024 (default niah/mvniah "
                         "1K,2K,4K; ppl 1K,2K,4K,8K; qa 2K,4K)")
-    p.add_argument("--depths", default="0,25,50,75,100",
+    g.add_argument("--depths", default="0,25,50,75,100",
                    help="niah: needle depths in percent of the context")
-    p.add_argument("--haystack", default=None,
+    g.add_argument("--haystack", default=None,
                    help="niah / mvniah: a .txt file or a folder of them (default: the built-in "
                         "filler prose of corpus.py)")
-    p.add_argument("--needle", default="The best thing to do in San Francisco is eat a "
+    g.add_argument("--needle", default="The best thing to do in San Francisco is eat a "
                    "sandwich and sit in Dolores Park on a sunny day.", help="niah: needle sentence")
-    p.add_argument("--question", default="What is the best thing to do in San Francisco?",
+    g.add_argument("--question", default="What is the best thing to do in San Francisco?",
                    help="niah: the question about the needle")
-    p.add_argument("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
+    g.add_argument("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
                    help="niah: expected answer; cell score = fraction of its words in the reply")
-    p.add_argument("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
-    p.add_argument("--seed", type=int, default=1234,
+    g.add_argument("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
+    g.add_argument("--seed", type=int, default=1234,
                    help="mvniah / qa sample seed (use another seed than prepare.py's for held-out)")
-    p.add_argument("--data", default=None,
-                   help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
-    p.add_argument("--prompt", default="{context}\n\n{question}",
+    g.add_argument("--data", default=None,
+                   help="qa: JSONL of {context, question, answer(s)} instead of the built-in "
+                        "corpus")
+    g.add_argument("--prompt", default="{context}\n\n{question}",
                    help="qa: user message template (default: prepare.py's, so the adapter is "
                         "asked the way it was trained)")
-    p.add_argument("--text", default=None,
+    g.add_argument("--text", default=None,
                    help="ppl: a .txt file or folder (default: built-in filler prose)")
-    p.add_argument("--stride", type=int, default=0,
+    g.add_argument("--stride", type=int, default=0,
                    help="ppl: window step in tokens (0 = the window length, non-overlapping; "
                         "256 = Press et al.'s protocol, slower)")
-    p.add_argument("--max_tokens", type=int, default=None,
+    g.add_argument("--max_tokens", type=int, default=None,
                    help="ppl: tokens of text scored at every length (default 2 x the longest)")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 class UserError(Exception):
@@ -280,7 +285,8 @@ CATEGORIES = {
     "Synthetic": ["passage_count", "passage_retrieval_en", "passage_retrieval_zh"],
     "Code": ["lcc", "repobench-p"],
 }
-PAPER_DATASETS = [d for c in CATEGORIES.values() for d in c
+# Table 1: the 14 English datasets of the five categories (Code excluded, as the paper)
+PAPER_DATASETS = [d for c, names in CATEGORIES.items() if c != "Code" for d in names
                   if not d.endswith("_zh") and d not in ("dureader", "vcsum", "lsht")]
 
 
@@ -451,9 +457,9 @@ def read_jsonl(path, required, what):
                        if not isinstance(rec, dict)
                        or not any(x in rec for x in (k if isinstance(k, tuple) else (k,)))]
             if missing:
+                need = [" or ".join(k) if isinstance(k, tuple) else k for k in required]
                 raise UserError(f"{what}: record without {', '.join(missing)} ({path}:{lineno}); "
-                                "every line needs " + ", ".join(
-                                    " or ".join(k) if isinstance(k, tuple) else k for k in required))
+                                f"every line needs {', '.join(need)}")
             records.append(rec)
     if not records:
         raise UserError(f"{what}: no records ({path}); check the file")
@@ -860,11 +866,14 @@ def adapter_label(path):
 
 
 def same_base(adapter_cfg, preset):
-    names = {adapter_cfg.get("model"), adapter_cfg.get("model_path")} - {None}
-    return bool(names & {preset["name"], preset["path"]})
+    """Was the adapter trained on this model? train.py records the preset name (or folder)
+    and the path it loaded."""
+    norm = lambda x: os.path.normpath(x) if x else None          # "a/b/" == "a/b"
+    names = {norm(adapter_cfg.get("model")), norm(adapter_cfg.get("model_path"))} - {None}
+    return bool(names & {norm(preset["name"]), norm(preset["path"])})
 
 
-def load_for_eval(args, preset, tok, adapter_cfg, with_adapter):
+def load_for_eval(args, preset, adapter_cfg, with_adapter):
     """The model to evaluate, in eval mode on args.device: the base, or base + adapter with
     the RoPE base it was trained with (a LoRA trained with a raised rope_theta only works
     with it)."""
@@ -1030,6 +1039,13 @@ def evaluate(args):
     t0 = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
+    for flag, value, low in (("--max_samples", args.max_samples, 1),
+                             ("--num_needles", args.num_needles, 1), ("--stride", args.stride, 0),
+                             ("--max_tokens", args.max_tokens, 2),
+                             ("--max_new_tokens", args.max_new_tokens, 1),
+                             ("--max_length", args.max_length, 2)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value} is below {low}; pass a larger value")
     if args.task == "qa":
         try:
             args.prompt.format(context="", question="")
@@ -1053,7 +1069,8 @@ def evaluate(args):
         label = "adapter"               # "base" names the model without the adapter
     args.model_name = preset["name"]
     if args.out_dir is None:
-        tag = os.path.basename(os.path.normpath(preset["name"])) + (f"+{label}" if args.adapter else "")
+        tag = os.path.basename(os.path.normpath(preset["name"]))
+        tag += f"+{label}" if args.adapter else ""
         args.out_dir = os.path.join("eval", tag, args.task)
 
     # Every input is checked before the (slow) model load.
@@ -1088,6 +1105,10 @@ def evaluate(args):
     elif args.task == "ppl":
         data = ppl_ids(args, tok, lengths)
 
+    native = preset["native_len"]
+    if lengths and native and max(lengths) > native:
+        print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window "
+              f"of {native}; scored as they are (an adapter trained past it should do better)")
     runs = ([("base", False)] if not args.adapter or args.compare else []) + \
         ([(label, True)] if args.adapter else [])
     keys = COMMON_FLAGS + TASK_FLAGS[args.task]
@@ -1098,7 +1119,7 @@ def evaluate(args):
                   jieba=jieba is not None)
     results = {}
     for run_label, with_adapter in runs:
-        lm = load_for_eval(args, preset, tok, adapter_cfg, with_adapter)
+        lm = load_for_eval(args, preset, adapter_cfg, with_adapter)
         if args.task == "longbench":
             # the budget LongBench would give this model: an adapter trained to a longer
             # window K gets K - 500, a plain model its model2maxlen.json entry or window - 500
@@ -1116,7 +1137,9 @@ def evaluate(args):
         else:
             run = {"niah": run_niah, "mvniah": run_mvniah, "qa": run_qa}[args.task]
             results[run_label] = run(args, lm, tok, data, run_label)
-        del lm
+        del lm                                     # --compare: one model in memory at a time
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     header, rows = table(args.task, results)
     write_csv(os.path.join(args.out_dir, f"{args.task}.csv"), header, rows)

@@ -245,11 +245,12 @@ def test_ppl_of_a_random_model_is_near_the_vocabulary_size(tmp_path):
     assert all(200 < r["ppl"] < 330 for r in rows)             # near-uniform over 261 tokens
 
 
-def test_qa_reports_accuracy_per_context_length(tmp_path):
-    saved, _ = run(tmp_path, "--task", "qa", "--lengths", "2K,3K", "--max_samples", "2",
+def test_qa_reports_accuracy_per_context_length_even_beyond_the_native_window(tmp_path, capsys):
+    saved, _ = run(tmp_path, "--task", "qa", "--lengths", "2K,5K", "--max_samples", "2",
                    "--max_new_tokens", "4")
+    assert "exceed tiny's native window of 4096" in capsys.readouterr().out
     lengths = saved["results"]["base"]["lengths"]
-    assert set(lengths) == {"2048", "3072"}
+    assert set(lengths) == {"2048", "5120"}
     for L, v in lengths.items():
         assert v["samples"] == 2 and v["accuracy"] == 0.0     # random weights never answer
         # within half a ~550-token biography (byte tokenizer) of the length asked for
@@ -352,14 +353,17 @@ def make_adapter(path, rope_theta=None, model="tiny", fingerprint=None, hidden_s
     from peft import LoraConfig, get_peft_model
     from model_patch import LlamaForCausalLM, tiny_config
     torch.manual_seed(1)
-    cfg = tiny_config(len(tiny_tokenizer()), **({"hidden_size": hidden_size} if hidden_size else {}))
+    cfg = tiny_config(len(tiny_tokenizer()),
+                      **({"hidden_size": hidden_size} if hidden_size else {}))
     base = LlamaForCausalLM(cfg)
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                            init_lora_weights=False))
     peft.save_pretrained(path)
     with open(os.path.join(path, "logo_config.json"), "w") as f:
-        json.dump({"model": model, "model_path": model, "rope_theta": rope_theta, "target_len": 4096,
-                   "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tiny_tokenizer())}, f)
+        json.dump({"model": model, "model_path": model, "rope_theta": rope_theta,
+                   "target_len": 4096,
+                   "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tiny_tokenizer())},
+                  f)
     return path
 
 
@@ -370,7 +374,8 @@ def test_compare_evaluates_base_and_adapter_with_its_training_rope_theta(tmp_pat
                      "--adapter", adapter, "--compare")
     res = saved["results"]
     assert list(res) == ["base", "logo"]
-    ids = torch.tensor(tiny_tokenizer()(ev.filler_text(tiny_tokenizer(), None, 128, "")).input_ids[:128])
+    tok = tiny_tokenizer()
+    ids = torch.tensor(tok(ev.filler_text(tok, None, 128, "")).input_ids[:128])
     for label, model in (("base", load_model("tiny")),
                          ("logo", PeftModel.from_pretrained(load_model("tiny", rope_theta=20000.0),
                                                             adapter).merge_and_unload())):

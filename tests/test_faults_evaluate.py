@@ -67,7 +67,8 @@ def test_a_missing_longbench_config_entry_names_the_file_and_the_fix(tmp_path):
         json.dump({"hotpotqa": 32}, f)
     msg = cli(tmp_path, "--task", "longbench", "--model", "tiny", "--data_dir", str(lb / "data"),
               "--config_dir", str(lb / "config"), "--datasets", "hotpotqa,trec")
-    assert f"no entry for dataset 'trec' in dataset2maxlen.json ({lb / 'config' / 'dataset2maxlen.json'})" in msg
+    path = lb / "config" / "dataset2maxlen.json"
+    assert f"no entry for dataset 'trec' in dataset2maxlen.json ({path})" in msg
 
 
 def test_an_adapter_for_another_base_model_is_refused(tmp_path):
