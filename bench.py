@@ -13,7 +13,8 @@ speed and memory do not depend on the text, and both layouts score the same toke
     python bench.py --model tiny --dtype float32       # seconds: a random 2-layer model
 
 Each layout runs in its own fresh subprocess (this script with --variant), so neither sees
-the other's memory. How each number is measured:
+the other's memory, and the two take turns step by step, so that other work on a shared
+machine slows both alike. How each number is measured:
   step time    median of --steps steps after --warmup untimed ones (min and max shown too:
                on a shared machine, look at the spread before trusting a ratio). On CPU also
                the process CPU time per step (all threads), which other processes disturb less.
@@ -75,7 +76,7 @@ parser.add_argument("--mem_limit_gib", type=float, default=18.0,
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--variant", choices=["packed", "unpacked"], default=None,
-                    help="internal: run one layout in this process and print one JSON line")
+                    help="internal: run one layout in this process, driven by the main one")
 args = parser.parse_args()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft vs transformers 5
 warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # peft: LoRA on tied embeddings
@@ -118,7 +119,9 @@ def make_batch(vocab_size, target_len, device):
 
 
 def run_variant():
-    """Time --warmup + --steps steps of one layout in this process; print one JSON line."""
+    """One layout in this process, driven by main() over stdin/stdout: a JSON line when
+    ready, then for each "step" line one step and a JSON line with its times, then after
+    "stop" a JSON line with the memory and the log-probs."""
     from torch.utils._triton import has_triton
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +139,9 @@ def run_variant():
         def score():
             return model_patch.response_logps_unpacked(model, ids, pos, seg)
 
+    def say(**kw):
+        print(json.dumps(kw), flush=True)
+
     # Everything allocated from here on is the step's. On CPU, a limit on the address space
     # turns "does not fit" into a clean allocation error instead of the OOM killer.
     gc.collect()
@@ -148,9 +154,11 @@ def run_variant():
         resource.setrlimit(resource.RLIMIT_AS, (proc_status("VmSize") + int(args.mem_limit_gib * 2**30), hard))
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                                         # reset the peak (VmHWM) to now
-    times, cpu_times = [], []
-    try:
-        for step in range(args.warmup + args.steps):
+    say(ready=True, attention=attention, device=str(model.device), threads=torch.get_num_threads())
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        try:
             t0, c0 = time.perf_counter(), time.process_time()
             logps, counts = score()                              # (B, 1+M) mean log-probs
             loss, _ = logo_loss(logps[:, 0], logps[:, 1:], beta=preset["beta"], gamma=preset["gamma"],
@@ -159,22 +167,15 @@ def run_variant():
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-            print(f"  {args.variant} step {step + 1}/{args.warmup + args.steps}: {times[-1]:.2f} s"
-                  + (" (warm-up)" if step < args.warmup else ""), file=sys.stderr, flush=True)
+            say(time=time.perf_counter() - t0, cpu=time.process_time() - c0)
             logps = logps.detach().float().cpu()
             del loss
-    except (RuntimeError, MemoryError) as e:                     # an allocation beyond the limit
-        if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
-            raise
-        print(json.dumps(dict(error=str(e).strip().splitlines()[0][:80])))
-        return
+        except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
+            if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+                raise
+            return say(error=str(e).strip().splitlines()[0][:80])
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
-    print(json.dumps(dict(times=times[args.warmup:], cpu_times=cpu_times[args.warmup:],
-                          step_mem=peak - held, logps=logps.tolist(),
-                          counts=counts.tolist(), attention=attention, device=str(model.device),
-                          threads=torch.get_num_threads())))
+    say(step_mem=peak - held, logps=logps.tolist(), counts=counts.tolist())
 
 
 def float32_logps():
@@ -196,13 +197,45 @@ def main():
           f"{m + 1} responses x {r} (M={m})], positions over {args.target_len or preset['target_len']}, "
           f"LoRA r={args.lora_r or preset['lora_r']} on {'/'.join(preset['lora_targets'])}, "
           f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}", flush=True)
-    res = {}
-    for variant in ("packed", "unpacked"):                       # each in a fresh process
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", variant],
-                             stdout=subprocess.PIPE, text=True)
-        lines = out.stdout.strip().splitlines()
-        res[variant] = (json.loads(lines[-1]) if out.returncode == 0 and lines else
-                        dict(error=f"the process died (exit status {out.returncode})"))
+    # The two layouts run in two fresh processes (memory apart), taking turns step by step,
+    # so that whatever else runs on the machine slows both alike.
+    procs = {v: subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", v],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for v in ("packed", "unpacked")}
+
+    def ask(v, command):
+        """Send a command to layout v's process; its JSON answer (or an error if it died)."""
+        proc = procs[v]
+        if command:
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+        for line in proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+            sys.stderr.write(line)                               # stray output of a library
+        return dict(error=f"the process died (exit status {proc.wait()})")
+
+    res = {v: ask(v, None) for v in procs}                       # wait until both are loaded
+    for v in res:
+        res[v].update(times=[], cpu_times=[])
+    for step in range(args.warmup + args.steps):
+        for v in procs:
+            if "error" in res[v]:
+                continue
+            out = ask(v, "step")
+            if "error" in out:
+                res[v].update(out)
+                continue
+            print(f"  step {step + 1}/{args.warmup + args.steps} {v}: {out['time']:.2f} s"
+                  + (" (warm-up)" if step < args.warmup else ""), file=sys.stderr, flush=True)
+            if step >= args.warmup:
+                res[v]["times"].append(out["time"])
+                res[v]["cpu_times"].append(out["cpu"])
+    for v in procs:
+        if "error" not in res[v]:
+            res[v].update(ask(v, "stop"))
+        procs[v].stdin.close()
+        procs[v].wait()
 
     def row(name, v):
         x = res[v]
@@ -232,8 +265,8 @@ def main():
         ref = float32_logps()
         print(f"max |packed - float32| = {(lp - ref).abs().max():.2e},  "
               f"max |unpacked - float32| = {(lu - ref).abs().max():.2e}   ({args.dtype} noise)")
-    print(f"{args.steps} timed steps after {args.warmup} warm-up, each layout in its own process; "
-          f"{p['threads']} threads on {p['device']}")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up; each layout in its own process, "
+          f"taking turns step by step; {p['threads']} threads on {p['device']}")
 
 
 if __name__ == "__main__":
