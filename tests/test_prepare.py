@@ -18,7 +18,9 @@ from corpus import qa_record
 from model_patch import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0"]   # chunk_len 64, N 8, K 4096
+# --threads 1: float sums may round differently across thread counts, and byte-for-byte
+# comparisons need the same arithmetic in every run.
+TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0", "--threads", "1"]  # chunk_len 64, N 8, K 4096
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,11 @@ def test_rejected_contexts_hold_irrelevant_chunks_or_half_the_critical_ones():
     contexts, _ = prepare.response_contexts([5], irrelevant, chunks, 2, True, g)
     part = [t for t in contexts[2] if t // 10 == 5]
     assert part in ([50, 51], [52, 53])
+    # --rejected_context all: every irrelevant chunk of C' behind each rejected response
+    contexts, _ = prepare.response_contexts(critical, irrelevant, chunks, 2, False, g)
+    assert chunk_of(contexts[1]) == irrelevant
+    assert len(set(chunk_of(contexts[2])) & set(critical)) == 1
+    assert set(irrelevant) <= set(chunk_of(contexts[2]))
 
 
 # ---------------------------------------------------------------------------- steps 6-7
