@@ -21,7 +21,8 @@ machine slows both alike. How each number is measured:
   step memory  peak resident set size during the steps minus the resident set once model,
                LoRA and sample are loaded. The kernel tracks the peak (VmHWM); we reset it
                (/proc/self/clear_refs) right before the first step, so loading does not count.
-               (torch's CPU allocator keeps no statistics and tracemalloc does not see it.)
+               (torch's CPU allocator keeps no statistics and tracemalloc does not see it;
+               Linux only.) Between steps each process returns freed memory (malloc_trim).
                On CUDA: torch.cuda.max_memory_allocated minus memory_allocated.
   FLOP bound   (M+1)(k+r) / (k+(M+1)r), k = N*C+Q prefix tokens, r = R: the ratio of tokens
                through the transformer layers, i.e. what packing saves outside attention.
@@ -31,6 +32,7 @@ machine slows both alike. How each number is measured:
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -170,6 +172,8 @@ def run_variant():
             say(time=time.perf_counter() - t0, cpu=time.process_time() - c0)
             logps = logps.detach().float().cpu()
             del loss
+            if not cuda:              # hand freed heap back to the OS: the other layout runs next
+                ctypes.CDLL(None).malloc_trim(0)
         except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
             if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
                 raise

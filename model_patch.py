@@ -424,6 +424,8 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
         attention = "flex" if input_ids.is_cuda and has_triton() else "split"
     dtype = next(lm.parameters()).dtype
     if attention == "mask":
+        if lm.config._attn_implementation.removeprefix("logo_") not in ("eager", "sdpa"):
+            raise ValueError("attention='mask' needs a model loaded with eager or sdpa attention")
         kwargs = dict(attention_mask=packed_attention_mask(segment_ids, dtype))
     elif attention in ("split", "flex"):
         use_packed_attention(lm)
