@@ -36,6 +36,7 @@ import ctypes
 import gc
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -177,7 +178,10 @@ def run_variant():
         except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
             if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
                 raise
-            return say(error=str(e).strip().splitlines()[0][:80])
+            asked = re.search(r"allocate (\d+) bytes", str(e))
+            peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
+            return say(error=f"at {(peak - held) / 2**30:.1f} GiB into the step, an allocation of "
+                             f"{int(asked.group(1)) / 2**30 if asked else float('nan'):.2f} GiB failed")
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
     say(step_mem=peak - held, logps=logps.tolist(), counts=counts.tolist())
 
@@ -244,7 +248,7 @@ def main():
     def row(name, v):
         x = res[v]
         if "error" in x:
-            return f"{name:<24} {tokens[v]:>7,}   does not fit in {args.mem_limit_gib:g} GiB: {x['error']}"
+            return f"{name:<24} {tokens[v]:>7,}   does not fit in {args.mem_limit_gib:g} GiB ({x['error']})"
         t = x["times"]
         return (f"{name:<24} {tokens[v]:>7,}   {statistics.median(t):>8.2f} s ({min(t):.2f}-{max(t):.2f})"
                 f"   {statistics.median(x['cpu_times']):>8.2f} s   {x['step_mem'] / 2**20:>9,.0f} MiB")

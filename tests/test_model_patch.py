@@ -103,6 +103,24 @@ def test_the_tolerance_detects_a_response_seeing_another_response():
     assert (wrong[1:] - ref[0, 1:]).abs().min() > 1e-3
 
 
+def test_transformers_packed_sequence_heuristic_is_never_consulted(monkeypatch):
+    """transformers reads a position-id reset (every response start) as the start of a new
+    packed sequence when no mask is given; none of our paths may let it look."""
+    import transformers.masking_utils as masking
+
+    def tripwire(position_ids):
+        raise AssertionError("find_packed_sequence_indices was called")
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", tripwire)
+    model = tiny_model()
+    ids, pos, seg = sample(3, 2)
+    with torch.no_grad():
+        model_patch.response_logps_unpacked(model, ids, pos, seg)
+        for attention in ("mask", "split"):
+            model_patch.response_logps(model, ids, pos, seg, attention=attention)
+        with pytest.raises(AssertionError, match="tripwire|find_packed"):   # the wire is live
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+
+
 def test_first_response_token_is_predicted_from_the_last_prefix_token():
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1]])
     rows, src, dst, s = model_patch.response_targets(seg)
