@@ -239,6 +239,7 @@ def check_rope(config, target_len, native_len=None, rope_theta_changed=False):
     return True
 
 
+# ----------------------------------------------------------------------------------------
 # The packed forward. Three exact ways to run the attention of a packed row:
 #   "split" (CPU default): the prefix through SDPA's causal kernel, then all response
 #       queries at once against [prefix, response] keys under a small (R, P+R) additive mask
@@ -292,9 +293,9 @@ def packed_attention_mask(segment_ids, dtype):
     (In transformers 5.23 a bool mask is silently wrong under eager attention, and a 1/0
     float mask under both eager and SDPA: it has to be additive.)"""
     B, T = segment_ids.shape
-    i = torch.arange(T, device=segment_ids.device)
-    allowed = packed_mask_mod(segment_ids)(torch.arange(B)[:, None, None], 0, i[:, None], i)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)  # (B, T, T)
+    b, i = torch.arange(B, device=segment_ids.device), torch.arange(T, device=segment_ids.device)
+    allowed = packed_mask_mod(segment_ids)(b[:, None, None], 0, i[:, None], i)   # (B, T, T)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
