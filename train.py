@@ -70,68 +70,69 @@ PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data
-    p.add_argument("--data_dir", default="data/demo", help="folder prepare.py wrote (meta.json + shards)")
-    p.add_argument("--out_dir", default=None, help="run folder; default runs/<loss> (runs/logo, runs/sft)")
-    # model
-    p.add_argument("--model", default="smollm2-135m",
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="data/demo", help="folder prepare.py wrote (meta.json + shards)")
+    g.add_argument("--out_dir", default=None, help="run folder; default runs/<loss> (runs/logo, runs/sft)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m",
                    help=f"preset ({', '.join(model_patch.MODELS)}), local folder or hub id")
-    p.add_argument("--rope_theta", type=float, default=None,
+    g.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base; default the preset's (None keeps the checkpoint's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weights and compute; default the preset's (bf16: DeepSpeed bf16 with fp32 master weights)")
-    p.add_argument("--attention", choices=["auto", "split", "flex", "mask"], default="auto",
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and compute; default the preset's on GPU, float32 on CPU "
+                        "(bf16: DeepSpeed bf16 with fp32 master weights)")
+    g.add_argument("--attention", choices=["auto", "split", "flex", "mask"], default="auto",
                    help="packed attention kernel of model_patch.response_logps")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
-    # LoRA (peft)
-    p.add_argument("--lora_r", type=int, default=None, help="LoRA rank")
-    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (update scaled by alpha/r)")
-    p.add_argument("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
-    p.add_argument("--lora_targets", default=None,
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    g = p.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora_r", type=int, default=None, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (update scaled by alpha/r)")
+    g.add_argument("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
+    g.add_argument("--lora_targets", default=None,
                    help="comma-separated module names (paper: attention projections + embed_tokens)")
-    # LOGO loss
-    p.add_argument("--loss", choices=["logo", "sft"], default="logo",
+    g = p.add_argument_group("LOGO loss (paper Eq. 2-3)")
+    g.add_argument("--loss", choices=["logo", "sft"], default="logo",
                    help="logo: Eq. 2 + lambda * SFT (Eq. 3); sft: mean NLL of the chosen response "
                         "only (the paper's 'Instruct Tuning (Partial)' baseline)")
-    p.add_argument("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
-    p.add_argument("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
-    p.add_argument("--gamma_beta_ratio", type=float, default=None,
+    g.add_argument("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
+    g.add_argument("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
+    g.add_argument("--gamma_beta_ratio", type=float, default=None,
                    help="gamma given as gamma/beta (SimPO's and the released code's convention)")
-    p.add_argument("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
-    # optimisation
-    p.add_argument("--max_steps", type=int, default=None, help="optimiser steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    p.add_argument("--lr_schedule", choices=["cosine", "constant"], default="cosine",
+    g.add_argument("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_steps", type=int, default=None, help="optimiser steps")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    g.add_argument("--lr_schedule", choices=["cosine", "constant"], default="cosine",
                    help="after the linear warmup")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine ends at lr * this")
-    p.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps")
-    p.add_argument("--global_batch", type=int, default=None, help="rows per optimiser step, all processes")
-    p.add_argument("--micro_batch", type=int, default=None, help="rows per forward pass per process")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="LoRA init, row order, dropout")
-    # checkpoints and export
-    p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.add_argument("--stop_after", type=int, default=None,
+    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine ends at lr * this")
+    g.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps")
+    g.add_argument("--global_batch", type=int, default=None, help="rows per optimiser step, all processes")
+    g.add_argument("--micro_batch", type=int, default=None, help="rows per forward pass per process")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="LoRA init, row order, dropout")
+    g = p.add_argument_group("checkpoints and export")
+    g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    g.add_argument("--stop_after", type=int, default=None,
                    help="checkpoint and stop after this step (the schedule still spans max_steps)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in out_dir first")
-    p.add_argument("--merge", action="store_true", help="also save the merged model to out_dir/merged")
-    # system
-    p.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None,
+    g.add_argument("--overwrite", action="store_true", help="delete an existing run in out_dir first")
+    g.add_argument("--merge", action="store_true", help="also save the merged model to out_dir/merged")
+    g = p.add_argument_group("system")
+    g.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="DeepSpeed ZeRO stage; default 3 on GPU, 0 on CPU")
-    p.add_argument("--offload_optimizer", action="store_true", help="ZeRO: optimiser state in CPU memory")
-    p.add_argument("--offload_params", action="store_true", help="ZeRO-3: parameters in CPU memory")
-    p.add_argument("--gradient_checkpointing", action="store_true",
+    g.add_argument("--offload_optimizer", action="store_true", help="ZeRO: optimiser state in CPU memory")
+    g.add_argument("--offload_params", action="store_true", help="ZeRO-3: parameters in CPU memory")
+    g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward (needed for 8K+ rows on a GPU)")
-    p.add_argument("--max_nonfinite_steps", type=int, default=3,
+    g.add_argument("--max_nonfinite_steps", type=int, default=3,
                    help="stop after this many non-finite losses in a row (each is skipped)")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    p.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
-    p.add_argument("--print_ds_config", action="store_true", help="print the DeepSpeed config and exit")
-    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    p.add_argument("--debug_nan_steps", default="",
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    g.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
+    g.add_argument("--print_ds_config", action="store_true", help="print the DeepSpeed config and exit")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    g.add_argument("--debug_nan_steps", default="",
                    help="fault injection for tests: make the loss NaN at these steps (comma-separated)")
     return p.parse_args(argv)
 
@@ -146,6 +147,11 @@ def resolve_config(args):
     for k in PRESET_KEYS:
         if cfg.get(k) is None:
             cfg[k] = preset.get(k)
+    if args.dtype is None and not torch.cuda.is_available():
+        # The presets' bf16 is for GPUs. On a CPU without AMX, torch's bf16 matmuls run ~7x
+        # slower than float32 (SmolLM2-135M, one 2.1K-token row, fwd+bwd: ~70 s vs ~10 s on
+        # this repo's 2-core CI machine). --dtype bfloat16 still forces it (it works).
+        cfg["dtype"] = "float32"
     if isinstance(cfg["lora_targets"], str):
         cfg["lora_targets"] = [t for t in cfg["lora_targets"].split(",") if t]
     if args.gamma is not None and args.gamma_beta_ratio is not None:
@@ -230,6 +236,9 @@ class PackedRows:
             off = f.get_tensor("offsets")
             self.index += [(len(self.files), int(a), int(b)) for a, b in zip(off[:-1], off[1:])]
             self.files.append(f)
+        if not self.index:
+            raise UserError(f"the shards in {data_dir} hold no rows (every sample was skipped?); "
+                            f"{prepare_hint(cfg)}")
 
     @staticmethod
     def _check(f, path, M, K, vocab_size, cfg):
@@ -240,9 +249,10 @@ class PackedRows:
         problem = None
         if dtypes != (np.int32, np.int32, np.int8, np.int64):
             problem = f"dtypes {[str(d) for d in dtypes]}, expected int32, int32, int8, int64"
-        elif not (len(ids) == len(pos) == len(seg) == off[-1]) or off[0] != 0 or len(off) < 2 \
-                or (np.diff(off) <= 0).any():
+        elif not (len(ids) == len(pos) == len(seg) == off[-1]) or off[0] != 0 or (np.diff(off) <= 0).any():
             problem = "offsets do not match the token arrays"
+        elif len(off) == 1:
+            return                                            # a shard whose samples were all skipped
         elif ids.min() < 0 or ids.max() >= vocab_size:
             problem = f"token ids outside the model's vocabulary of {vocab_size}"
         elif pos.min() < 0 or pos.max() >= K:
@@ -399,11 +409,13 @@ def checkpoints(out_dir):
 
 def safe_torch_load(path, map_location=None):
     """DeepSpeed's loader calls torch.load(weights_only=False), i.e. unpickles anything.
-    Ours is weights_only=True with an explicit allowlist of the two DeepSpeed classes its
-    checkpoints hold (an enum and the bf16/fp16 loss-scaler record)."""
+    Ours is weights_only=True with an explicit allowlist of the plain records DeepSpeed's
+    checkpoints hold besides tensors: the ZeRO stage enum, the loss-scaler state, and the
+    ZeRO-1/2 fragment addresses (two ints)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+    from deepspeed.utils.tensor_fragment import fragment_address
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
@@ -506,6 +518,8 @@ def build(cfg, tok, rank):
     """Base model (frozen) + LoRA (peft) -> DeepSpeed engine and the AdamW inside it."""
     import deepspeed
     from peft import LoraConfig, get_peft_model
+    # transformers 5 deprecates the attribute that peft and DeepSpeed still read: noise only
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     dtype = getattr(torch, cfg["dtype"])
     model = model_patch.load_model(cfg["model_path"], dtype=dtype, rope_theta=cfg["rope_theta"],
                                    trust_remote_code=cfg["trust_remote_code"])
@@ -601,12 +615,13 @@ def start_run(cfg, rank):
             raise UserError(f"--resume with settings that differ from the run's ({saved}): "
                             f"{'; '.join(diff)}; resume with the same flags or use a new --out_dir")
         return found[-1]
+    if rank != 0:                     # rank 0 alone judges (and may be writing) a fresh folder
+        return None
     if os.path.exists(saved) or found:
         if not cfg["overwrite"]:
             raise UserError(f"{out} already holds a run; pass --resume to continue it, "
                             "--overwrite to replace it, or another --out_dir")
-        if rank == 0:
-            shutil.rmtree(out)
+        shutil.rmtree(out)
     return None
 
 
@@ -677,8 +692,10 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
         sums += torch.tensor(vals + [not math.isfinite(vals[0]), (seg >= 0).sum().item()],
                              dtype=torch.float64)
         if micro == accum - 1:                                # before the update: agree on a skip
-            if world > 1:
-                torch.distributed.all_reduce(sums)
+            if world > 1:                                     # (NCCL reduces GPU tensors only)
+                reduced = sums.to(engine.device)
+                torch.distributed.all_reduce(reduced)
+                sums = reduced.cpu()
             opt.skip = bool(sums[-2] > 0)
             grad_norm = plain_grad_norm(engine, cfg)
         engine.step()                                         # updates after the last micro-batch only
@@ -817,7 +834,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+    except UserError as e:            # every process says it; other ranks name themselves
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{e}", file=sys.stderr)
         sys.exit(2)

@@ -164,15 +164,20 @@ def test_sft_loss_trains_on_the_chosen_response_only_and_gamma_beta_ratio_sets_g
     assert got[1]["sft"] != pytest.approx(read_log(out)[1]["sft"], abs=TOL)
 
 
-def test_the_deepspeed_launcher_runs_the_same_training(base_run, tmp_path):
+@pytest.mark.parametrize("procs,zero", [(1, 0), (2, 3)])
+def test_the_deepspeed_launcher_runs_the_same_training_on_one_or_two_processes(base_run, tmp_path, procs, zero):
+    # two processes: each reads half of every step's rows, ZeRO-3 shards the LoRA weights
+    # and AdamW state across them, the metrics are all-reduced: the same losses again
     data, out = base_run
     exe = shutil.which("deepspeed")
     launcher = [exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", tmp_path / "ds",
-                  "--stop_after", 2, launcher=launcher + ["--num_gpus", "1"])
+    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", tmp_path / "ds", "--zero_stage", zero,
+                  "--stop_after", 2, launcher=launcher + ["--num_gpus", str(procs)])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.load(open(tmp_path / "ds" / "run_config.json"))["world_size"] == procs
     got, ref = read_log(tmp_path / "ds"), read_log(out)[:2]
     assert [g["loss"] for g in got] == pytest.approx([x["loss"] for x in ref], abs=TOL)
+    assert [g["reward_accuracy"] for g in got] == pytest.approx([x["reward_accuracy"] for x in ref], abs=TOL)
 
 
 def test_print_ds_config_shows_the_batch_split_zero_stage_and_offload():
