@@ -908,6 +908,8 @@ def load_for_eval(args, preset, adapter_cfg, with_adapter):
         try:
             with warnings.catch_warnings():     # peft calls a deprecated transformers helper
                 warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                # LoRA on tied embeddings: lm_head keeps reading the base matrix, as in training
+                warnings.filterwarnings("ignore", ".*tie_word_embeddings=True.*")
                 model = PeftModel.from_pretrained(model, args.adapter)
         except RuntimeError as e:
             if "size mismatch" not in str(e):
