@@ -16,9 +16,10 @@ Writes  <out_dir>/run_config.json      the resolved configuration (written at st
     python train.py --model tiny --data_dir data/tiny --resume      # continue runs/logo exactly
 
 The demo (python train.py after python prepare.py) runs 48 steps of 2 rows (~2.1K tokens
-each, float32 on CPU) in ~17 minutes on 2 cores. It prints one line per step and ends with
-a summary; expect reward_accuracy ~0.5 over the first pass through the 64 rows and ~0.8 in
-the last quarter (second pass), loss ~1.3 -> ~0.9.
+each, float32 on CPU) in 17-19 minutes on 2 cores. It prints one line per step and ends
+with a summary comparing the first and last quarters of the steps: measured loss 1.26 ->
+0.83, reward_margin 0.2 -> 1.1, reward_accuracy 0.54 -> 0.88 (the second pass over the
+64 rows is where the accuracy rises).
 
 One optimiser step = global_batch packed rows (prefix | chosen | rejected 1..M, see
 model_patch.py), split into micro-batches of micro_batch rows per process and
@@ -765,8 +766,12 @@ def main(argv=None):
 
     # Everything that can be wrong with the input is checked before the model loads.
     meta, meta_path = read_meta(cfg)
-    tok = model_patch.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
-    config = model_patch.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    try:
+        tok = model_patch.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        config = model_patch.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    except OSError as e:              # FileNotFoundError included: a missing package or folder
+        raise UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it "
+                        "names, or pass a local model folder / a hub id already in your HF cache") from None
     check_tokenizer(meta, meta_path, tok, config, cfg)
     check_rope(meta, meta_path, config, cfg)
     data = PackedRows(cfg["data_dir"], meta, config.vocab_size, cfg)

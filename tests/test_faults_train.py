@@ -63,6 +63,14 @@ def test_a_data_folder_that_does_not_exist_names_the_prepare_command(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_model_that_cannot_be_loaded_is_a_user_error(data, tmp_path):
+    # a hub id that is not in the cache (offline): the same path as a missing demo package
+    r = run_train("--model", "nobody/no-such-model", "--data_dir", data, "--out_dir", tmp_path / "run",
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_user_error(r, r"cannot load nobody/no-such-model", r"local model folder")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_data_folder_without_meta_or_shards_names_the_prepare_command(data, tmp_path):
     for f in os.listdir(data):
         if f.startswith("shard_"):
