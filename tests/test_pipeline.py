@@ -4,21 +4,14 @@ seconds). The parts are tested in depth elsewhere; this checks that they fit tog
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 from safetensors import safe_open
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import run_script
 
 
 def script(name, *args):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    r = subprocess.run([sys.executable, os.path.join(REPO, name), *map(str, args)], cwd=REPO,
-                       env=dict(env, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
-                       timeout=600)
+    r = run_script(name, *args)
     assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 

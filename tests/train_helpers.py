@@ -55,7 +55,12 @@ def write_tiny_data(out_dir, rows=8, num_rejected=2, target_len=4096, rows_per_s
 
 def run_train(*args, launcher=None, env=None, timeout=600):
     """python train.py ARGS (or under a launcher command list); returns CompletedProcess."""
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py"), *map(str, args)]
+    return run_script("train.py", *args, launcher=launcher, env=env, timeout=timeout)
+
+
+def run_script(name, *args, launcher=None, env=None, timeout=600):
+    """python NAME ARGS from the repo root, without inherited rendezvous variables."""
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, name), *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
