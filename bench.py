@@ -47,6 +47,7 @@ import warnings
 import torch
 
 import model_patch
+import models
 from loss import logo_loss
 from positions import pack_position_ids, synthesize_position_ids
 
@@ -54,7 +55,9 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 # model
 parser.add_argument("--model", default="smollm2-135m", help="preset: smollm2-135m (the CPU demo) or tiny")
-parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                    help="weights and compute; default bfloat16 on CUDA, float32 on CPU (as train.py: "
+                         "on a CPU without native bf16 a bf16 step is many times slower)")
 parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
                     help="the model's own attention (used by the unpacked layout)")
 parser.add_argument("--attention", default="auto", choices=["auto", "split", "flex", "mask"],
@@ -81,6 +84,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--variant", choices=["packed", "unpacked"], default=None,
                     help="internal: run one layout in this process, driven by the main one")
 args = parser.parse_args()
+if args.dtype is None:
+    args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft vs transformers 5
 warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # peft: LoRA on tied embeddings
 
@@ -97,8 +102,8 @@ def proc_status(key):
 def load(dtype):
     """The preset's model with a LoRA on its preset targets (seeded: same adapters each time)."""
     from peft import LoraConfig, get_peft_model
-    preset = model_patch.resolve_model(args.model)
-    model = model_patch.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
+    preset = models.resolve_model(args.model)
+    model = models.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
     torch.manual_seed(args.seed)
     lora = LoraConfig(r=args.lora_r or preset["lora_r"], lora_alpha=preset["lora_alpha"],
                       lora_dropout=0.0, target_modules=preset["lora_targets"])
@@ -196,7 +201,7 @@ def float32_logps():
 
 
 def main():
-    preset = model_patch.resolve_model(args.model)
+    preset = models.resolve_model(args.model)
     B, n, c, q, r, m = (args.batch_size, args.num_chunks, args.chunk_len, args.question_len,
                         args.response_len, args.num_rejected)
     k = n * c + q                                                # prefix: context + question

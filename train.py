@@ -63,6 +63,7 @@ import torch
 from safetensors import safe_open
 
 import model_patch
+import models
 from loss import logo_loss
 
 FORMAT_VERSION = 1          # of the data prepare.py writes; meta.json carries it
@@ -74,7 +75,7 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------------
-# Configuration: flags left at None take the preset's value (model_patch.MODELS).
+# Configuration: flags left at None take the preset's value (models.MODELS).
 
 PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps", "global_batch",
                "micro_batch", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     g.add_argument("--out_dir", default=None, help="run folder; default runs/<loss> (runs/logo, runs/sft)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
-                   help=f"preset ({', '.join(model_patch.MODELS)}), local folder or hub id")
+                   help=f"preset ({', '.join(models.MODELS)}), local folder or hub id")
     g.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base; default the preset's (None keeps the checkpoint's)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -154,7 +155,7 @@ def parse_args(argv=None):
 def resolve_config(args):
     """Flags + preset -> one flat dict: what runs, what is printed, what is saved."""
     try:
-        preset = model_patch.resolve_model(args.model)
+        preset = models.resolve_model(args.model)
     except ValueError as e:
         raise UserError(f"{e}; pick one with --model")
     cfg = {k: v for k, v in vars(args).items() if k not in ("local_rank", "print_ds_config")}
@@ -350,7 +351,7 @@ def read_meta(cfg):
 
 
 def check_tokenizer(meta, meta_path, tok, config, cfg):
-    fp = model_patch.tokenizer_fingerprint(tok)
+    fp = models.tokenizer_fingerprint(tok)
     if meta["tokenizer_fingerprint"] != fp:
         raise UserError(
             f"the shards were tokenized for {meta.get('model', '?')} (tokenizer {meta.get('tokenizer', '?')}, "
@@ -535,7 +536,7 @@ def build(cfg, tok, rank):
     # transformers 5 deprecates the attribute that peft and DeepSpeed still read: noise only
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     dtype = getattr(torch, cfg["dtype"])
-    model = model_patch.load_model(cfg["model_path"], dtype=dtype, rope_theta=cfg["rope_theta"],
+    model = models.load_model(cfg["model_path"], dtype=dtype, rope_theta=cfg["rope_theta"],
                                    trust_remote_code=cfg["trust_remote_code"])
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -587,7 +588,7 @@ def export(engine, scorer, tok, cfg, check, rank):
 def merge(cfg, tok):
     """<out_dir>/merged: a fresh base + the exported adapter, merged (safetensors)."""
     from peft import PeftModel
-    base = model_patch.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]),
+    base = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]),
                                   rope_theta=cfg["rope_theta"], trust_remote_code=cfg["trust_remote_code"])
     if base.config.tie_word_embeddings and "embed_tokens" in cfg["lora_targets"]:
         # The adapter changes the input embeddings only (lm_head reads the base matrix), so
@@ -767,8 +768,8 @@ def main(argv=None):
     # Everything that can be wrong with the input is checked before the model loads.
     meta, meta_path = read_meta(cfg)
     try:
-        tok = model_patch.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
-        config = model_patch.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        tok = models.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        config = models.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
     except OSError as e:              # FileNotFoundError included: a missing package or folder
         raise UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it "
                         "names, or pass a local model folder / a hub id already in your HF cache") from None

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import model_patch
+import models
 from loss import logo_loss
 from positions import pack_position_ids, synthesize_position_ids
 
@@ -23,7 +24,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]
 
 
 def tiny_model(arch="llama", attn="sdpa", seed=0, **overrides):
-    config = model_patch.tiny_config(V, arch=arch, initializer_range=0.1, **overrides)
+    config = models.tiny_config(V, arch=arch, initializer_range=0.1, **overrides)
     config._attn_implementation = attn
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).float()
@@ -263,7 +264,7 @@ def test_positions_up_to_131072_run_forward_and_backward(arch):
 
 
 def test_rope_helper_warns_when_the_target_length_exceeds_the_native_window():
-    config = model_patch.tiny_config(V)                  # native window 4096
+    config = models.tiny_config(V)                  # native window 4096
     with pytest.warns(UserWarning, match="exceed the model's native window of 4096"):
         assert model_patch.check_rope(config, 8192) is False
     with warnings.catch_warnings():
@@ -272,7 +273,7 @@ def test_rope_helper_warns_when_the_target_length_exceeds_the_native_window():
 
 
 def test_rope_theta_from_a_preset_reaches_the_rotary_tables():
-    model = model_patch.load_model("tiny", rope_theta=1e6)
+    model = models.load_model("tiny", rope_theta=1e6)
     assert model_patch.get_rope_theta(model.config) == 1e6
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     expected = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -296,3 +297,33 @@ def test_bench_runs_both_layouts_and_they_agree_on_the_tiny_model():
     assert re.search(r"packed \(split\)\s+208 ", out.stdout)               # 4*32 + 32 + 3*16
     diff = float(re.search(r"max \|packed - unpacked\| = (\S+)", out.stdout).group(1))
     assert diff < 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# Copyable: model_patch.py + loss.py into another project, torch and transformers alone.
+
+def test_model_patch_and_loss_copied_alone_score_a_packed_row_with_torch_and_transformers_only(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("model_patch.py", "loss.py"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    code = ("import sys, torch, transformers\n"
+            "before = set(sys.modules)\n"
+            "import model_patch\n"
+            "new = sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in ('torch', 'transformers'))\n"
+            "assert new == ['loss', 'model_patch'], new\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "torch.manual_seed(0)\n"
+            "m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,\n"
+            "    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
+            "seg = torch.tensor([[0] * 6 + [1] * 3 + [2] * 4])\n"
+            "ids = torch.randint(3, 50, seg.shape)\n"
+            "pos = torch.tensor([list(range(6)) + [6, 7, 8] + [6, 7, 8, 9]])\n"
+            "lp, n = model_patch.response_logps(m, ids, pos, seg)\n"
+            "assert lp.shape == (1, 2) and n.tolist() == [[3, 4]], (lp, n)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-import model_patch
+import models
 from train_helpers import baseline, read_log, read_rows, reference_logps, run_train
 
 TOL = 1e-5
@@ -55,7 +55,7 @@ def test_the_first_step_loss_equals_the_loss_computed_by_hand_from_plain_forward
     data, out = base_run
     step1 = read_log(out)[0]
     cfg = json.load(open(os.path.join(out, "run_config.json")))
-    model = model_patch.load_model("tiny").eval()
+    model = models.load_model("tiny").eval()
     losses, logos = [], []
     for ids, pos, seg in read_rows(data, step1["rows"]):
         loss, logo = logo_reference(reference_logps(model, ids, pos, seg), cfg["beta"], cfg["gamma"],
@@ -80,7 +80,7 @@ def test_the_exported_adapter_loads_with_peft_and_reproduces_the_trained_log_pro
     for k in ("model", "model_path", "rope_theta", "target_len", "tokenizer_fingerprint", "loss",
               "beta", "gamma", "sft_weight"):
         assert k in cfg
-    model = PeftModel.from_pretrained(model_patch.load_model(cfg["model_path"]), final).eval()
+    model = PeftModel.from_pretrained(models.load_model(cfg["model_path"]), final).eval()
     check = cfg["check_logps"]
     for (ids, pos, seg), expected in zip(read_rows(data, check["rows"]), check["logps"]):
         got = reference_logps(model, ids, pos, seg)
@@ -156,7 +156,7 @@ def test_sft_loss_trains_on_the_chosen_response_only_and_gamma_beta_ratio_sets_g
     got = read_log(run)
     assert all(g["loss"] == pytest.approx(g["sft"], abs=1e-6) for g in got)
     # step 1 (base model): the mean NLL of the chosen responses; the LOGO term still logged
-    model = model_patch.load_model("tiny").eval()
+    model = models.load_model("tiny").eval()
     lps = [reference_logps(model, *row) for row in read_rows(data, got[0]["rows"])]
     assert got[0]["loss"] == pytest.approx(-sum(float(lp[0]) for lp in lps) / 2, abs=TOL)
     assert got[0]["logo"] == pytest.approx(sum(logo_reference(lp, 2.0, 0.6, 0)[1] for lp in lps) / 2, abs=TOL)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-import model_patch
+import models
 from positions import pack_position_ids, synthesize_position_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def write_tiny_data(out_dir, rows=8, num_rejected=2, target_len=4096, rows_per_s
     so micro-batches need padding). The chosen response copies a piece of the prefix, the
     rejected ones are random: something to learn. Positions synthesized as prepare.py does."""
     os.makedirs(out_dir, exist_ok=True)
-    tok = model_patch.tiny_tokenizer()
+    tok = models.tiny_tokenizer()
     g = torch.Generator().manual_seed(seed)
     V, Q = len(tok), 8                                        # vocabulary, question tokens
     packed = []
@@ -45,7 +45,7 @@ def write_tiny_data(out_dir, rows=8, num_rejected=2, target_len=4096, rows_per_s
                    "offsets": np.cumsum([0] + [len(p[0]) for p in part]).astype(np.int64)},
                   os.path.join(out_dir, f"shard_{s // rows_per_shard:05d}.safetensors"))
     meta = dict(format_version=1, model="tiny", model_path="tiny", tokenizer=tok.name_or_path,
-                tokenizer_fingerprint=model_patch.tokenizer_fingerprint(tok), vocab_size=V,
+                tokenizer_fingerprint=models.tokenizer_fingerprint(tok), vocab_size=V,
                 num_rejected=num_rejected, target_len=target_len, chunk_len=64, num_chunks=2,
                 args={}, counts={"kept": rows})
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
