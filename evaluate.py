@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 import corpus
 from loss import token_logps
-from model_patch import (MODELS, causal_lm, get_rope_theta, load_model, load_tokenizer,
-                         resolve_model, tokenizer_fingerprint)
+from model_patch import causal_lm, get_rope_theta
+from models import MODELS, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint
 
 TASKS = ["longbench", "niah", "mvniah", "ppl", "qa"]
 COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device",

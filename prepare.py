@@ -82,7 +82,7 @@ def parse_args(argv=None):
                    "reason in meta.json) instead of stopping at the first")
     # model
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="smollm2-135m", help="preset name (model_patch.MODELS), "
+    g.add_argument("--model", default="smollm2-135m", help="preset name (models.MODELS), "
                    "local folder or cached hub id: the tokenizer and the response generator")
     g.add_argument("--dtype", default=None, help="generation dtype (default: the preset's)")
     g.add_argument("--device", default=None, help="generation device (default: cuda when "
@@ -153,9 +153,9 @@ NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batc
 
 def resolve(args):
     """Fill preset defaults into args (explicit flags win); return the preset."""
-    import model_patch
+    import models
     try:
-        preset = model_patch.resolve_model(args.model)
+        preset = models.resolve_model(args.model)
     except ValueError as e:
         raise UserError(str(e), "--model", "pick a preset or give a model folder") from None
     for key in ("chunk_len", "num_chunks", "num_rejected", "target_len", "dtype"):
@@ -748,15 +748,15 @@ def run(args):
     mine = [j for j in range(num_total) if j % args.num_shards == args.shard_id]
 
     import torch
-    import model_patch
+    import models
     from tqdm import tqdm
     torch.set_num_threads(pick_threads(args.threads, torch.get_num_threads()))
     try:
-        tok = model_patch.load_tokenizer(preset["path"], args.trust_remote_code)
+        tok = models.load_tokenizer(preset["path"], args.trust_remote_code)
     except OSError as e:
         raise UserError(f"cannot load the tokenizer: {e}".splitlines()[0], "--model",
                         "give a preset, a local model folder, or a hub id already in your HF cache") from None
-    config = data_config(args, model_patch.tokenizer_fingerprint(tok), preset)
+    config = data_config(args, models.tokenizer_fingerprint(tok), preset)
     config.update(tokenizer=tok.name_or_path, vocab_size=len(tok))
     os.makedirs(args.out_dir, exist_ok=True)
     check_out_dir(args, config)
@@ -776,8 +776,8 @@ def run(args):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                model = model_patch.load_model(preset["path"], dtype=getattr(torch, args.dtype),
-                                               seed=args.seed, trust_remote_code=args.trust_remote_code)
+                model = models.load_model(preset["path"], dtype=getattr(torch, args.dtype),
+                                          seed=args.seed, trust_remote_code=args.trust_remote_code)
             except OSError as e:
                 raise UserError(f"cannot load the model: {e}".splitlines()[0], "--model",
                                 "give a preset, a local model folder, or a cached hub id") from None

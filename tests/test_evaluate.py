@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from model_patch import load_model, tiny_tokenizer, tokenizer_fingerprint
+from models import load_model, tiny_tokenizer, tokenizer_fingerprint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "longbench")
 
@@ -351,7 +351,7 @@ def test_chinese_datasets_are_skipped_with_a_message_without_jieba(tmp_path, mon
 def make_adapter(path, rope_theta=None, model="tiny", fingerprint=None, hidden_size=None):
     """A random (non-zero) LoRA on a tiny model, saved the way train.py does."""
     from peft import LoraConfig, get_peft_model
-    from model_patch import LlamaForCausalLM, tiny_config
+    from models import LlamaForCausalLM, tiny_config
     torch.manual_seed(1)
     cfg = tiny_config(len(tiny_tokenizer()),
                       **({"hidden_size": hidden_size} if hidden_size else {}))

@@ -13,7 +13,7 @@ import safetensors.torch
 
 import prepare
 from corpus import qa_record
-from model_patch import tiny_tokenizer
+from models import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--max_new_tokens", "6"]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import prepare
 from corpus import qa_record
-from model_patch import tiny_tokenizer
+from models import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --threads 1: float sums may round differently across thread counts, and byte-for-byte
