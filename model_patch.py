@@ -80,6 +80,32 @@ def check_rope(config, target_len, native_len=None, rope_theta_changed=False):
 # transformers hands to every attention call and gradient checkpointing keeps for the
 # recompute. Calls without it (generation, evaluation) run the model's own attention.
 
+# The architectures whose packed log-probs are tested equal to separate HF forwards
+# (tests/test_model_patch.py). Others are refused: response_logps calls lm.model and
+# lm.lm_head directly, which skips anything a *ForCausalLM does after the head (Gemma-2's
+# final-logit softcapping: 8e-4 off, silently), and their attention may differ in ways the
+# packed kernels do not reproduce. To add one, add it to the parity tests first.
+PACKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def check_packable(lm, longest_row):
+    """Refuse (ValueError, one line) what the packed forward cannot compute exactly: an
+    architecture outside PACKED_ARCHITECTURES, or a sliding window shorter than a
+    prefix + response row. A window at least that long never binds in the authors' layout
+    (each response sees only its prefix), so ignoring it is exact; a shorter one would have
+    to be applied in unpacked coordinates, which none of the three attention paths does.
+    longest_row: the most tokens of any prefix + one response in the batch."""
+    name = type(lm).__name__
+    if name not in PACKED_ARCHITECTURES:
+        raise ValueError(f"packed log-probs are tested for {', '.join(PACKED_ARCHITECTURES)} only, "
+                         f"not {name}; use response_logps_unpacked (or add {name} to the parity tests)")
+    window = getattr(lm.config, "sliding_window", None)
+    if window is not None and getattr(lm.config, "use_sliding_window", True):
+        if longest_row > window:
+            raise ValueError(f"a prefix + response row has {longest_row} tokens, more than the model's "
+                             f"sliding window of {window}: packed attention has no sliding window")
+
+
 def causal_lm(model):
     """The *ForCausalLM under a peft / DeepSpeed wrapper (LoRA layers stay injected)."""
     while True:          # (peft forwards unknown attributes: hasattr(lm_head) tells nothing)
@@ -94,9 +120,9 @@ def causal_lm(model):
 def packed_row_bounds(segment_ids):
     """Check the layout of (B, T) segment ids; return 1 + M and [(P, E)] per row: P prefix
     tokens, padding from E on. Every row must read 0..0 1..1 2..2 ... (M+1)..(M+1) -1..-1
-    (non-empty prefix, every response once and in order), else ValueError."""
+    (non-empty prefix, a chosen response, every response once and in order), else ValueError."""
     seg = segment_ids.detach().cpu()
-    num_resp, bounds = int(seg.max()), []
+    num_resp, bounds = max(int(seg.max()), 1), []           # an all-prefix row: no chosen
     for b, s in enumerate(seg):
         runs = torch.unique_consecutive(s).tolist()
         if runs not in (list(range(num_resp + 1)), list(range(num_resp + 1)) + [-1]):
@@ -104,6 +130,12 @@ def packed_row_bounds(segment_ids):
                              f"(rejected), then -1 (padding), each once and in order; got {runs}")
         bounds.append((int((s == 0).sum()), int((s >= 0).sum())))
     return num_resp, bounds
+
+
+def longest_responses(segment_ids):
+    """(B, T) segment ids -> per row the length of its longest response (a list)."""
+    seg = segment_ids.detach().cpu()
+    return [max(int((s == j).sum()) for j in range(1, int(s.max()) + 1)) for s in seg]
 
 
 def packed_mask_mod(segment_ids):
@@ -143,9 +175,9 @@ class PackedLayout:
         if flex:
             from torch.nn.attention.flex_attention import create_block_mask
             B, T = segment_ids.shape               # compiled: blockwise, never a (T, T) tensor
-            self.block_mask = create_block_mask(packed_mask_mod(segment_ids), B, None, T, T,
-                                                device=segment_ids.device,
-                                                _compile=segment_ids.is_cuda)
+            build = _compiled_create_block_mask() if segment_ids.is_cuda else create_block_mask
+            self.block_mask = build(packed_mask_mod(segment_ids), B, None, T, T,
+                                    device=segment_ids.device)
         for b, (P, E) in enumerate(self.bounds if not flex else []):
             r = segment_ids[b, P:E]                                       # (R,) response segments
             causal = torch.ones(E - P, E - P, dtype=torch.bool, device=r.device).tril()
@@ -182,8 +214,6 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         eager = sys.modules[type(module).__module__].eager_attention_forward  # the arch's own
         return ALL_ATTENTION_FUNCTIONS.get_interface(base, eager)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if (kwargs.get("sliding_window") or query.shape[2]) < query.shape[2]:
-        raise ValueError("packed attention has no sliding window, and this row is longer than it")
     if packed_layout.block_mask is None:
         return split_attention(query, key, value, packed_layout, scaling, dropout), None
     from torch.nn.attention.flex_attention import flex_attention
@@ -191,6 +221,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     out = flex(query, key, value, block_mask=packed_layout.block_mask, scale=scaling,
                enable_gqa=query.shape[1] != key.shape[1])               # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """torch.compile(create_block_mask): the current API (torch 2.13 deprecates the
+    `_compile=True` flag that did the same)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return torch.compile(create_block_mask)
 
 
 @functools.cache
@@ -247,7 +285,8 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
     """
     from torch.utils._triton import has_triton
     lm = causal_lm(model)
-    num_resp = packed_row_bounds(segment_ids)[0]              # 1 + M, and checks the layout
+    num_resp, bounds = packed_row_bounds(segment_ids)         # 1 + M, and checks the layout
+    check_packable(lm, max(P + r for (P, _), r in zip(bounds, longest_responses(segment_ids))))
     if attention == "auto":
         attention = "flex" if input_ids.is_cuda and has_triton() else "split"
     dtype = next(lm.parameters()).dtype

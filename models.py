@@ -121,7 +121,7 @@ def tiny_config(vocab_size, arch="llama", **overrides):
     kw.update(overrides)
     if arch == "mistral":
         from transformers import MistralConfig
-        return MistralConfig(sliding_window=None, **kw)
+        return MistralConfig(**{"sliding_window": None, **kw})
     return LlamaConfig(**kw)
 
 

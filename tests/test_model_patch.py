@@ -23,7 +23,16 @@ V = 261                          # the tiny byte-level tokenizer's vocabulary
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]
 
 
+# The Mistral variants get a real sliding window: longer than any prefix + response row
+# of sample() (at most 63 tokens), so it never binds in the authors' layout, but shorter
+# than most packed rows (up to 90 tokens). A packed path that applied it in packed
+# coordinates would be wrong; the guard that refuses shorter windows is tested below.
+MISTRAL_WINDOW = 64
+
+
 def tiny_model(arch="llama", attn="sdpa", seed=0, **overrides):
+    if arch == "mistral":
+        overrides = {"sliding_window": MISTRAL_WINDOW, **overrides}
     config = models.tiny_config(V, arch=arch, initializer_range=0.1, **overrides)
     config._attn_implementation = attn
     torch.manual_seed(seed)
@@ -131,7 +140,8 @@ def test_first_response_token_is_predicted_from_the_last_prefix_token():
 
 
 @pytest.mark.parametrize("bad", [[1, 1, 0, 0, 2], [0, 0, 2, 2, 1], [0, 0, 1, -1, 2], [0, 1, 1, 3, 3],
-                                 [0, 1, 0, 1, 2], [-1, 0, 1, 2, 2]])
+                                 [0, 1, 0, 1, 2], [-1, 0, 1, 2, 2], [0, 0, 0, 0, 0], [0, 0, 0, -1, -1],
+                                 [-1, -1, -1, -1, -1]])
 def test_response_logps_rejects_segment_ids_out_of_the_packed_layout(bad):
     model = tiny_model()
     seg = torch.tensor([bad])
@@ -139,18 +149,66 @@ def test_response_logps_rejects_segment_ids_out_of_the_packed_layout(bad):
         model_patch.response_logps(model, torch.full_like(seg, 7), torch.arange(5)[None], seg)
 
 
+def rule_mask(seg):
+    """The attention rule written out token by token, independent of model_patch: (T, T) bool
+    for one row of segment ids (a list)."""
+    T = len(seg)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    for q in range(T):
+        for k in range(T):
+            if seg[q] == -1:
+                allowed[q, k] = q == k                           # padding: only itself
+            elif seg[q] == 0:
+                allowed[q, k] = seg[k] == 0 and k <= q           # prefix: causal on the prefix
+            else:                                                # response: prefix + own past
+                allowed[q, k] = k <= q and (seg[k] == 0 or seg[k] == seg[q])
+    return allowed
+
+
+def test_an_architecture_outside_the_tested_ones_is_refused_with_one_line():
+    """A tiny Gemma-2: its final-logit softcapping happens in Gemma2ForCausalLM.forward,
+    which the packed forward (lm.model, then lm.lm_head) skips: refused, not wrong."""
+    from transformers import Gemma2Config
+    config = Gemma2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          final_logit_softcapping=0.5, sliding_window=4096)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    ids, pos, seg = sample(3, 1)
+    with torch.no_grad():
+        ref, _ = model_patch.response_logps_unpacked(model, ids, pos, seg)   # still available
+        # what the packed forward would compute: no softcapping, far from the reference
+        hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state
+        raw = torch.log_softmax(model.lm_head(hidden[0, 47:48]).double(), -1)[0, ids[0, 48]]
+        capped = torch.log_softmax(model(input_ids=ids[:, :49], position_ids=pos[:, :49]).logits[0, 47].double(), -1)[ids[0, 48]]
+        assert abs(raw - capped) > 1e-3
+        for attention in ("mask", "split", "flex"):
+            with pytest.raises(ValueError, match=r"tested for LlamaForCausalLM, MistralForCausalLM only, "
+                                                 r"not Gemma2ForCausalLM") as e:
+                model_patch.response_logps(model, ids, pos, seg, attention=attention)
+            assert "\n" not in str(e.value)
+    assert torch.isfinite(ref).all()
+
+
+def test_a_sliding_window_shorter_than_a_prefix_plus_response_row_is_refused_by_every_path():
+    model = tiny_model("mistral", sliding_window=40)  # rows of sample(): prefix + response <= 63
+    ids, pos, seg = sample(3, 2)
+    with torch.no_grad():
+        ref, _ = model_patch.response_logps_unpacked(model, ids, pos, seg)
+        model.config.sliding_window = None          # the window matters: without it, other numbers
+        unwindowed, _ = model_patch.response_logps_unpacked(model, ids, pos, seg)
+        model.config.sliding_window = 40
+        assert (ref - unwindowed).abs().max() > 1e-3
+        for attention in ("mask", "split", "flex"):
+            with pytest.raises(ValueError, match="more than the model's sliding window of 40"):
+                model_patch.response_logps(model, ids, pos, seg, attention=attention)
+
+
 def test_dense_mask_matches_the_rule_written_out_token_by_token():
     seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, -1])
     allowed = model_patch.packed_attention_mask(seg[None], torch.float32)[0, 0] == 0
-    for q in range(8):
-        for k in range(8):
-            if seg[q] == -1:
-                rule = q == k
-            elif seg[q] == 0:
-                rule = seg[k] == 0 and k <= q
-            else:
-                rule = k <= q and (seg[k] == 0 or seg[k] == seg[q])
-            assert allowed[q, k].item() == rule, (q, k)
+    assert torch.equal(allowed, rule_mask(seg.tolist()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,12 +265,13 @@ def test_a_switched_model_runs_ordinary_calls_exactly_as_before():
 # FlexAttention: the mask on CPU (torch runs flex uncompiled there, forward only), the
 # whole path on CUDA.
 
-def test_flex_mask_mod_builds_the_same_mask_as_the_dense_reference():
+def test_flex_mask_mod_builds_the_mask_of_the_rule_written_out_token_by_token():
     from torch.nn.attention.flex_attention import create_mask
-    _, _, seg = sample(3, 2)
+    _, _, seg = sample(3, 2)                         # two rows, different lengths, padding
     flex = create_mask(model_patch.packed_mask_mod(seg), 2, 1, seg.shape[1], seg.shape[1], device="cpu")
-    dense = model_patch.packed_attention_mask(seg, torch.float32) == 0
-    assert torch.equal(flex, dense)
+    assert flex.shape == (2, 1, seg.shape[1], seg.shape[1])
+    for b in range(2):
+        assert torch.equal(flex[b, 0], rule_mask(seg[b].tolist())), b
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -247,7 +306,9 @@ def test_flex_logps_and_lora_gradients_equal_unpacked_on_cuda():
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_positions_up_to_131072_run_forward_and_backward(arch):
-    model = lora(tiny_model(arch, max_position_embeddings=131072))
+    # mistral: window 300 >= prefix + longest response (264 + 20), < the packed row (312)
+    model = lora(tiny_model(arch, max_position_embeddings=131072,
+                            **({"sliding_window": 300} if arch == "mistral" else {})))
     model.train()
     ids, pos, seg = batch([packed_row([32] * 8, 8, [16, 12, 20], 131072)])
     assert pos.max() > 120_000 and pos.max() < 131072
