@@ -89,15 +89,26 @@ def test_gradients_reach_both_inputs_and_pass_gradcheck_in_float64():
     torch.testing.assert_close(r.grad, (torch.sigmoid(-z) * 2.0 / 2 / 3)[:, None].expand(3, 2))
 
 
-def test_bf16_inputs_give_the_float32_result():
+def test_bf16_inputs_give_the_float64_result_of_the_rounded_inputs():
+    # beta=10 turns bf16's ~3 digits of a log-prob into a reward error of ~0.03: the loss
+    # must be computed in float32 at least, so from bf16 inputs it equals, to float32
+    # precision, the formula evaluated in float64 on the same (rounded) inputs.
     g = torch.Generator().manual_seed(2)
     c, r = -torch.rand(4, generator=g) * 2, -torch.rand(4, 2, generator=g) * 2
     cb, rb = c.bfloat16(), r.bfloat16()
     lb, mb = logo_loss(cb, rb, beta=10.0, gamma=3.0, sft_weight=0.1)
-    lf, mf = logo_loss(cb.float(), rb.float(), beta=10.0, gamma=3.0, sft_weight=0.1)
     assert lb.dtype == torch.float32 and mb["logo"].dtype == torch.float32
-    assert lb.item() == lf.item()
-    assert all(mb[k].item() == mf[k].item() for k in mb)
+    c64, r64 = cb.double().tolist(), rb.double().tolist()
+    assert lb.item() == pytest.approx(brute_force(c64, r64, 10.0, 3.0, 0.1), rel=1e-6)
+    margins = [10.0 * x - 10.0 * sum(rs) / len(rs) for x, rs in zip(c64, r64)]
+    expected = {"sft": -sum(c64) / 4, "reward_chosen": 10.0 * sum(c64) / 4,
+                "reward_margin": sum(margins) / 4, "reward_accuracy": sum(m > 0 for m in margins) / 4,
+                "logo": brute_force(c64, r64, 10.0, 3.0, 0.0)}
+    for k, v in expected.items():
+        assert mb[k].item() == pytest.approx(v, rel=1e-6, abs=1e-6), k
+    # against the unrounded inputs the only error left is bf16's rounding of the inputs
+    exact = brute_force(c.double().tolist(), r.double().tolist(), 10.0, 3.0, 0.1)
+    assert lb.item() == pytest.approx(exact, rel=2e-2)
 
 
 @pytest.mark.parametrize("shapes", [((3,), (3,)), ((3,), (2, 2)), ((3, 1), (3, 2)), ((3,), (3, 0))])
