@@ -10,6 +10,7 @@ perplexity text). Imports only the standard library and Faker.
     recs = qa_records(num_samples=64, context_tokens_approx_chars=11000, seed=0)
     recs[0]["question"]   # 'In what year did Kayla Green, who was born in Hullport, join Chang Bank?'
     recs[0]["answer"]     # '2001'
+    recs[0]["answer_sentence"]   # 'Kayla Green joined Chang Bank in 2001.'
     text = haystack(20000, seed=0)   # ~20,000 characters of plain prose, no names, no numbers
 
 What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-5):
@@ -77,6 +78,14 @@ QUESTIONS = [
     ("In what year did {name}, who was born in {born_city}, join {employer}?", "joined_year"),
     ("In which city did {name}, a former {role} at {employer}, found {founded}?", "founded_city"),
 ]
+# The gold answer as the model would say it: one sentence that names the question's
+# subject and states the fact. prepare.py uses it as the chosen response when the model's
+# own answer is wrong, so chosen and rejected responses have the same form (a bare
+# "Danielmouth" against self-generated sentences lets the loss learn the form instead).
+ANSWER_SENTENCES = {"born_city": "{name} was born in {born_city}.",
+                    "founded": "{name} founded {founded} in {founded_year}.",
+                    "joined_year": "{name} joined {employer} in {joined_year}.",
+                    "founded_city": "{name} founded {founded} in {founded_city}."}
 
 
 def _pronouns(female):
@@ -180,11 +189,11 @@ def qa_record(index, context_tokens_approx_chars, seed=0):
     people.insert(rng.randint(0, len(people)), target)   # the answer at a random depth
     paragraphs = [_biography(p, rng) for p in people]
     return {"context": "\n\n".join(paragraphs), "question": template.format(**target),
-            "answer": target[field]}
+            "answer": target[field], "answer_sentence": ANSWER_SENTENCES[field].format(**target)}
 
 
 def qa_records(num_samples, context_tokens_approx_chars, seed=0):
-    """num_samples records {"context", "question", "answer"}, each context about
+    """num_samples records {"context", "question", "answer", "answer_sentence"}, each context about
     context_tokens_approx_chars characters long (a whole paragraph more at most).
     Deterministic in (index, seed); a gold answer occurs only in its own paragraph."""
     return [qa_record(i, context_tokens_approx_chars, seed) for i in range(num_samples)]

@@ -45,8 +45,8 @@ from entities import doc_features, load_spacy, load_sentencizer, sentence_starts
 
 FORMAT_VERSION = 1
 QUALITY_KINDS = ["chosen", "irrelevant", "partial"]   # rejected kinds alternate after chosen
-PREVIEW_KEYS = ["index", "question", "answer", "chosen", "rejected", "critical", "critical_text",
-                "fallback", "scores", "context_chunks"]
+PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redraws", "rejected", "critical",
+                "critical_text", "fallback", "scores", "context_chunks"]
 
 
 class UserError(Exception):
@@ -80,15 +80,19 @@ def parse_args(argv=None):
                    "context length in characters (default 5 x chunk_len x num_chunks, ~1.25 N chunks)")
     g.add_argument("--prompt", default="{context}\n\n{question}", help="user message "
                    "template, with {context} and {question}")
-    g.add_argument("--skip_bad", action="store_true", help="skip bad records (counted per "
-                   "reason in meta.json) instead of stopping at the first")
+    g.add_argument("--strict", action="store_true", help="stop at the first record that cannot "
+                   "make a sample (empty question, context under 2 chunks, no entity shared with "
+                   "the question, answer over budget, ...) instead of skipping and counting it")
+    g.add_argument("--skip_bad", action="store_true", help="also skip (and count) malformed lines "
+                   "(not JSON, a missing field, bad UTF-8) instead of stopping with an error")
     # model
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m", help="preset name (models.MODELS), "
                    "local folder or cached hub id: the tokenizer and the response generator")
-    g.add_argument("--dtype", default=None, help="generation dtype (default: the preset's)")
+    g.add_argument("--dtype", default=None, help="generation dtype (default: the preset's on "
+                   "CUDA, float32 on CPU, where bf16 without native support runs several times slower)")
     g.add_argument("--device", default=None, help="generation device (default: cuda when "
-                   "available, else cpu)")
+                   "available, else cpu; worker --shard_id i takes GPU LOCAL_RANK, else i mod the GPU count)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
     # chunking and scoring (paper Sec. 3.2.2)
     g = p.add_argument_group("chunking and scoring (paper Sec. 3.2.2)")
@@ -115,8 +119,16 @@ def parse_args(argv=None):
     g.add_argument("--spacy_batch", type=int, default=256, help="texts per nlp.pipe batch")
     # responses (paper Sec. 3.2.2 step 5)
     g = p.add_argument_group("responses")
-    g.add_argument("--chosen", choices=["model", "gold"], default="model", help="chosen "
-                   "response: the model answering from the critical chunks, or the gold answer")
+    g.add_argument("--chosen", choices=["verified", "model", "gold"], default="verified",
+                   help="chosen response. verified: the model's answer from the critical chunks "
+                   "if it states the gold answer, else the gold answer in a sentence (the record's "
+                   "answer_sentence, or the model's answer written with the gold answer given, "
+                   "checked again), else the sample is skipped; records without an answer keep "
+                   "the model's answer unchecked. model: the model's answer, never checked. "
+                   "gold: answer_sentence if the record has one, else the bare gold answer")
+    g.add_argument("--redraws", type=int, default=2, help="a rejected response that states the "
+                   "gold answer, repeats the chosen one or has no complete sentence is generated "
+                   "again from freshly drawn chunks up to this many times; then the sample is skipped")
     g.add_argument("--num_rejected", type=int, default=None, help="M: rejected responses per "
                    "sample (paper 2; default: the preset's): kinds alternate irrelevant-only, "
                    "irrelevant + part of the critical chunks, with fresh draws beyond 2")
@@ -125,7 +137,14 @@ def parse_args(argv=None):
                    "as the chosen prompt has (same length, different facts; fast), 'all' uses "
                    "every irrelevant chunk of C'")
     g.add_argument("--max_new_tokens", type=int, default=32, help="generation budget per "
-                   "response, tokens (the end-of-turn token is added after)")
+                   "response, tokens (the end-of-turn token is added after). An answer cut by it "
+                   "is trimmed to its last complete sentence, or dropped when it has none")
+    g.add_argument("--cut_answers", choices=["trim", "open", "drop"], default="trim",
+                   help="an answer cut by --max_new_tokens is never stored as finished. trim: "
+                   "kept up to its last complete sentence (then end-of-turn), dropped when it has "
+                   "none; open: the same, but one with no complete sentence is kept as it is, "
+                   "without end-of-turn (a model that never writes a sentence, e.g. the random "
+                   "tiny preset); drop: every cut answer dropped")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     g.add_argument("--gen_batch", type=int, default=32, help="prompts per generate() call")
@@ -133,24 +152,26 @@ def parse_args(argv=None):
     g = p.add_argument_group("positions (paper Sec. 3.1)")
     g.add_argument("--target_len", type=int, default=None, help="K: synthesized window, "
                    "positions (default: the preset's)")
-    g.add_argument("--sparse_ratio", type=float, default=0.1, help="share of samples with "
+    g.add_argument("--sparse_ratio", type=float, default=0.1, help="share of rows with "
                    "sparse-chunk synthesis (paper continuous:sparse = 9:1)")
+    g.add_argument("--syntheses_per_sample", type=int, default=1, help="rows written per sample, "
+                   "the same responses with independent position draws (paper: 6,000 samples -> "
+                   "12,000 rows, i.e. 2)")
     # system
     g = p.add_argument_group("system")
     g.add_argument("--shard_size", type=int, default=32, help="input records per shard file")
     g.add_argument("--num_shards", type=int, default=1, help="workers splitting the shards")
     g.add_argument("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == shard_id")
     g.add_argument("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the "
-                   "cores not already busy by the load average, at least 1). Pin it when runs "
-                   "must match byte for byte (resume, workers): sums may round differently "
-                   "with another thread count")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's, one per core). Pin it when runs must match byte for byte (resume, "
+                   "workers): sums may round differently with another thread count")
     return p.parse_args(argv)
 
 
 # Flags that do not change a shard's bytes: anything else must match to reuse shards.
-NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batch", "skip_bad", "threads",
-                 "device"}
+NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batch", "skip_bad", "strict",
+                 "threads", "device"}
 
 
 def resolve(args):
@@ -160,9 +181,17 @@ def resolve(args):
         preset = models.resolve_model(args.model)
     except ValueError as e:
         raise UserError(str(e), "--model", "pick a preset or give a model folder") from None
-    for key in ("chunk_len", "num_chunks", "num_rejected", "target_len", "dtype"):
+    for key in ("chunk_len", "num_chunks", "num_rejected", "target_len"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
+    import torch
+    if args.device is None:
+        args.device = "cpu"
+        if torch.cuda.is_available():            # one GPU per worker (prepare.py --shard_id i)
+            rank = os.environ.get("LOCAL_RANK")
+            args.device = f"cuda:{int(rank) if rank else args.shard_id % torch.cuda.device_count()}"
+    if args.dtype is None:                       # bf16 without native support: ~30x slower matmuls
+        args.dtype = preset["dtype"] if args.device.startswith("cuda") else "float32"
     demo = args.input is None
     if args.out_dir is None:
         args.out_dir = "data/demo" if demo else os.path.join(
@@ -179,8 +208,10 @@ def resolve(args):
               (args.chunk_len >= 1 and args.num_chunks >= 2, "--chunk_len/--num_chunks",
                "need chunk_len >= 1 and num_chunks >= 2 (one critical, one irrelevant)"),
               (args.num_rejected >= 1, "--num_rejected", "M must be >= 1"),
-              (args.max_new_tokens >= 1 and args.shard_size >= 1 and args.gen_batch >= 1,
-               "--max_new_tokens/--shard_size/--gen_batch", "must be >= 1"),
+              (args.max_new_tokens >= 1 and args.shard_size >= 1 and args.gen_batch >= 1
+               and args.syntheses_per_sample >= 1,
+               "--max_new_tokens/--shard_size/--gen_batch/--syntheses_per_sample", "must be >= 1"),
+              (args.redraws >= 0, "--redraws", "must be >= 0"),
               (0 <= args.shard_id < args.num_shards, "--shard_id", "need 0 <= shard_id < num_shards"),
               ("{context}" in args.prompt and "{question}" in args.prompt, "--prompt",
                "the template needs {context} and {question}")]
@@ -240,11 +271,18 @@ def shard_records(args, entries, j):
 
 
 def parse_record(raw, where, args):
-    """bytes of one JSONL line -> (record, None) or, with --skip_bad, (None, reason)."""
+    """bytes of one JSONL line -> (record, None), or (None, reason) for a record skipped and
+    counted: a well-formed record that cannot make a sample (unless --strict), or a malformed
+    line with --skip_bad."""
     def bad(reason, what, todo):
         if args.skip_bad:
             return None, reason
         raise UserError(what, where, todo + " (or pass --skip_bad to skip and count such records)")
+
+    def miss(reason, what, todo):
+        if not args.strict:
+            return None, reason
+        raise UserError(what, where, todo + " (or drop --strict to skip and count such records)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -262,24 +300,65 @@ def parse_record(raw, where, args):
     if isinstance(answer, list):
         answer = answer[0] if answer else None
     for name, value in (("context", context), ("question", question)):
-        if not isinstance(value, str) or not value.strip():
-            alias = " (or LongBench's 'input')" if name == "question" else ""
+        alias = " (or LongBench's 'input')" if name == "question" else ""
+        if not isinstance(value, str):
             return bad("missing_field", f"record has no text field '{name}'{alias}",
-                       "every record needs non-empty 'context' and 'question' strings")
+                       "every record needs 'context' and 'question' strings")
+    for name, value in (("context", context), ("question", question)):
+        if not value.strip():       # LongBench's gov_report, multi_news: 'input' is empty
+            return miss(f"empty_{name}", f"the record's '{name}' is empty",
+                        "give every record a non-empty context and question")
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)
+    sentence = obj.get("answer_sentence")
+    sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
     if args.chosen == "gold" and not answer:
-        return bad("missing_field", "record has no 'answer' (or LongBench's 'answers'), "
-                   "needed by --chosen gold", "add gold answers or use --chosen model")
-    return {"context": context, "question": question, "answer": answer}, None
+        return miss("no_answer", "record has no 'answer' (or LongBench's 'answers'), "
+                    "needed by --chosen gold", "add gold answers or use --chosen model")
+    return {"context": context, "question": question, "answer": answer or None,
+            "answer_sentence": sentence}, None
 
 
 # ----------------------------------------------------------------------------------------
 # Steps 1-4: chunks, entity scores, critical chunks, the shared context C'.
 
-def split_chunks(token_ids, chunk_len):
-    """Consecutive chunks of chunk_len tokens; the last one keeps the remainder."""
-    return [token_ids[i:i + chunk_len] for i in range(0, len(token_ids), chunk_len)]
+def split_chunks(token_ids, chunk_len, starts=None):
+    """Consecutive chunks of at most chunk_len tokens; the last one keeps the remainder.
+
+    starts: sorted token indices where a sentence begins. A chunk then ends where the last
+    sentence that fits into it ends, so a fact is never cut in two at a chunk border (a
+    critical chunk would keep half of it, and the answer might be in the other half). Only
+    a sentence longer than half a chunk is still cut, at chunk_len. Chunks stay within
+    [chunk_len / 2, chunk_len] tokens, so C' keeps about the length positions and packing
+    expect. Without starts: exactly chunk_len tokens each.
+    """
+    import bisect
+    chunks, i, n = [], 0, len(token_ids)
+    while i < n:
+        end = min(i + chunk_len, n)
+        if end < n and starts:
+            k = bisect.bisect_right(starts, end) - 1          # the last sentence start <= end
+            if k >= 0 and starts[k] > i + chunk_len // 2:
+                end = starts[k]
+        chunks.append(token_ids[i:end])
+        i = end
+    return chunks
+
+
+def sentence_token_starts(text, offsets, char_starts):
+    """Token indices where the sentences starting at char_starts begin: the first token
+    ending after the sentence's first non-space character, if nothing but whitespace lies
+    before that character in the token (else the sentence starts inside a token: no clean
+    border). Whitespace between sentences stays with the sentence before."""
+    import bisect
+    ends = [e for _, e in offsets]
+    out = []
+    for c in char_starts:
+        c += len(text[c:c + 64]) - len(text[c:c + 64].lstrip())   # spaCy starts at the whitespace
+        b = bisect.bisect_right(ends, c)                       # first token with end > c
+        if 0 < b < len(offsets) and not text[offsets[b][0]:c].strip():
+            out.append(b)
+    return sorted(set(out))
 
 
 def score_chunks(question_feats, chunk_feats):
@@ -321,39 +400,42 @@ def response_contexts(critical, irrelevant, chunks, num_rejected, matched, gener
     holds as many chunks as the chosen one (irrelevant ones drawn at random); else every
     irrelevant chunk of C'. Chunks stay in their original order.
     """
+    contexts = [[t for i in critical for t in chunks[i]]]
+    kinds = ["chosen"] + ["irrelevant" if m % 2 == 0 else "partial" for m in range(num_rejected)]
+    for kind in kinds[1:]:
+        contexts.append(rejected_context(kind, critical, irrelevant, chunks, matched, generator))
+    return contexts, kinds
+
+
+def rejected_context(kind, critical, irrelevant, chunks, matched, generator):
+    """The tokens behind one rejected response of `kind` (a fresh random draw each call)."""
     import torch
 
     def draw(pool, k):
         return [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
 
-    def tokens(pieces):            # pieces: (chunk index, token list) pairs
-        return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
-
-    contexts, kinds = [tokens([(i, chunks[i]) for i in critical])], ["chosen"]
-    for m in range(num_rejected):
-        kind = "irrelevant" if m % 2 == 0 else "partial"
-        part = []
-        if kind == "partial":
-            if len(critical) >= 2:
-                part = [(i, chunks[i]) for i in draw(critical, len(critical) // 2)]
-            else:
-                c = chunks[critical[0]]
-                half = int(torch.randint(2, (), generator=generator))
-                part = [(critical[0], c[:len(c) // 2] if half == 0 else c[len(c) // 2:])]
-        k = max(1, len(critical) - len(part)) if matched else len(irrelevant)
-        contexts.append(tokens(part + [(i, chunks[i]) for i in draw(irrelevant, k)]))
-        kinds.append(kind)
-    return contexts, kinds
+    part = []                      # (chunk index, token list) pairs
+    if kind == "partial":
+        if len(critical) >= 2:
+            part = [(i, chunks[i]) for i in draw(critical, len(critical) // 2)]
+        else:
+            c = chunks[critical[0]]
+            half = int(torch.randint(2, (), generator=generator))
+            part = [(critical[0], c[:len(c) // 2] if half == 0 else c[len(c) // 2:])]
+    k = max(1, len(critical) - len(part)) if matched else len(irrelevant)
+    pieces = part + [(i, chunks[i]) for i in draw(irrelevant, k)]
+    return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
 
 
 # ----------------------------------------------------------------------------------------
 # Prompts, generation and packing (steps 5-7).
 
-def prompt_parts(tok, template, question):
+def prompt_parts(tok, template, question, suffix=""):
     """Token ids around the context: (head, tail) with head + context + tail = the prompt
-    the model sees (chat template, generation prompt open). The tail holds the question."""
+    the model sees (chat template, generation prompt open). The tail holds the question
+    (and suffix, text after the filled template)."""
     marker = "\u2063CONTEXT\u2063"
-    user = template.format(context=marker, question=question)
+    user = template.format(context=marker, question=question) + suffix
     if tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                        add_generation_prompt=True)
@@ -380,7 +462,7 @@ def end_of_turn_id(tok):
 
 def generate(model, tok, prompts, args, stop_ids, seed, bar):
     """Greedy (or sampled) answers to token-id prompts, batched with left padding, longest
-    first. Returns token lists without the stop token."""
+    first. Returns (tokens without the stop token, finished: the stop token was produced)."""
     import torch
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
@@ -403,8 +485,8 @@ def generate(model, tok, prompts, args, stop_ids, seed, bar):
                                  pad_token_id=pad, **kw)[:, T:]
         for r, i in enumerate(idx):
             toks = gen[r].tolist()
-            cut = next((j for j, t in enumerate(toks) if t in stop_ids), len(toks))
-            out[i] = toks[:cut]
+            cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
+            out[i] = (toks[:cut], True) if cut is not None else (toks, False)
         bar.update(len(idx))
     return out
 
@@ -431,25 +513,60 @@ def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, ge
     return torch.tensor(ids), pos, torch.tensor(seg)
 
 
+def trim_to_sentence(tok, toks):
+    """An answer cut by the token budget, up to the end of its last complete sentence (a
+    '.', '!' or '?', maybe closed by a quote or bracket, followed by a space or nothing in
+    the full text, so '3.5' is not a sentence end); None when it has no complete sentence.
+    Stored with an end-of-turn token after it, the answer the model learns stops where a
+    sentence ends, never mid-sentence."""
+    full = tok.decode(toks)
+    for j in range(len(toks) - 1, 0, -1):
+        text = tok.decode(toks[:j])
+        if re.search(r"[.!?][\"')\]]*$", text.rstrip()) and text.rstrip() == text and \
+                full[len(text):len(text) + 1] in ("", " ", "\n") and re.search(r"\w", text):
+            return toks[:j]
+    return None
+
+
+def squash(text):
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
 def contains(response, answer):
-    """Data quality: does the response state the gold answer (case and spacing ignored)?"""
-    squash = lambda s: re.sub(r"\s+", " ", s.lower()).strip()
+    """The response evaluator's test: does the response state the gold answer (case and
+    spacing ignored)?"""
     return bool(answer) and squash(answer) in squash(response)
 
 
 # ----------------------------------------------------------------------------------------
 # One shard: records -> rows -> shard_XXXXX.safetensors (temp name, then rename).
 
+# The model writes the gold answer in its own words when its answer from the critical
+# chunks is wrong and the record has no answer_sentence (checked again afterwards).
+HINT = "\n\nCorrect answer: {answer}.\nWrite the answer as a full sentence."
+CHOSEN_SOURCES = ["model", "gold_sentence", "model_hinted", "gold", "model_unchecked"]
+RESPONSE_COUNTS = ["generated", "finished", "cut_trimmed", "cut_open", "cut_dropped", "redrawn"]
+
+
+def new_stats():
+    return {"read": 0, "kept": 0, "rows": 0, "skipped": {}, "fallback": 0, "critical": 0,
+            "prefix_tokens": 0, "response_tokens": 0, "answers_over_budget": 0,
+            "quality": {k: [0, 0] for k in QUALITY_KINDS},
+            "chosen_source": {k: 0 for k in CHOSEN_SOURCES},
+            "responses": {k: 0 for k in RESPONSE_COUNTS},
+            "chunking": {"sentence": 0, "fixed": 0}}
+
+
 class Pipeline:
-    def __init__(self, args, tok, model, nlp):
-        self.args, self.tok, self.model, self.nlp = args, tok, model, nlp
+    def __init__(self, args, tok, model, nlp, sentencizer):
+        self.args, self.tok, self.model, self.nlp, self.sentencizer = args, tok, model, nlp, sentencizer
         self.eot = end_of_turn_id(tok)
         self.stop_ids = sorted({self.eot, tok.eos_token_id} - {None})
         self.ner_chars, self.ner_seconds, self.ner_cpu = 0, 0.0, 0.0
 
     def skip(self, stats, reason, what, where, todo):
-        if not self.args.skip_bad:
-            raise UserError(what, where, todo + " (or pass --skip_bad to skip and count such samples)")
+        if self.args.strict:
+            raise UserError(what, where, todo + " (or drop --strict to skip and count such samples)")
         stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
 
     def ner(self, texts):
@@ -463,47 +580,81 @@ class Pipeline:
         self.ner_chars += sum(len(t) for t in texts)
         return [doc_features(d, self.args.score_lemmas) for d in docs]
 
-    def shard(self, shard_idx, items, where_of):
-        """items: (record index, line_no, record or None, reason). -> (tensors, stats, preview)."""
-        import torch
+    def respond(self, prompts, stats, seed, what):
+        """The model's answers as (tokens, closed) or None (dropped). closed: stored with
+        end-of-turn after it: a finished answer, or a cut one trimmed to its last complete
+        sentence (--cut_answers)."""
+        from tqdm import tqdm
+        out, how = [], self.args.cut_answers
+        with tqdm(total=len(prompts), desc=what, unit="resp", leave=False, dynamic_ncols=True) as bar:
+            for toks, finished in generate(self.model, self.tok, prompts, self.args, self.stop_ids, seed, bar):
+                stats["responses"]["generated"] += 1
+                if finished:
+                    stats["responses"]["finished"] += 1
+                    out.append((toks, True))
+                    continue
+                trimmed = trim_to_sentence(self.tok, toks) if how != "drop" else None
+                if trimmed:
+                    out.append((trimmed, True))
+                elif how == "open":
+                    out.append((toks, False))
+                else:
+                    out.append(None)
+                stats["responses"]["cut_trimmed" if trimmed else f"cut_{'open' if how == 'open' else 'dropped'}"] += 1
+        return out
+
+    def chunk(self, items, stats, where_of):
+        """Steps 1-2: tokenize, cut into sentence-aligned chunks, NER on every chunk and
+        question in one nlp.pipe. -> samples (dicts) with chunks and entity scores."""
         a, tok = self.args, self.tok
-        stats = {"read": len(items), "kept": 0, "skipped": {}, "fallback": 0, "critical": 0,
-                 "prefix_tokens": 0, "response_tokens": 0, "answers_over_budget": 0,
-                 "quality": {k: [0, 0] for k in QUALITY_KINDS}}
-        # Steps 1-2: tokenize, chunk, NER on every chunk and question in one nlp.pipe.
         samples = []
         for index, line_no, rec, reason in items:
-            where = where_of(line_no)
             if rec is None:
                 stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
-                continue
-            ids = tok(rec["context"], add_special_tokens=False, verbose=False).input_ids
-            chunks = split_chunks(ids, a.chunk_len)
-            if len(chunks) < 2:
+            else:
+                samples.append(dict(index=index, where=where_of(line_no), rec=rec))
+        docs = self.sentencizer.pipe([s["rec"]["context"] for s in samples], batch_size=8)
+        kept = []
+        for s, doc in zip(samples, docs):
+            text = s["rec"]["context"]
+            enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=tok.is_fast)
+            ids = enc.input_ids
+            starts = sentence_token_starts(text, enc["offset_mapping"], sentence_starts(doc)) \
+                if tok.is_fast else None          # a slow tokenizer has no offsets: fixed chunks
+            s["chunks"] = split_chunks(ids, a.chunk_len, starts)
+            if len(s["chunks"]) < 2:
                 self.skip(stats, "short_context", f"context has {len(ids)} tokens: fewer than 2 "
-                          f"chunks of --chunk_len {a.chunk_len}", where,
+                          f"chunks of --chunk_len {a.chunk_len}", s["where"],
                           "give a longer context (one critical and one irrelevant chunk at least) or lower --chunk_len")
                 continue
-            answer_len = len(tok(rec["answer"], add_special_tokens=False).input_ids) if rec["answer"] else 0
-            if answer_len > a.max_new_tokens:
+            answer = s["rec"]["answer"]
+            answer_len = len(tok(answer, add_special_tokens=False).input_ids) if answer else 0
+            if answer_len > a.max_new_tokens:        # the model cannot state it: counted
                 if a.chosen == "gold":
                     self.skip(stats, "answer_too_long", f"gold answer has {answer_len} tokens, more "
                               f"than the generation budget --max_new_tokens {a.max_new_tokens}",
-                              where, "raise --max_new_tokens")
+                              s["where"], "raise --max_new_tokens")
                     continue
                 stats["answers_over_budget"] += 1
-            samples.append(dict(index=index, where=where, rec=rec, chunks=chunks))
+            stats["chunking"]["sentence" if starts is not None else "fixed"] += 1
+            kept.append(s)
         texts = []
-        for s in samples:
+        for s in kept:
             texts += [tok.decode(c) for c in s["chunks"]] + [s["rec"]["question"]]
             texts += [s["rec"]["answer"] or ""] if a.score_answer else []
         feats = iter(self.ner(texts))
-        # Steps 3-5: critical chunks, C', the contexts behind each response.
-        kept = []
+        for s in kept:
+            s["chunk_feats"] = [next(feats) for _ in s["chunks"]]
+            s["question_feats"] = next(feats) | (next(feats) if a.score_answer else set())
+        return kept
+
+    def contexts(self, samples, stats):
+        """Steps 3-4: critical chunks, C', and the contexts behind each response."""
+        import torch
+        a, tok, kept = self.args, self.tok, []
         for s in samples:
-            chunk_feats = [next(feats) for _ in s["chunks"]]
-            qf = next(feats) | (next(feats) if a.score_answer else set())
-            scores = score_chunks(qf, chunk_feats)
+            qf = s["question_feats"]
+            scores = score_chunks(qf, s["chunk_feats"])
             max_crit = min(a.max_critical, min(a.num_chunks, len(s["chunks"])) - 1)
             critical, fallback = select_critical(scores, a.delta, a.min_critical, max_crit)
             if not critical:
@@ -519,34 +670,125 @@ class Pipeline:
                                                 a.rejected_context == "matched", g)
             head, tail = prompt_parts(tok, a.prompt, s["rec"]["question"])
             s.update(scores=scores, critical=critical, fallback=fallback, ctx=ctx, g=g,
-                     head=head, tail=tail, kinds=kinds,
-                     prompts=[head + c + tail for c in contexts])
+                     irrelevant=irrelevant, head=head, tail=tail, kinds=kinds,
+                     prompts=[head + c + tail for c in contexts], redraws=0)
             kept.append(s)
-        # Step 5: generate every response of the shard in length-sorted batches.
-        gold_chosen = a.chosen == "gold"
-        prompts = [p for s in kept for p in (s["prompts"][1:] if gold_chosen else s["prompts"])]
-        from tqdm import tqdm
-        with tqdm(total=len(prompts), desc=f"shard {shard_idx} generate", unit="resp",
-                  leave=False, dynamic_ncols=True) as bar:
-            answers = iter(generate(self.model, tok, prompts, a, self.stop_ids,
-                                    a.seed * 1_000_003 + shard_idx, bar))
-        # Steps 6-7: positions and packing.
+        return kept
+
+    def evaluate_chosen(self, samples, answers, stats, seed):
+        """The response evaluator, chosen side (--chosen): sets s['chosen'] and its source,
+        or skips the sample."""
+        a, tok = self.args, self.tok
+        hinted = []
+        for s, out in zip(samples, answers):
+            rec = s["rec"]
+            gold = lambda text: (tok(text, add_special_tokens=False).input_ids, True)
+            if a.chosen == "gold":
+                s["chosen"], s["source"] = gold(rec["answer_sentence"] or rec["answer"]), \
+                    "gold_sentence" if rec["answer_sentence"] else "gold"
+            elif out is not None and (a.chosen == "model" or not rec["answer"]):
+                s["chosen"], s["source"] = out, "model_unchecked"
+            elif out is not None and contains(tok.decode(out[0]), rec["answer"]):
+                s["chosen"], s["source"] = out, "model"
+            elif a.chosen == "verified" and rec["answer"] and rec["answer_sentence"]:
+                s["chosen"], s["source"] = gold(rec["answer_sentence"]), "gold_sentence"
+            elif a.chosen == "verified" and rec["answer"]:
+                hinted.append(s)
+            else:
+                s["chosen"] = None          # the model's unchecked answer was cut mid-sentence
+                self.skip(stats, "chosen_cut", "the chosen answer was cut by --max_new_tokens with "
+                          "no complete sentence", s["where"], "raise --max_new_tokens")
+        if hinted:
+            prompts = []
+            for s in hinted:
+                _, tail = prompt_parts(tok, a.prompt, s["rec"]["question"],
+                                       HINT.format(answer=s["rec"]["answer"]))
+                prompts.append(s["prompts"][0][:len(s["prompts"][0]) - len(s["tail"])] + tail)
+            for s, out in zip(hinted, self.respond(prompts, stats, seed + 1, "chosen, gold given")):
+                if out is not None and contains(tok.decode(out[0]), s["rec"]["answer"]):
+                    s["chosen"], s["source"] = out, "model_hinted"
+                else:
+                    s["chosen"] = None
+                    self.skip(stats, "chosen_unverified", "neither the model's answer nor its answer "
+                              "written with the gold answer given states the gold answer",
+                              s["where"], "add an 'answer_sentence' to the record, or check its answer")
+        return [s for s in samples if s.get("chosen") is not None]
+
+    def rejected_fault(self, s, out):
+        """Why a rejected answer cannot be kept (None: it can)."""
+        if out is None:
+            return "rejected_cut"
+        text = self.tok.decode(out[0])
+        if s["rec"]["answer"] and contains(text, s["rec"]["answer"]):
+            return "rejected_states_answer"
+        if squash(text) == squash(self.tok.decode(s["chosen"][0])):
+            return "rejected_same_as_chosen"
+        return None
+
+    def evaluate_rejected(self, samples, stats, seed):
+        """The response evaluator, rejected side: a rejected answer that states the gold
+        answer, repeats the chosen one or was cut with no complete sentence is generated
+        again from a fresh draw of chunks of its kind, up to --redraws times."""
+        a = self.args
+        for r in range(a.redraws + 1):
+            bad = [(s, m) for s in samples for m in range(1, len(s["kinds"]))
+                   if self.rejected_fault(s, s["responses"][m])]
+            if not bad or r == a.redraws:
+                break
+            prompts = [s["head"] + rejected_context(s["kinds"][m], s["critical"], s["irrelevant"],
+                                                    s["chunks"], a.rejected_context == "matched", s["g"])
+                       + s["tail"] for s, m in bad]
+            for (s, m), out in zip(bad, self.respond(prompts, stats, seed + 2 + r, f"rejected, redraw {r + 1}")):
+                s["responses"][m] = out
+                s["redraws"] += 1
+                stats["responses"]["redrawn"] += 1
+        kept = []
+        for s in samples:
+            fault = next((f for f in (self.rejected_fault(s, o) for o in s["responses"][1:]) if f), None)
+            if fault:
+                self.skip(stats, fault, f"a rejected answer is unusable after --redraws {a.redraws} "
+                          f"({fault.replace('_', ' ')})", s["where"], "raise --redraws")
+            else:
+                kept.append(s)
+        return kept
+
+    def shard(self, shard_idx, items, where_of):
+        """items: (record index, line_no, record or None, reason). -> (tensors, stats, preview)."""
+        import torch
+        a, tok = self.args, self.tok
+        stats = new_stats()
+        stats["read"] = len(items)
+        samples = self.contexts(self.chunk(items, stats, where_of), stats)
+        # Step 5: every response of the shard in length-sorted batches (the chosen one too,
+        # unless --chosen gold), then the response evaluator.
+        seed = (a.seed * 1_000_003 + shard_idx) * 16
+        first = 1 if a.chosen == "gold" else 0
+        answers = iter(self.respond([p for s in samples for p in s["prompts"][first:]], stats, seed,
+                                    f"shard {shard_idx} generate"))
+        outs = [[next(answers) for _ in s["prompts"][first:]] for s in samples]
+        for s, o in zip(samples, outs):
+            s["responses"] = [None] * first + o
+        samples = self.evaluate_chosen(samples, [o[0] if not first else None for o in outs], stats, seed)
+        for s in samples:
+            s["responses"][0] = s["chosen"]
+        samples = self.evaluate_rejected(samples, stats, seed)
+        # Steps 6-7: positions and packing, --syntheses_per_sample rows per sample.
         ids_l, pos_l, seg_l, offsets, preview = [], [], [], [0], []
-        for s in kept:
-            resp = [next(answers) for _ in range(len(s["prompts"]) - gold_chosen)]
-            if gold_chosen:
-                resp.insert(0, tok(s["rec"]["answer"], add_special_tokens=False).input_ids)
-            texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
-            responses = [r + [self.eot] for r in resp]
-            ids, pos, seg = pack_row(s["head"], [s["chunks"][i] for i in s["ctx"]], s["tail"],
-                                     responses, a.target_len, a.sparse_ratio, s["g"])
-            ids_l.append(ids), pos_l.append(pos), seg_l.append(seg)
-            offsets.append(offsets[-1] + len(ids))
+        for s in samples:
+            texts = [tok.decode(r) for r, _ in s["responses"]]
+            responses = [r + [self.eot] * closed for r, closed in s["responses"]]
+            for _ in range(a.syntheses_per_sample):
+                ids, pos, seg = pack_row(s["head"], [s["chunks"][i] for i in s["ctx"]], s["tail"],
+                                         responses, a.target_len, a.sparse_ratio, s["g"])
+                ids_l.append(ids), pos_l.append(pos), seg_l.append(seg)
+                offsets.append(offsets[-1] + len(ids))
+                stats["rows"] += 1
+                stats["prefix_tokens"] += int((seg == 0).sum())
+                stats["response_tokens"] += int((seg > 0).sum())
             stats["kept"] += 1
             stats["fallback"] += s["fallback"]
             stats["critical"] += len(s["critical"])
-            stats["prefix_tokens"] += int((seg == 0).sum())
-            stats["response_tokens"] += int((seg > 0).sum())
+            stats["chosen_source"][s["source"]] += 1
             if s["rec"]["answer"]:
                 for kind, text in zip(s["kinds"], texts):
                     stats["quality"][kind][0] += contains(text, s["rec"]["answer"])
@@ -557,7 +799,7 @@ class Pipeline:
                                     critical=s["critical"], fallback=s["fallback"],
                                     context_chunks=s["ctx"],
                                     critical_text=[tok.decode(s["chunks"][i]) for i in s["critical"]],
-                                    chosen=texts[0],
+                                    chosen=texts[0], chosen_source=s["source"], redraws=s["redraws"],
                                     rejected=[{"kind": k, "text": t} for k, t in zip(s["kinds"][1:], texts[1:])]))
         cat = lambda xs, dt: torch.cat(xs).to(dt) if xs else torch.zeros(0, dtype=dt)
         tensors = {"input_ids": cat(ids_l, torch.int32), "position_ids": cat(pos_l, torch.int32),
@@ -627,31 +869,37 @@ def summarize(args, config, num_records, ner):
     from positions import distance_coverage
     total = math.ceil(num_records / args.shard_size)
     done = [j for j in range(total) if os.path.exists(shard_path(args.out_dir, j))]
-    counts = {"read": 0, "kept": 0, "skipped": {}}
-    extra = {"fallback": 0, "critical": 0, "prefix_tokens": 0, "response_tokens": 0, "answers_over_budget": 0}
-    quality = {k: [0, 0] for k in QUALITY_KINDS}
-    preview, prefix_positions, rows, max_pos = [], [], 0, -1
+    def add(total, part):             # stats are nested dicts of counts and [hits, n] pairs
+        for k, v in part.items():
+            if isinstance(v, dict):
+                add(total.setdefault(k, {}), v)
+            elif isinstance(v, list):
+                total[k] = [x + y for x, y in zip(total.get(k, [0] * len(v)), v)]
+            else:
+                total[k] = total.get(k, 0) + v
+        return total
+
+    st = new_stats()
+    preview, row_positions, rows, max_pos = [], [], 0, -1
     for j in done:
         h = read_header(shard_path(args.out_dir, j))
-        st = h["stats"]
-        counts["read"] += st["read"]
-        counts["kept"] += st["kept"]
-        for r, n in st["skipped"].items():
-            counts["skipped"][r] = counts["skipped"].get(r, 0) + n
-        for k in extra:
-            extra[k] += st[k]
-        for k in quality:
-            quality[k] = [quality[k][0] + st["quality"][k][0], quality[k][1] + st["quality"][k][1]]
+        add(st, h["stats"])
         preview += [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]][:max(0, args.preview - len(preview))]
         t = load_file(shard_path(args.out_dir, j))
         off = t["offsets"].tolist()
         rows += len(off) - 1
         if len(t["position_ids"]):
             max_pos = max(max_pos, int(t["position_ids"].max()))
-        for a, b in zip(off[:-1], off[1:]):
-            prefix_positions.append(t["position_ids"][a:b][t["segment_ids"][a:b] == 0].long())
-    assert rows == counts["kept"] and max_pos < args.target_len, "shards disagree with their stats"
-    coverage = distance_coverage(prefix_positions, args.target_len) if prefix_positions else 0.0
+        # Every position of a row, responses too: the distances a response token sees to
+        # the prefix are what the synthesis is for. (Responses share their positions, so
+        # the set of positions, not the tokens, is what counts.)
+        row_positions += [t["position_ids"][a:b].long().unique() for a, b in zip(off[:-1], off[1:])]
+    assert rows == st["rows"] == st["kept"] * args.syntheses_per_sample and max_pos < args.target_len, \
+        "shards disagree with their stats"
+    coverage = distance_coverage(row_positions, args.target_len) if row_positions else 0.0
+    counts = {k: st[k] for k in ("read", "kept", "rows", "skipped")}
+    extra = st
+    quality = st["quality"]
     frac = {k: (q[0] / q[1] if q[1] else None) for k, q in quality.items()}
     meta = dict(format_version=FORMAT_VERSION, model=args.model, model_path=config["model_path"],
                 tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
@@ -664,8 +912,9 @@ def summarize(args, config, num_records, ner):
                 critical=dict(mean_per_sample=extra["critical"] / max(1, counts["kept"]),
                               rank_order_fallback=extra["fallback"]),
                 answers_over_budget=extra["answers_over_budget"],
-                distance_coverage=coverage,
-                quality=dict(contains_gold=frac, counts=quality), ner=ner,
+                distance_coverage=coverage, syntheses_per_sample=args.syntheses_per_sample,
+                quality=dict(contains_gold=frac, counts=quality), chosen_source=st["chosen_source"],
+                responses=st["responses"], chunking=st["chunking"], ner=ner,
                 args=vars(args), config=config)
     for name, body in (("meta.json", json.dumps(meta, indent=1) + "\n"),
                        ("preview.jsonl", "".join(json.dumps(p) + "\n" for p in preview))):
@@ -683,24 +932,21 @@ def summarize(args, config, num_records, ner):
     return meta
 
 
-def quality_line(frac):
+def quality_lines(meta):
+    frac, src, r = meta["quality"]["contains_gold"], meta["chosen_source"], meta["responses"]
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     rej = ", ".join(f"{k} {show(frac[k])}" for k in QUALITY_KINDS[1:])
-    return f"data quality: chosen contains the gold answer in {show(frac['chosen'])} of samples; rejected: {rej}"
+    return [f"data quality: chosen states the gold answer in {show(frac['chosen'])} of samples; "
+            f"rejected: {rej}",
+            "chosen from: " + ", ".join(f"{k} {v}" for k, v in src.items() if v) + " (model = its own "
+            "answer, verified; gold_sentence / model_hinted = the gold answer in a sentence)",
+            f"responses: {r['generated']} generated, {r['finished']} finished, cut by --max_new_tokens: "
+            f"{r['cut_trimmed']} trimmed to their last sentence, {r['cut_dropped']} dropped, "
+            f"{r['cut_open']} kept open (no end-of-turn); "
+            f"{r['redrawn']} rejected redrawn"]
 
 
 # ----------------------------------------------------------------------------------------
-
-def pick_threads(requested, default):
-    """--threads, else the cores not already busy (1-minute load average), at least 1.
-    On a CPU shared with other jobs, extra torch threads spin waiting for each other:
-    measured here, a SmolLM2 decode step took 1.2 s with 2 threads vs 0.36 s with 1 while
-    two other jobs ran."""
-    if requested:
-        return requested
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(default, round((os.cpu_count() or 1) - load)))
-
 
 def run(args):
     t_start = time.time()
@@ -713,7 +959,8 @@ def run(args):
     import torch
     import models
     from tqdm import tqdm
-    torch.set_num_threads(pick_threads(args.threads, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         tok = models.load_tokenizer(preset["path"], args.trust_remote_code)
     except OSError as e:
@@ -748,10 +995,9 @@ def run(args):
             except OSError as e:
                 raise UserError(f"cannot load the model: {e}".splitlines()[0], "--model",
                                 "give a preset, a local model folder, or a cached hub id") from None
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
+        model.to(args.device).eval()
         model.generation_config.pad_token_id = tok.pad_token_id
-        pipe = Pipeline(args, tok, model, nlp)
+        pipe = Pipeline(args, tok, model, nlp, load_sentencizer())
         for j in tqdm(todo, desc="shards", unit="shard", dynamic_ncols=True):
             items = shard_records(args, records, j)
             tensors, stats, preview = pipe.shard(j, items, where_of)
@@ -772,12 +1018,13 @@ def run(args):
     meta = summarize(args, config, len(records), ner)
     c = meta["counts"]
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(c["skipped"].items())) or "none"
-    print(f"samples: read {c['read']}, kept {c['kept']}, skipped {sum(c['skipped'].values())} ({skipped})")
+    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped "
+          f"{sum(c['skipped'].values())} ({skipped})")
     print(f"tokens: {meta['tokens']['prefix']:,} prefix + {meta['tokens']['response']:,} response; "
           f"critical chunks per sample {meta['critical']['mean_per_sample']:.2f}, rank-order "
           f"fallback in {meta['critical']['rank_order_fallback']} samples")
     print(f"distance coverage over [0, {args.target_len}): {meta['distance_coverage']:.3f}")
-    print(quality_line(meta["quality"]["contains_gold"]))
+    print("\n".join(quality_lines(meta)))
     state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
     print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
     return meta

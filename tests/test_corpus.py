@@ -19,8 +19,18 @@ def test_records_are_deterministic_and_independent_of_how_many_are_asked():
 @pytest.mark.parametrize("chars", [3000, 11000, 40000])
 def test_contexts_have_about_the_requested_length(chars):
     for rec in qa_records(5, chars, seed=0):
-        assert set(rec) == {"context", "question", "answer"}
+        assert set(rec) == {"context", "question", "answer", "answer_sentence"}
         assert chars <= len(rec["context"]) + 700 and len(rec["context"]) < chars + 700
+
+
+def test_the_answer_sentence_names_the_subject_and_states_the_answer_as_one_sentence():
+    for rec in qa_records(40, 3000, seed=4):
+        s = rec["answer_sentence"]
+        name = re.match(r"In (?:which city|what year) (?:was|did) ([A-Z][a-z]+ [A-Z][a-z']+)|"
+                        r"Which organisation did ([A-Z][a-z]+ [A-Z][a-z']+)", rec["question"])
+        assert name, rec["question"]
+        assert s.startswith(name.group(1) or name.group(2)) and rec["answer"] in s
+        assert s.endswith(".") and s.count(". ") == 0
 
 
 def test_the_gold_answer_is_stated_in_exactly_one_paragraph():

@@ -89,29 +89,40 @@ def test_an_empty_input_file_is_an_error(tmp_path, capsys):
     no_partial_files(tmp_path / "o")
 
 
-def test_a_context_shorter_than_one_chunk_is_an_error(tmp_path, capsys):
-    rec = dict(good(), context="Maria Lopez lives in Boston.")          # 28 bytes < 64
-    src = write_jsonl(tmp_path / "in.jsonl", [rec])
-    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
-          "context has 28 tokens", "--chunk_len 64", f"{src}:1")
+# Per-record misses: skipped and counted by default (real corpora hold them by the hundred),
+# the one-line error with --strict.
+PER_RECORD_MISSES = [
+    ("short_context", dict(context="Maria Lopez lives in Boston."), [],      # 28 bytes < 64
+     ["context has 28 tokens", "--chunk_len 64"]),
+    ("no_entity_overlap", dict(question="What colour is the sky on a clear day?"), [],
+     ["shares no named entity"]),
+    ("answer_too_long", dict(answer="a very long gold answer of many bytes"),   # 37 byte tokens
+     ["--chosen", "gold", "--max_new_tokens", "20"], ["gold answer has 37 tokens", "--max_new_tokens 20"]),
+    ("empty_question", dict(question="  "), [], ["the record's 'question' is empty"]),
+    ("empty_context", dict(context=""), [], ["the record's 'context' is empty"]),
+]
+
+
+@pytest.mark.parametrize("reason,change,flags,expected", PER_RECORD_MISSES,
+                         ids=[m[0] for m in PER_RECORD_MISSES])
+def test_a_record_that_cannot_make_a_sample_is_an_error_with_strict(tmp_path, capsys, reason, change,
+                                                                      flags, expected):
+    src = write_jsonl(tmp_path / "in.jsonl", [dict(good(), **change)])
+    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o"), "--strict"] + flags,
+          *expected, f"{src}:1", "drop --strict")
     no_partial_files(tmp_path / "o")
 
 
-def test_a_question_sharing_no_entity_with_the_context_is_an_error(tmp_path, capsys):
-    rec = dict(good(), question="What colour is the sky on a clear day?")
-    src = write_jsonl(tmp_path / "in.jsonl", [rec])
-    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o")],
-          "shares no named entity", f"{src}:1", "--skip_bad")
-    no_partial_files(tmp_path / "o")
-
-
-def test_a_gold_answer_longer_than_the_generation_budget_is_an_error(tmp_path, capsys):
-    rec = dict(good(), answer="a very long gold answer of many bytes")   # 37 byte tokens
-    src = write_jsonl(tmp_path / "in.jsonl", [rec])
-    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o"), "--chosen", "gold",
-                          "--max_new_tokens", "20"],
-          "gold answer has 37 tokens", "--max_new_tokens 20", f"{src}:1")
-    no_partial_files(tmp_path / "o")
+@pytest.mark.parametrize("reason,change,flags,expected", PER_RECORD_MISSES,
+                         ids=[m[0] for m in PER_RECORD_MISSES])
+def test_a_record_that_cannot_make_a_sample_is_skipped_and_counted_by_default(tmp_path, capsys, reason,
+                                                                             change, flags, expected):
+    src = write_jsonl(tmp_path / "in.jsonl", [good(1), dict(good(), **change)])
+    out = str(tmp_path / "o")
+    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--cut_answers", "open"] + flags) == 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["counts"]["skipped"] == {reason: 1} and meta["counts"]["kept"] == 1
+    assert f"skipped 1 ({reason} 1)" in capsys.readouterr().out
 
 
 def test_an_unknown_model_names_the_presets(tmp_path, capsys):

@@ -4,6 +4,7 @@ The generations are garbage; the layout, the scoring and the bookkeeping are wha
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from models import tiny_tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --threads 1: float sums may round differently across thread counts, and byte-for-byte
 # comparisons need the same arithmetic in every run.
-TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0", "--threads", "1"]  # chunk_len 64, N 8, K 4096
+# --cut_answers open: the random tiny model never writes a sentence, so its cut answers are
+# kept, without end-of-turn (the real model's are trimmed to their last sentence).
+TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0", "--threads", "1",
+        "--cut_answers", "open"]  # chunk_len 64, N 8, K 4096
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,44 @@ def test_chunks_have_exactly_chunk_len_tokens_and_the_remainder_goes_last():
     chunks = prepare.split_chunks(ids, 64)
     assert [len(c) for c in chunks] == [64] * 5 + [364 - 5 * 64]
     assert sum(chunks, []) == ids
+
+
+def test_chunk_borders_move_back_to_the_last_sentence_end_that_fits():
+    # sentence starts at tokens 0, 30, 50, 70, 130; chunk_len 64
+    ids = list(range(150))
+    chunks = prepare.split_chunks(ids, 64, starts=[30, 50, 70, 130])
+    # [0, 50): 50 is the last start <= 64 and past the middle (32); [50, 70)? no: 70 <= 114
+    # but 130 > 114 -> border at 70 would leave 20 tokens; the rule keeps the last start
+    # in (50 + 32, 50 + 64] = (82, 114]: none, so the chunk is cut at 114; then [114, 150).
+    assert [(c[0], c[-1] + 1) for c in chunks] == [(0, 50), (50, 114), (114, 150)]
+    assert sum(chunks, []) == ids and max(map(len, chunks)) <= 64
+
+
+def test_sentence_starts_map_to_the_first_token_of_the_sentence():
+    text = "Ada met Babbage.  He was an engineer. Dr. Lee came too."
+    # tokens as a byte-level BPE would cut them, leading spaces inside the token
+    words = ["Ada", " met", " Babbage", ".", " ", " He", " was", " an", " engineer", ".",
+             " Dr", ".", " Lee", " came", " too", "."]
+    offsets, at = [], 0
+    for w in words:
+        offsets.append((at, at + len(w)))
+        at += len(w)
+    assert "".join(words) == text
+    nlp = entities.load_sentencizer()
+    starts = prepare.sentence_token_starts(text, offsets, entities.sentence_starts(nlp(text)))
+    # 'He' (token 5) and 'Lee'? spaCy keeps 'Dr.' an abbreviation: only 'Dr' (token 10) starts one
+    assert starts == [5, 10]
+
+
+def test_a_cut_answer_is_trimmed_to_its_last_complete_sentence():
+    tok = tiny_tokenizer()
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids
+    trim = lambda s: (lambda r: r if r is None else tok.decode(r))(prepare.trim_to_sentence(tok, ids(s)))
+    assert trim("She was born in Boston. Then she moved to") == "She was born in Boston."
+    assert trim('He said "yes." Later he wrote about it in 19') == 'He said "yes."'
+    assert trim("It cost 3.5 million dollars and") is None            # '3.' is no sentence end
+    assert trim("Boston, in the year of") is None
+    assert trim("...") is None                                          # no word in it
 
 
 def test_chunk_scores_count_distinct_entities_shared_with_the_question(nlp):
@@ -195,22 +237,36 @@ def test_rows_are_prefix_then_chosen_then_rejected_with_synthesized_positions(de
     for (ids, pos, seg), p in zip(all_rows, preview):
         rec = qa_record(p["index"], 5 * 64 * 8, 0)
         ctx_bytes = rec["context"].encode()
-        # C': the chosen 64-byte chunks of the context, all critical ones included, in order
+        # Chunks of <= 64 bytes (byte tokenizer: 1 token = 1 byte) that end where a sentence
+        # ends (the corpus writes '. ' or '.\n\n' between sentences), unless a chunk holds
+        # no sentence end past its middle: then it is cut at 64.
+        ends = [m.end() for m in re.finditer(rb"\.(?: |\n\n)", ctx_bytes)]
+        borders, i = [], 0
+        while i < len(ctx_bytes):
+            fit = [e for e in ends if i + 32 < e <= i + 64]
+            i = min(len(ctx_bytes), i + 64) if not fit or i + 64 >= len(ctx_bytes) else fit[-1]
+            borders.append(i)
+        chunks = [ctx_bytes[a:b] for a, b in zip([0] + borders[:-1], borders)]
+        # C': chunks of the context, all critical ones included, in order
         assert len(p["context_chunks"]) == 8 and set(p["critical"]) <= set(p["context_chunks"])
         assert p["context_chunks"] == sorted(p["context_chunks"])
-        cprime = b"".join(ctx_bytes[64 * j:64 * (j + 1)] for j in p["context_chunks"]).decode()
+        cprime = b"".join(chunks[j] for j in p["context_chunks"]).decode()
+        assert p["critical_text"] == [chunks[j].decode() for j in p["critical"]]
         expected_prefix = tok.apply_chat_template(
             [{"role": "user", "content": f"{cprime}\n\n{rec['question']}"}],
             tokenize=False, add_generation_prompt=True)
         P = int((seg == 0).sum())
         assert tok.decode(ids[:P].tolist()) == expected_prefix
-        # segments 0 | 1 | 2 | 3 in that order, each response closed by the end-of-turn token
+        # segments 0 | 1 | 2 | 3 in that order. The random model never states the answer:
+        # chosen is the record's answer sentence, closed by end-of-turn; the rejected ones are
+        # its 6-token answers, cut by the budget with no sentence in them, stored open.
         s = seg.tolist()
         assert s == sorted(s) and set(s) == {0, 1, 2, 3}
-        for k in (1, 2, 3):
+        assert p["chosen_source"] == "gold_sentence"
+        assert tok.decode(ids[seg == 1].tolist()) == rec["answer_sentence"] + "<|im_end|>"
+        for k in (2, 3):
             resp = ids[seg == k]
-            assert resp[-1] == eot and (resp[:-1] != eot).all()
-            assert len(resp) <= 6 + 1
+            assert len(resp) == 6 and (resp != eot).all()
         prefix = pos[:P]
         assert (prefix[1:] > prefix[:-1]).all()
         starts = {int(pos[seg == k][0]) for k in (1, 2, 3)}
@@ -265,24 +321,28 @@ def test_skip_bad_counts_every_skipped_record_by_reason(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out = str(tmp_path / "out")
     assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--skip_bad", "--delta", "2",
-                                "--shard_size", "3"]) == 0
+                                "--shard_size", "3", "--chosen", "model"]) == 0
     c = json.load(open(os.path.join(out, "meta.json")))["counts"]
+    # ... and the random tiny model answers one record's question with the same 6 tokens
+    # three times: its rejected answers repeat the chosen one even after redraws
     assert c["skipped"] == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1,
-                            "short_context": 1, "no_entity_overlap": 1}
-    assert (c["read"], c["kept"]) == (8, 3) and len(rows(out)) == 3
+                            "short_context": 1, "no_entity_overlap": 1, "rejected_same_as_chosen": 1}
+    assert (c["read"], c["kept"]) == (8, 2) and len(rows(out)) == 2
 
 
-def test_gold_chosen_responses_are_the_gold_answer_and_end_of_turn(tmp_path):
+def test_gold_chosen_responses_are_the_answer_sentence_or_the_bare_answer_and_end_of_turn(tmp_path):
     recs = [qa_record(i, 1200, 3) for i in range(2)]
+    recs[1].pop("answer_sentence")                     # a record without one: the bare answer
     src = write_jsonl(tmp_path / "in.jsonl", recs)
     out = str(tmp_path / "out")
     assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--chosen", "gold", "--delta", "2",
-                                "--max_new_tokens", "32"]) == 0
+                                "--max_new_tokens", "48"]) == 0
     tok = tiny_tokenizer()
-    for (ids, _, seg), rec in zip(rows(out), recs):
-        assert tok.decode(ids[seg == 1].tolist()) == rec["answer"] + "<|im_end|>"
+    got = [tok.decode(ids[seg == 1].tolist()) for ids, _, seg in rows(out)]
+    assert got == [recs[0]["answer_sentence"] + "<|im_end|>", recs[1]["answer"] + "<|im_end|>"]
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["quality"]["contains_gold"]["chosen"] == 1.0
+    assert meta["chosen_source"] == dict(model=0, gold_sentence=1, model_hinted=0, gold=1, model_unchecked=0)
 
 
 def test_workers_splitting_the_shards_write_the_same_bytes_as_one_process(demo_run, tmp_path):
@@ -316,3 +376,115 @@ def test_a_run_killed_after_its_first_shard_resumes_to_identical_bytes(demo_run,
     assert sorted(os.listdir(out)) == ["meta.json", "preview.jsonl"] + shards(demo_run)
     for f in shards(demo_run):
         assert open(os.path.join(out, f), "rb").read() == open(os.path.join(demo_run, f), "rb").read()
+
+
+# ---------------------------------------------------------------------------- the response evaluator
+
+def fake_generate(rule):
+    """A stand-in for prepare.generate: answers each prompt by rule(prompt text) ->
+    (text, finished), so every path of the response evaluator can be driven exactly."""
+    def generate(model, tok, prompts, args, stop_ids, seed, bar):
+        out = []
+        for p in prompts:
+            text, finished = rule(tok.decode(p))
+            out.append((tok(text, add_special_tokens=False).input_ids, finished))
+        bar.update(len(prompts))
+        return out
+    return generate
+
+
+def run_evaluator(tmp_path, monkeypatch, rule, recs, *flags):
+    monkeypatch.setattr(prepare, "generate", fake_generate(rule))
+    os.makedirs(tmp_path, exist_ok=True)
+    src = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = str(tmp_path / "out")
+    # 256-byte chunks: a corpus sentence (<= ~130 bytes) is never longer than half a chunk
+    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--delta", "2", "--chunk_len", "256",
+                                "--max_new_tokens", "64", "--preview", "20", "--cut_answers", "trim"]
+                        + list(flags)) == 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    preview = [json.loads(line) for line in open(os.path.join(out, "preview.jsonl"))]
+    return meta, preview, rows(out)
+
+
+def answer_of(recs):
+    return lambda prompt: next(r["answer"] for r in recs if r["question"] in prompt)
+
+
+def test_a_chosen_answer_that_states_the_gold_answer_is_kept_and_rejected_ones_that_do_are_redrawn(
+        tmp_path, monkeypatch):
+    recs = [qa_record(i, 2400, 11) for i in range(6)]
+    gold = answer_of(recs)
+    # the model states the answer whenever the answer is in its context (chosen: always;
+    # 'partial' rejected: when its half of the critical chunks holds it)
+    rule = lambda p: (f"It is {gold(p)}." if gold(p) in p.split("<|im_start|>user")[1] else
+                      "I could not find it.", True)
+    meta, preview, _ = run_evaluator(tmp_path, monkeypatch, rule, recs)
+    q = meta["quality"]["contains_gold"]
+    kept = meta["counts"]["kept"]
+    assert q["chosen"] == 1.0 and q["irrelevant"] == 0.0 and (kept == 0 or q["partial"] == 0.0)
+    assert meta["chosen_source"]["model"] == kept >= 3
+    skipped = meta["counts"]["skipped"]
+    assert set(skipped) <= {"rejected_states_answer"} and kept + sum(skipped.values()) == 6
+    # every redraw is counted; a sample skipped had all of its redraws fail
+    assert meta["responses"]["redrawn"] == sum(p["redraws"] for p in preview) + 2 * skipped.get(
+        "rejected_states_answer", 0)
+    for p in preview:
+        assert gold(p["question"]) in p["chosen"] and p["chosen_source"] == "model"
+        assert all(gold(p["question"]) not in r["text"] for r in p["rejected"])
+
+
+def test_a_wrong_chosen_answer_is_replaced_by_the_gold_answer_in_a_sentence(tmp_path, monkeypatch):
+    recs = [qa_record(i, 2400, 12) for i in range(4)]
+    for r in recs[2:]:
+        r.pop("answer_sentence")              # these the model must write, the answer given
+    gold = answer_of(recs)
+    rule = lambda p: (f"Surely it was {gold(p)}." if "Correct answer:" in p else "It was Nowhere.", True)
+    meta, preview, all_rows = run_evaluator(tmp_path, monkeypatch, rule, recs)
+    assert meta["counts"]["kept"] == 4 and meta["quality"]["contains_gold"]["chosen"] == 1.0
+    assert meta["chosen_source"] == dict(model=0, gold_sentence=2, model_hinted=2, gold=0, model_unchecked=0)
+    assert [p["chosen"] for p in preview] == [recs[0]["answer_sentence"], recs[1]["answer_sentence"],
+                                              f"Surely it was {recs[2]['answer']}.",
+                                              f"Surely it was {recs[3]['answer']}."]
+    tok = tiny_tokenizer()
+    # the hint is only behind the chosen answer's generation, never in the stored prefix
+    assert all("Correct answer" not in tok.decode(ids[seg == 0].tolist()) for ids, _, seg in all_rows)
+
+
+def test_a_hinted_answer_that_still_misses_the_gold_answer_skips_the_sample(tmp_path, monkeypatch):
+    recs = [qa_record(i, 2400, 13) for i in range(2)]
+    recs[1].pop("answer_sentence")
+    meta, _, _ = run_evaluator(tmp_path, monkeypatch, lambda p: ("It was Nowhere.", True), recs)
+    assert meta["counts"]["kept"] == 1 and meta["counts"]["skipped"] == {"chosen_unverified": 1}
+
+
+def test_rejected_answers_identical_to_the_chosen_one_are_never_kept(tmp_path, monkeypatch):
+    recs = [qa_record(i, 2400, 14) for i in range(3)]
+    meta, _, _ = run_evaluator(tmp_path, monkeypatch, lambda p: ("It was  nowhere.", True), recs,
+                               "--chosen", "model")
+    assert meta["counts"]["kept"] == 0 and meta["counts"]["skipped"] == {"rejected_same_as_chosen": 3}
+    assert meta["responses"]["redrawn"] == 3 * 2 * 2          # 3 samples x M = 2 x --redraws 2
+
+
+def test_cut_answers_end_at_their_last_sentence_and_are_never_stored_as_finished(tmp_path, monkeypatch):
+    recs = [qa_record(i, 2400, 15) for i in range(4)]
+    gold = answer_of(recs)
+    def rule(p):
+        ctx = p.split("<|im_start|>user")[1]
+        if gold(p) in ctx:
+            return f"It is {gold(p)}. I also think that the", False      # cut: trimmed
+        return "Nobody knows where she was born and", False               # cut: no sentence
+    meta, preview, all_rows = run_evaluator(tmp_path, monkeypatch, rule, recs, "--redraws", "0")
+    r = meta["responses"]
+    assert r["cut_trimmed"] + r["cut_dropped"] == r["generated"] and r["finished"] == r["cut_open"] == 0
+    assert r["cut_trimmed"] >= 4 and r["cut_dropped"] >= 4
+    # the dropped rejected answers leave no usable sample; nothing cut was stored open
+    assert meta["counts"]["kept"] == 0 and set(meta["counts"]["skipped"]) <= {"rejected_cut", "rejected_states_answer"}
+    rule = lambda p: (f"It is {gold(p)}. And then the" if gold(p) in p.split("<|im_start|>user")[1]
+                      else "It is Nowhere. Then she", False)
+    meta, preview, all_rows = run_evaluator(tmp_path / "2", monkeypatch, rule, recs, "--redraws", "0")
+    tok = tiny_tokenizer()
+    assert len(all_rows) == meta["counts"]["kept"] >= 1
+    for (ids, _, seg), p in zip(all_rows, preview):
+        got = [tok.decode(ids[seg == k].tolist()) for k in (1, 2, 3)]
+        assert got == [f"It is {gold(p['question'])}.<|im_end|>"] + ["It is Nowhere.<|im_end|>"] * 2
