@@ -14,6 +14,7 @@ Writes  the same folder, once (an atomic rename: a crash never leaves a half cac
     model = models.load_model(path, ..., zero3=ds_config)  # ZeRO-3: each rank builds its shard only
 """
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -177,17 +178,37 @@ def load_config(path, rope_theta=None, trust_remote_code=False, arch="llama"):
 
 
 def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta=None,
-               seed=0, trust_remote_code=False):
+               seed=0, trust_remote_code=False, zero3=None):
     """A causal LM from a preset path, hub id or local folder, with RoPE settings applied
-    before the rotary tables are built. 'tiny' is random-initialised from `seed`."""
+    before the rotary tables are built. 'tiny' is random-initialised from `seed`.
+
+    zero3: train.py's DeepSpeed config (ZeRO stage 3) to load the ZeRO-3 way: transformers'
+    DeepSpeed integration builds the model under deepspeed.zero.Init, so every weight is
+    partitioned as it is created, and rank 0 reads the checkpoint module by module into
+    the partitions. A process then holds about its 1/world_size share of the weights
+    instead of the whole model (8B in bf16: ~2 GB per rank on 8 GPUs, not 16 GB each).
+    Needs torch.distributed initialised. 'tiny' is always built whole (it is tiny, and a
+    random init under zero.Init draws other numbers); deepspeed.initialize partitions it.
+    """
     config = load_config(path, rope_theta, trust_remote_code)
     if path == "tiny":
         torch.manual_seed(seed)
         config._attn_implementation = attn_implementation
         return LlamaForCausalLM(config).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_path(path), config=config, dtype=dtype, attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code)
+    load = functools.partial(AutoModelForCausalLM.from_pretrained, resolve_path(path), config=config,
+                             dtype=dtype, attn_implementation=attn_implementation,
+                             trust_remote_code=trust_remote_code)
+    if zero3 is None:
+        return load()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    ds = HfDeepSpeedConfig(zero3)       # transformers finds it through a weak reference
+    if not ds.is_zero3():
+        raise ValueError("load_model(zero3=...) needs a DeepSpeed config with ZeRO stage 3")
+    try:
+        return load()
+    finally:                            # later loads (merge, on rank 0 alone) are plain again
+        unset_hf_deepspeed_config()
+        del ds
 
 
 def tokenizer_fingerprint(tok):

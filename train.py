@@ -139,6 +139,10 @@ def parse_args(argv=None):
                    help="DeepSpeed ZeRO stage; default 3 on GPU, 0 on CPU")
     g.add_argument("--offload_optimizer", action="store_true", help="ZeRO: optimiser state in CPU memory")
     g.add_argument("--offload_params", action="store_true", help="ZeRO-3: parameters in CPU memory")
+    g.add_argument("--zero3_persistence_threshold", type=int, default=None,
+                   help="ZeRO-3: tensors with fewer elements stay whole on every process "
+                        "(DeepSpeed's stage3_param_persistence_threshold; default DeepSpeed's 1e5; "
+                        "0 partitions every tensor, as the tests do)")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward (needed for 8K+ rows on a GPU)")
     g.add_argument("--max_nonfinite_steps", type=int, default=3,
@@ -149,6 +153,9 @@ def parse_args(argv=None):
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     g.add_argument("--debug_nan_steps", default="",
                    help="fault injection for tests: make the loss NaN at these steps (comma-separated)")
+    g.add_argument("--debug_unshared_out_dir", action="store_true",
+                   help="fault injection for tests: ranks > 0 look at another folder than rank 0, "
+                        "as nodes without a shared filesystem would")
     return p.parse_args(argv)
 
 
@@ -197,6 +204,8 @@ def ds_config(cfg):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg["offload_params"]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg["zero_stage"] == 3 and cfg["zero3_persistence_threshold"] is not None:
+        zero["stage3_param_persistence_threshold"] = cfg["zero3_persistence_threshold"]
     return {
         "train_batch_size": cfg["global_batch"],
         "train_micro_batch_size_per_gpu": cfg["micro_batch"],
@@ -536,8 +545,15 @@ def build(cfg, tok, rank):
     # transformers 5 deprecates the attribute that peft and DeepSpeed still read: noise only
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     dtype = getattr(torch, cfg["dtype"])
+    # ZeRO-3: built partitioned (deepspeed.zero.Init), so no process ever holds the whole
+    # model in host memory (models.load_model); other stages load it whole on every process.
     model = models.load_model(cfg["model_path"], dtype=dtype, rope_theta=cfg["rope_theta"],
-                                   trust_remote_code=cfg["trust_remote_code"])
+                              trust_remote_code=cfg["trust_remote_code"],
+                              zero3=ds_config(cfg) if cfg["zero_stage"] == 3 else None)
+    held = [p for p in model.parameters() if hasattr(p, "ds_tensor")]   # built by zero.Init
+    if held and rank == 0:
+        print(f"ZeRO-3 load: {len(held)} tensors built partitioned; this process holds "
+              f"{sum(p.ds_tensor.numel() for p in held):,} of their {sum(p.ds_numel for p in held):,} elements")
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg["seed"])                            # LoRA A init; B starts at 0
@@ -547,7 +563,8 @@ def build(cfg, tok, rank):
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")  # merge() unties
         model = get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())      # a ZeRO-3 partition reports 0
+    n_train, n_all = sum(map(numel, trainable)), sum(map(numel, model.parameters()))
     if rank == 0:
         print(f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")
     opt = SkippableAdamW(trainable, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
@@ -555,6 +572,11 @@ def build(cfg, tok, rank):
     scorer = LogoScorer(model, cfg["attention"])
     engine, _, _, _ = deepspeed.initialize(model=scorer, optimizer=opt, config=ds_config(cfg))
     engine.checkpoint_engine.load = safe_torch_load           # no pickle (see safe_torch_load)
+    if cfg["zero_stage"] == 3 and rank == 0:                  # tensors under the threshold stay whole
+        params = list(model.parameters())
+        split = [p for p in params if not p.ds_persist]
+        print(f"ZeRO-3: {len(split)} of {len(params)} tensors partitioned across {cfg['world_size']} "
+              f"processes (stage3_param_persistence_threshold: the rest stay whole)")
     return engine, opt, scorer
 
 
@@ -589,7 +611,7 @@ def merge(cfg, tok):
     """<out_dir>/merged: a fresh base + the exported adapter, merged (safetensors)."""
     from peft import PeftModel
     base = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]),
-                                  rope_theta=cfg["rope_theta"], trust_remote_code=cfg["trust_remote_code"])
+                             rope_theta=cfg["rope_theta"], trust_remote_code=cfg["trust_remote_code"])
     if base.config.tie_word_embeddings and "embed_tokens" in cfg["lora_targets"]:
         # The adapter changes the input embeddings only (lm_head reads the base matrix), so
         # merging into a tied matrix would change the output layer too: untie first.
@@ -607,7 +629,7 @@ def merge(cfg, tok):
 # The run.
 
 RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge", "wandb",
-                     "tensorboard", "max_nonfinite_steps", "debug_nan_steps", "gradient_checkpointing",
+                     "tensorboard", "max_nonfinite_steps", "debug_nan_steps", "debug_unshared_out_dir", "gradient_checkpointing",
                      "offload_optimizer", "offload_params", "attention"}
 
 
@@ -621,7 +643,8 @@ def start_run(cfg, rank):
     if cfg["resume"]:
         if not found:
             raise UserError(f"--resume: no finished checkpoint in {out}/checkpoints; "
-                            "start again with --overwrite (or check --out_dir)")
+                            "start again with --overwrite (or check --out_dir; with several nodes "
+                            "it must be on a filesystem every node shares)")
         with open(saved) as f:
             old = json.load(f)
         diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in cfg.items()
@@ -638,6 +661,35 @@ def start_run(cfg, rank):
                             "--overwrite to replace it, or another --out_dir")
         shutil.rmtree(out)
     return None
+
+
+def check_shared_out_dir(cfg, rank):
+    """Several nodes (deepspeed --hostfile): every process must see rank 0's out_dir. Rank 0
+    alone writes run_config.json, the log and the exported adapter and renames finished
+    checkpoints, while every process writes its own checkpoint shards there and reads
+    trainer_state.json on --resume; a node-local folder would hold half a checkpoint.
+    Rank 0 writes a file with a fresh random name, each process looks for it; any miss
+    stops every process with one line (a UserError) before the model loads."""
+    import deepspeed
+    out = cfg["out_dir"]
+    token = torch.zeros(2, dtype=torch.int64)
+    if rank == 0:
+        token = torch.tensor([int.from_bytes(os.urandom(7), "little") for _ in range(2)])  # not torch's RNG
+        open(os.path.join(out, f".shared_check_{token[0]}_{token[1]}"), "w").close()
+    device = deepspeed.get_accelerator().current_device_name()    # NCCL reduces GPU tensors only
+    token = token.to(device)
+    torch.distributed.broadcast(token, src=0)
+    seen = out + (f".rank{rank}" if cfg["debug_unshared_out_dir"] and rank > 0 else "")
+    name = f".shared_check_{token[0].item()}_{token[1].item()}"
+    missing = torch.tensor([0 if os.path.exists(os.path.join(seen, name)) else 1], device=device)
+    torch.distributed.all_reduce(missing)
+    deepspeed.comm.barrier()
+    if rank == 0:
+        os.remove(os.path.join(out, name))
+    if missing.item():
+        raise UserError(f"{int(missing.item())} of {cfg['world_size']} processes do not see rank 0's "
+                        f"out_dir ({os.path.abspath(out)}); with several nodes, --out_dir must be on a "
+                        "filesystem every node shares (NFS, Lustre, ...): checkpoints and --resume need it")
 
 
 def resume(engine, path, log_path, rank):
@@ -794,6 +846,9 @@ def main(argv=None):
 
     import deepspeed                  # not before the checks above: a bad input fails in seconds
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if cfg["world_size"] > 1:
+        deepspeed.init_distributed()
+        check_shared_out_dir(cfg, rank)
     engine, opt, scorer = build(cfg, tok, rank)
     start, nonfinite = 0, 0
     if resume_from is not None:
