@@ -3,33 +3,51 @@ prepare.py: LOGO's training data, from long-context QA to packed tensors on disk
 (paper Sec. 3.2.2; ../shared/LOGO_SPEC.md section 3).
 
 For every sample (question Q, long context C, optional gold answer):
-  1. split C into chunks of --chunk_len tokens (paper: 512) with the model's tokenizer;
-  2. score each chunk: distinct named entities (spaCy NER) it shares with Q;
+  1. split C into chunks of at most --chunk_len tokens (paper: 512), each ending where a
+     sentence ends (spaCy's sentencizer), so no fact is cut in two at a chunk border;
+  2. score each chunk: distinct named entities (spaCy NER, entities.py) it shares with Q;
   3. critical chunks: score >= --delta (paper: 6), else the best-ranked ones (fallback);
   4. the shared context C': all critical chunks + sampled irrelevant ones, --num_chunks in all;
   5. the model itself answers Q three ways: chosen from the critical chunks, rejected from
      irrelevant chunks only, and from irrelevant chunks plus part of the critical ones;
-  6. position ids synthesized over a --target_len window (positions.py);
-  7. one packed row: prefix (C' and Q in the chat template) | chosen | rejected 1..M.
+     then the response evaluator (--chosen verified, the default, when the record has a
+     gold answer): the chosen answer is kept only if it states the gold answer, else the
+     gold answer in a sentence takes its place (the record's answer_sentence, or the model
+     writing its answer with the gold answer given, checked again); a rejected answer that
+     states the gold answer, repeats the chosen one or was cut with no complete sentence
+     is drawn again from fresh chunks (--redraws), else the sample is skipped and counted;
+     an answer cut by --max_new_tokens is trimmed to its last complete sentence, never
+     stored as if finished;
+  6. position ids synthesized over a --target_len window (positions.py), --syntheses_per_sample
+     independent draws per sample;
+  7. one packed row per draw: prefix (C' and Q in the chat template) | chosen | rejected 1..M.
 
 Reads: the built-in corpus (corpus.py; no --input) or --input FILE.jsonl, one record per line
-with `context`, `question` and optional `answer` (LongBench's `context`, `input`, `answers`
-also work). Writes to --out_dir (default data/demo, or data/<input name>):
+with `context`, `question`, optional `answer` and `answer_sentence` (LongBench's `context`,
+`input`, `answers` also work). Writes to --out_dir (default data/demo, or data/<input name>):
   shard_00000.safetensors ...  flat input_ids (int32), position_ids (int32), segment_ids
                                (int8: 0 prefix, 1 chosen, 2..M+1 rejected) and offsets
                                (int64, N+1 row boundaries: row i is [offsets[i], offsets[i+1]))
-  meta.json                    format version, model, tokenizer, arguments, counts, token
-                               totals, distance coverage, data quality
+  meta.json                    format version, model, tokenizer, arguments, counts (records
+                               read, kept, rows, skipped per reason), token totals, distance
+                               coverage, data quality (how often each kind of response states
+                               the gold answer, where each chosen answer came from, how many
+                               answers were cut and how each was handled, redraws)
   preview.jsonl                the first samples decoded, for a human to read
 
-    python prepare.py                                   # CPU demo: 64 samples, ~10 min on 2 busy cores
+    python prepare.py                                   # CPU demo: 64 samples of the built-in corpus
     python prepare.py --model llama3-8b-80k --input long.jsonl --out_dir data/l3
-    python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # one of 4 workers
+    python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # one of 4 workers (GPU 2)
 
 Shards are units of --shard_size input records: a rerun skips finished shards, each shard
 is written under a temporary name and renamed, and every random draw is seeded per sample,
-so a killed and rerun job writes the same bytes as an uninterrupted one. Bad input stops
-with `error: <what> (<file>:<line>); <what to do>` (exit 2), or with --skip_bad is counted.
+so a killed and rerun job writes the same bytes as an uninterrupted one. A record that
+cannot make a sample (empty question, context under two chunks, no entity shared with the
+question, ...) is skipped and counted per reason; --strict stops at it instead. Malformed
+input stops with `error: <what> (<file>:<line>); <what to do>` (exit 2), or with --skip_bad
+is counted too. Generation runs in float32 on CPU (bf16 without native support is several
+times slower) and in the preset's dtype on GPU; worker --shard_id i uses GPU LOCAL_RANK
+under a launcher, else i mod the number of GPUs.
 """
 
 import argparse

@@ -167,3 +167,18 @@ def test_a_full_disk_while_writing_a_shard_leaves_no_partial_file(tmp_path, caps
     fails(capsys, TINY + ["--num_samples", "2", "--out_dir", out], "No space left on device",
           "shard_00000.safetensors", "finished shards are kept")
     no_partial_files(out)
+
+
+def test_a_longbench_file_with_an_empty_input_and_a_record_sharing_no_entity_runs_to_the_end(tmp_path, capsys):
+    lb = lambda r, **kw: dict({"context": r["context"], "input": r["question"], "answers": [r["answer"]],
+                               "length": 300, "dataset": "hotpotqa", "_id": "x"}, **kw)
+    lines = [lb(good(1)), lb(good(2), input=""),                      # gov_report-style: no question
+             lb(good(3), input="What colour is the sky on a clear day?"), lb(good(4))]
+    src = write_jsonl(tmp_path / "lb.jsonl", lines)
+    out = str(tmp_path / "o")
+    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--cut_answers", "open",
+                                "--chosen", "model"]) == 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["counts"]["skipped"] == {"empty_question": 1, "no_entity_overlap": 1}
+    assert meta["counts"]["read"] == 4 and meta["counts"]["kept"] == 2
+    assert "skipped 2 (empty_question 1, no_entity_overlap 1)" in capsys.readouterr().out

@@ -488,3 +488,128 @@ def test_cut_answers_end_at_their_last_sentence_and_are_never_stored_as_finished
     for (ids, _, seg), p in zip(all_rows, preview):
         got = [tok.decode(ids[seg == k].tolist()) for k in (1, 2, 3)]
         assert got == [f"It is {gold(p['question'])}.<|im_end|>"] + ["It is Nowhere.<|im_end|>"] * 2
+
+
+# ---------------------------------------------------------------------------- planted facts
+
+# One fact per essay, planted between two of its sentences; the question names three of
+# the fact's entities and asks for a fourth. Facts of real essays (the issue's check) were
+# cut in two at fixed 128-token chunk borders in 2 of 6 samples.
+FACTS = [("In {year}, the novelist {person} published {title} with {org} in {city}.",
+          "Which novel did {person} publish with {org} in {year}?", "title"),
+         ("{person} moved from {city} to {city2} in {year} to run the archive of {org}.",
+          "Which city did {person} move to from {city} in {year}?", "city2"),
+         ("According to {person}, {org} opened its first office in {city} in the spring of {year}.",
+          "In which city did {org} open its first office in {year}, according to {person}?", "city"),
+         ("The engineer {person} left {org} in {year} and founded {org2} in {city}.",
+          "Which company did {person} found in {city} after leaving {org} in {year}?", "org2")]
+
+
+def planted_records(essays, seed):
+    """One record per essay text: the essay with a fact sentence planted at a random
+    sentence border, a question about it, the answer and the planted sentence."""
+    import random
+    from faker import Faker
+    fake, rng = Faker("en_US"), random.Random(seed)
+    fake.seed_instance(seed)
+    recs = []
+    for i, essay in enumerate(essays):
+        template, question, key = FACTS[i % len(FACTS)]
+        v = dict(person=fake.name(), org=f"{fake.last_name()} {rng.choice(['Press', 'Institute', 'Group'])}",
+                 org2=f"{fake.last_name()} Instruments", city=fake.city(), city2=fake.city(),
+                 year=str(rng.randint(1950, 2015)), title=f"The {fake.last_name()} Orchard")
+        fact = template.format(**v)
+        borders = [m.end() for m in re.finditer(r"[.!?] (?=[A-Z])", essay)]
+        at = rng.choice(borders[len(borders) // 5:]) if borders else 0
+        recs.append({"context": essay[:at] + fact + " " + essay[at:], "question": question.format(**v),
+                     "answer": v[key], "fact": fact})
+    return recs
+
+
+def planted_fact_rate(recs, tok, flags):
+    """Steps 1-4 of prepare.py on each record (no model): the share of samples whose
+    shared context C' holds the whole planted sentence, and whose critical chunks do."""
+    args = prepare.parse_args(flags)
+    prepare.resolve(args)
+    pipe = prepare.Pipeline(args, tok, None, entities.load_spacy(), entities.load_sentencizer())
+    stats = prepare.new_stats()
+    items = [(i, i + 1, r, None) for i, r in enumerate(recs)]
+    samples = pipe.contexts(pipe.chunk(items, stats, lambda n: f"planted:{n}"), stats)
+    squash = lambda s: re.sub(r"\s+", " ", s)
+    in_ctx = in_crit = 0
+    for s in samples:
+        fact = squash(s["rec"]["fact"])
+        in_ctx += fact in squash(tok.decode([t for i in s["ctx"] for t in s["chunks"][i]]))
+        in_crit += fact in squash(tok.decode([t for i in s["critical"] for t in s["chunks"][i]]))
+    return in_ctx / len(recs), in_crit / len(recs), stats
+
+
+def test_a_planted_fact_is_never_cut_at_a_chunk_border(tmp_path):
+    """On 24 essays of the built-in prose (512-byte chunks, about the characters of one
+    128-token chunk of SmolLM2) with one planted fact each. The same check on the Paul
+    Graham essays, outside CI: LOGO_ESSAYS=../shared/data/pg_essays python -m pytest -k planted"""
+    from corpus import haystack
+    folder = os.environ.get("LOGO_ESSAYS")
+    if folder:
+        essays = [open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder)) if f.endswith(".txt")]
+        from models import load_tokenizer, resolve_model
+        tok, flags = load_tokenizer(resolve_model("smollm2-135m")["path"]), ["--chunk_len", "128"]
+    else:
+        essays = [haystack(4000 + 200 * i, seed=i) for i in range(24)]
+        tok, flags = tiny_tokenizer(), ["--model", "tiny", "--chunk_len", "512"]
+    recs = planted_records(essays, seed=0)
+    src = write_jsonl(tmp_path / "in.jsonl", [{k: r[k] for k in ("context", "question", "answer")} for r in recs])
+    in_ctx, in_crit, stats = planted_fact_rate(recs, tok, flags + ["--input", src, "--num_chunks", "8"])
+    print(f"planted facts: whole sentence in C' {in_ctx:.3f}, in the critical chunks {in_crit:.3f} "
+          f"of {len(recs)}; skipped {stats['skipped']}")
+    assert in_ctx >= 0.95 and in_crit >= 0.95
+    # and with fixed-length chunks (the old chunking) the same facts are cut: the test can fail
+    fixed = lambda text, offsets, starts: None
+    prepare_sts = prepare.sentence_token_starts
+    try:
+        prepare.sentence_token_starts = fixed
+        in_ctx_fixed, in_crit_fixed, _ = planted_fact_rate(recs, tok, flags + ["--input", src, "--num_chunks", "8"])
+    finally:
+        prepare.sentence_token_starts = prepare_sts
+    print(f"with fixed-length chunks: in C' {in_ctx_fixed:.3f}, in the critical chunks {in_crit_fixed:.3f}")
+    assert in_crit_fixed < 0.95
+
+
+# ---------------------------------------------------------------------------- positions, device
+
+def test_several_syntheses_per_sample_repeat_the_responses_with_independent_positions(tmp_path):
+    out = str(tmp_path / "k3")
+    assert prepare.main(TINY + ["--out_dir", out, "--num_samples", "2", "--syntheses_per_sample", "3"]) == 0
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    all_rows = rows(out)
+    assert len(all_rows) == 6 == meta["counts"]["rows"] and meta["counts"]["kept"] == 2
+    for k in range(2):
+        same = all_rows[3 * k:3 * k + 3]
+        for ids, pos, seg in same[1:]:
+            assert torch.equal(ids, same[0][0]) and torch.equal(seg, same[0][2])   # same tokens
+            assert not torch.equal(pos, same[0][1])                                # new positions
+    # coverage counts every position of a row: with only prefix positions it is lower
+    from positions import distance_coverage
+    prefix_only = distance_coverage([pos[seg == 0] for _, pos, seg in all_rows], 4096)
+    every = distance_coverage([pos.unique() for _, pos, _ in all_rows], 4096)
+    assert meta["distance_coverage"] == pytest.approx(every) and every > prefix_only
+
+
+def test_generation_runs_in_float32_on_cpu_and_each_worker_takes_its_own_gpu(monkeypatch):
+    args = prepare.parse_args([])
+    prepare.resolve(args)
+    assert (args.device, args.dtype) == ("cpu", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for shard_id, device in ((0, "cuda:0"), (5, "cuda:1"), (7, "cuda:3")):
+        args = prepare.parse_args(["--num_shards", "8", "--shard_id", str(shard_id)])
+        prepare.resolve(args)
+        assert (args.device, args.dtype) == (device, "bfloat16")      # the preset's dtype on GPU
+    monkeypatch.setenv("LOCAL_RANK", "2")                              # under a launcher
+    args = prepare.parse_args(["--num_shards", "8", "--shard_id", "5"])
+    prepare.resolve(args)
+    assert args.device == "cuda:2"
+    args = prepare.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    prepare.resolve(args)
+    assert (args.device, args.dtype) == ("cpu", "bfloat16")            # explicit flags win
