@@ -19,8 +19,9 @@ def script(name, *args):
 def test_prepare_then_train_then_evaluate_on_the_tiny_preset(tmp_path):
     data, run, ev = tmp_path / "data", tmp_path / "logo", tmp_path / "eval"   # label: run folder
 
+    # --cut_answers open: the random tiny model never ends a sentence (see test_prepare.py)
     script("prepare.py", "--model", "tiny", "--num_samples", 4, "--max_new_tokens", 6,
-           "--seed", 0, "--threads", 1, "--out_dir", data)
+           "--seed", 0, "--threads", 1, "--cut_answers", "open", "--out_dir", data)
     meta = json.loads((data / "meta.json").read_text())
     assert meta["complete"] and meta["counts"]["kept"] == 4
     with safe_open(str(data / "shard_00000.safetensors"), "np") as f:
