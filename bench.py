@@ -8,9 +8,15 @@ A sample: N chunks x C tokens of context, a question of Q tokens, M+1 responses 
 positions synthesized over the preset's target window (positions.py). Token ids are random:
 speed and memory do not depend on the text, and both layouts score the same tokens.
 
-    python bench.py                                    # SmolLM2-135M, 16 x 128, R=64, M=2, bf16
+    python bench.py                                    # SmolLM2-135M, 16 x 128, R=64, M=2 (float32 on CPU)
     python bench.py --chunk_len 512                    # the paper's context shape, 16 x 512
-    python bench.py --model tiny --dtype float32       # seconds: a random 2-layer model
+    python bench.py --model tiny                       # seconds: a random 2-layer model
+    python bench.py --device_check                     # one GPU, ~5 min: Llama-3-8B's width, heads and
+                                                       # vocabulary (4 random layers) at the paper's shape
+    python bench.py --device_check --device cpu        # the same code path at small shapes, on a CPU
+
+dtype: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16, like this project's AMD
+EPYC, runs a bf16 step many times slower: it had not finished 3 steps in 8 minutes).
 
 Each layout runs in its own fresh subprocess (this script with --variant), so neither sees
 the other's memory, and the two take turns step by step, so that other work on a shared
@@ -23,7 +29,8 @@ machine slows both alike. How each number is measured:
                (/proc/self/clear_refs) right before the first step, so loading does not count.
                (torch's CPU allocator keeps no statistics and tracemalloc does not see it;
                Linux only.) Between steps each process returns freed memory (malloc_trim).
-               On CUDA: torch.cuda.max_memory_allocated minus memory_allocated.
+               On CUDA: torch.cuda.max_memory_allocated minus memory_allocated (and the
+               peak itself, model included, printed as peak GPU memory).
   FLOP bound   (M+1)(k+r) / (k+(M+1)r), k = N*C+Q prefix tokens, r = R: the ratio of tokens
                through the transformer layers, i.e. what packing saves outside attention.
   log-probs    max |difference| of the (B, 1+M) mean response log-probs of the two layouts,
@@ -55,6 +62,19 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 # model
 parser.add_argument("--model", default="smollm2-135m", help="preset: smollm2-135m (the CPU demo) or tiny")
+parser.add_argument("--random_model", choices=["llama3-8b"], default=None,
+                    help="instead of --model: a random-initialised Llama with this model's width, heads "
+                         "and vocabulary (no download) and --num_layers layers; LoRA and loss settings "
+                         "from the llama3-8b-80k preset")
+parser.add_argument("--num_layers", type=int, default=4, help="layers of --random_model")
+parser.add_argument("--hidden_size", type=int, default=None,
+                    help="width of --random_model (default the model's: 4096; smaller for a CPU run)")
+parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+parser.add_argument("--device_check", action="store_true",
+                    help="the GPU check (one H100/H200, ~5 min): --random_model llama3-8b at the paper's "
+                         "shape (16 x 512 context, 32-token question, 3 x 256 responses), packed flex vs "
+                         "unpacked SDPA, then the CUDA tests the CPU suite skips. With --device cpu: the "
+                         "same code path at small shapes (width 256, 2 layers, 16 x 32 context, 3 x 16)")
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                     help="weights and compute; default bfloat16 on CUDA, float32 on CPU (as train.py: "
                          "on a CPU without native bf16 a bf16 step is many times slower)")
@@ -84,8 +104,20 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--variant", choices=["packed", "unpacked"], default=None,
                     help="internal: run one layout in this process, driven by the main one")
 args = parser.parse_args()
+if args.device == "auto":
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+if args.device == "cuda" and not torch.cuda.is_available():
+    sys.exit("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+if args.device_check:       # a flag set: it overrides the flags below, whatever else was given
+    gpu = args.device == "cuda"
+    args.random_model, args.num_layers = "llama3-8b", 4 if gpu else 2
+    args.hidden_size = None if gpu else 256
+    args.num_chunks, args.chunk_len, args.question_len = 16, 512 if gpu else 32, 32
+    args.response_len, args.num_rejected = 256 if gpu else 16, 2
+    args.attention, args.attn_implementation = "flex" if gpu else "split", "sdpa"
+    args.warmup, args.steps = 1, 3
 if args.dtype is None:
-    args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft vs transformers 5
 warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # peft: LoRA on tied embeddings
 
@@ -99,16 +131,44 @@ def proc_status(key):
     raise KeyError(key)
 
 
+# --random_model: the shapes of the real model, random weights (nothing to download).
+RANDOM_MODELS = {"llama3-8b": dict(preset="llama3-8b-80k", hidden_size=4096, intermediate_size=14336,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   rope_theta=500000.0, max_position_embeddings=81920)}
+
+
+def bench_preset():
+    """The preset whose LoRA, loss and window settings the run uses."""
+    name = RANDOM_MODELS[args.random_model]["preset"] if args.random_model else args.model
+    return models.resolve_model(name)
+
+
+def random_model(dtype):
+    """--random_model, built on the device directly (an 8B-wide layer is 0.9 GB in bf16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = {k: v for k, v in RANDOM_MODELS[args.random_model].items() if k != "preset"}
+    if args.hidden_size:            # keep the heads (32 q / 8 kv), shrink the head dim
+        kw.update(hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 7 // 2)
+    config = LlamaConfig(num_hidden_layers=args.num_layers, tie_word_embeddings=False, **kw)
+    config._attn_implementation = args.attn_implementation
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        return LlamaForCausalLM(config).to(dtype)
+
+
 def load(dtype):
     """The preset's model with a LoRA on its preset targets (seeded: same adapters each time)."""
     from peft import LoraConfig, get_peft_model
-    preset = models.resolve_model(args.model)
-    model = models.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
+    preset = bench_preset()
+    if args.random_model:
+        model = random_model(dtype)
+    else:
+        model = models.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
     torch.manual_seed(args.seed)
     lora = LoraConfig(r=args.lora_r or preset["lora_r"], lora_alpha=preset["lora_alpha"],
                       lora_dropout=0.0, target_modules=preset["lora_targets"])
     model = get_peft_model(model, lora)
-    return (model.cuda() if torch.cuda.is_available() else model), preset
+    return model.to(args.device), preset
 
 
 def make_batch(vocab_size, target_len, device):
@@ -188,7 +248,7 @@ def run_variant():
             return say(error=f"at {(peak - held) / 2**30:.1f} GiB into the step, an allocation of "
                              f"{int(asked.group(1)) / 2**30 if asked else float('nan'):.2f} GiB failed")
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
-    say(step_mem=peak - held, logps=logps.tolist(), counts=counts.tolist())
+    say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
 
 
 def float32_logps():
@@ -201,12 +261,14 @@ def float32_logps():
 
 
 def main():
-    preset = models.resolve_model(args.model)
+    preset = bench_preset()
     B, n, c, q, r, m = (args.batch_size, args.num_chunks, args.chunk_len, args.question_len,
                         args.response_len, args.num_rejected)
     k = n * c + q                                                # prefix: context + question
     tokens = dict(packed=B * (k + (m + 1) * r), unpacked=B * (m + 1) * (k + r))
-    print(f"LOGO packing benchmark: {args.model} {args.dtype}, B={B} x [{n} x {c} context + {q} question, "
+    name = (f"random {args.random_model} shape ({args.hidden_size or 'full'} wide, {args.num_layers} layers)"
+            if args.random_model else args.model)
+    print(f"LOGO packing benchmark: {name} {args.dtype} on {args.device}, B={B} x [{n} x {c} context + {q} question, "
           f"{m + 1} responses x {r} (M={m})], positions over {args.target_len or preset['target_len']}, "
           f"LoRA r={args.lora_r or preset['lora_r']} on {'/'.join(preset['lora_targets'])}, "
           f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}", flush=True)
@@ -278,8 +340,27 @@ def main():
         ref = float32_logps()
         print(f"max |packed - float32| = {(lp - ref).abs().max():.2e},  "
               f"max |unpacked - float32| = {(lu - ref).abs().max():.2e}   ({args.dtype} noise)")
+    if args.device == "cuda":
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated, model included): packed "
+              f"{p['peak_mem'] / 2**30:.1f} GiB, unpacked {u['peak_mem'] / 2**30:.1f} GiB")
     print(f"{args.steps} timed steps after {args.warmup} warm-up; each layout in its own process, "
           f"taking turns step by step; {p['threads']} threads on {p['device']}")
+    if args.device_check:
+        cuda_tests()
+
+
+def cuda_tests():
+    """--device_check: the tests the CPU suite skips (compiled FlexAttention forward and
+    backward against the unpacked layout, LoRA gradients), run where a GPU is."""
+    if args.device != "cuda":
+        print("\nCUDA tests: not run (no GPU; they skip on CPU)")
+        return
+    root = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_model_patch.py", "-k", "cuda"],
+                         cwd=root, capture_output=True, text=True)
+    print("\nCUDA tests (pytest tests/test_model_patch.py -k cuda):\n" + out.stdout[-3000:] + out.stderr[-2000:])
+    if out.returncode != 0:
+        sys.exit(out.returncode)
 
 
 if __name__ == "__main__":

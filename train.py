@@ -825,6 +825,11 @@ def main(argv=None):
     except OSError as e:              # FileNotFoundError included: a missing package or folder
         raise UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it "
                         "names, or pass a local model folder / a hub id already in your HF cache") from None
+    archs = [a for a in getattr(config, "architectures", None) or [] if a not in model_patch.PACKED_ARCHITECTURES]
+    if archs:                         # model_patch would refuse it at the first step; say it now
+        raise UserError(f"--model {cfg['model']} is a {archs[0]}: packed log-probs are tested for "
+                        f"{', '.join(model_patch.PACKED_ARCHITECTURES)} only; train one of those "
+                        "(or add it to tests/test_model_patch.py's parity tests and model_patch.PACKED_ARCHITECTURES)")
     check_tokenizer(meta, meta_path, tok, config, cfg)
     check_rope(meta, meta_path, config, cfg)
     data = PackedRows(cfg["data_dir"], meta, config.vocab_size, cfg)

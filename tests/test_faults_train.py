@@ -71,6 +71,20 @@ def test_a_model_that_cannot_be_loaded_is_a_user_error(data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_architecture_the_packed_forward_is_not_tested_for_is_refused_before_loading(data, tmp_path):
+    from transformers import Gemma2Config
+    from models import tiny_tokenizer
+    folder = tmp_path / "gemma2"
+    Gemma2Config(vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 architectures=["Gemma2ForCausalLM"]).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    r = run_train("--model", folder, "--data_dir", data, "--out_dir", tmp_path / "run")
+    assert_user_error(r, r"is a Gemma2ForCausalLM: packed log-probs are tested for LlamaForCausalLM, "
+                         r"MistralForCausalLM only")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_data_folder_without_meta_or_shards_names_the_prepare_command(data, tmp_path):
     for f in os.listdir(data):
         if f.startswith("shard_"):

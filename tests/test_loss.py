@@ -171,15 +171,39 @@ def test_sequence_logps_scores_logits_at_t_against_the_token_at_t_plus_one():
     assert got.item() == pytest.approx((math.log(0.6) + math.log(0.25)) / 2, abs=1e-6)
 
 
-def test_loss_and_positions_import_alone_with_only_torch(tmp_path):
-    for name in ("loss.py", "positions.py"):
+def run_copied_alone(tmp_path, names, code):
+    """Copy these repo files alone into an empty folder and run `code` there (no PYTHONPATH)."""
+    for name in names:
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
-    code = ("import sys, torch\n"
-            "before = set(sys.modules)\n"
-            "import loss, positions\n"
-            "new = sorted(m for m in set(sys.modules) - before if not m.startswith('torch'))\n"
-            "assert new == ['loss', 'positions'], new\n"
-            "assert 'transformers' not in sys.modules and 'model_patch' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_loss_and_positions_import_alone_with_only_torch(tmp_path):
+    run_copied_alone(tmp_path, ["loss.py", "positions.py"],
+                     "import sys, torch\n"
+                     "before = set(sys.modules)\n"
+                     "import loss, positions\n"
+                     "new = sorted(m for m in set(sys.modules) - before if not m.startswith('torch'))\n"
+                     "assert new == ['loss', 'positions'], new\n"
+                     "assert 'transformers' not in sys.modules and 'model_patch' not in sys.modules\n")
+
+
+def test_model_patch_and_loss_copied_alone_score_a_packed_row_with_torch_and_transformers_only(tmp_path):
+    run_copied_alone(tmp_path, ["model_patch.py", "loss.py"],
+                     "import sys, torch, transformers\n"
+                     "before = set(sys.modules)\n"
+                     "import model_patch\n"
+                     "new = sorted(m for m in set(sys.modules) - before\n"
+                     "             if m.split('.')[0] not in ('torch', 'transformers'))\n"
+                     "assert new == ['loss', 'model_patch'], new\n"
+                     "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                     "torch.manual_seed(0)\n"
+                     "m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,\n"
+                     "    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))\n"
+                     "seg = torch.tensor([[0] * 6 + [1] * 3 + [2] * 4])\n"
+                     "ids = torch.randint(3, 50, seg.shape)\n"
+                     "pos = torch.tensor([list(range(6)) + [6, 7, 8] + [6, 7, 8, 9]])\n"
+                     "lp, n = model_patch.response_logps(m, ids, pos, seg)\n"
+                     "assert lp.shape == (1, 2) and n.tolist() == [[3, 4]], (lp, n)\n")
