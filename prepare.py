@@ -916,6 +916,14 @@ def summarize(args, config, num_records, ner):
         "shards disagree with their stats"
     coverage = distance_coverage(row_positions, args.target_len) if row_positions else 0.0
     counts = {k: st[k] for k in ("read", "kept", "rows", "skipped")}
+    # One fingerprint of the data itself (every finished shard's bytes, in order): results
+    # name the data they were trained on with it.
+    import hashlib
+    digest = hashlib.sha256()
+    for j in done:
+        with open(shard_path(args.out_dir, j), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     extra = st
     quality = st["quality"]
     frac = {k: (q[0] / q[1] if q[1] else None) for k, q in quality.items()}
@@ -923,6 +931,7 @@ def summarize(args, config, num_records, ner):
                 tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
                 vocab_size=config["vocab_size"], num_rejected=args.num_rejected,
                 target_len=args.target_len, chunk_len=args.chunk_len, num_chunks=args.num_chunks,
+                data_fingerprint=digest.hexdigest()[:16],
                 complete=len(done) == total, shards=[os.path.basename(shard_path(args.out_dir, j)) for j in done],
                 missing_shards=[j for j in range(total) if j not in done],
                 counts=counts, tokens=dict(prefix=extra["prefix_tokens"], response=extra["response_tokens"],

@@ -302,6 +302,9 @@ def test_meta_json_describes_the_data_and_its_counts_add_up(demo_run):
     assert 0 < meta["distance_coverage"] <= 1
     assert set(meta["quality"]["contains_gold"]) == {"chosen", "irrelevant", "partial"}
     assert meta["args"]["shard_size"] == 2 and len(meta["tokenizer_fingerprint"]) == 16
+    import hashlib
+    digest = hashlib.sha256(b"".join(open(os.path.join(demo_run, f), "rb").read() for f in shards(demo_run)))
+    assert meta["data_fingerprint"] == digest.hexdigest()[:16]
 
 
 def write_jsonl(path, lines):
