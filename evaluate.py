@@ -62,15 +62,33 @@ TASK.json (resolved config + results), TASK.csv (the table), TASK.png, TASK_patt
 (qa, longbench QA), and for longbench pred/LABEL/DATASET.jsonl in LongBench's own format
 (its eval.py can rescore them; QA rows also hold "pattern"). Files are written to a
 temporary name and renamed, so a crash never leaves a half-written result.
+
+Results summaries (issue 15; off unless --results_dir): one small JSON per model evaluated
+(with --compare: base and adapter) in --results_dir, named METHOD[_sSEED]_TASK_LENGTHS_DATA
+[_TAG].json, e.g. results/logo_s1_qa_2K_e1234.json, results/rope_ppl_2K-8K_pg_essays.json.
+METHOD is base (no adapter, the checkpoint's rope_theta), rope (no adapter, --rope_theta
+raised), sft / logo / logo_mM (from the adapter's logo_config.json: loss sft, or logo with
+M = num_rejected, plain "logo" for M = 2); SEED is the adapter's training seed. It holds
+the evaluation config, the adapter's training config, the git commit (and whether the code
+differed from it), the training data's fingerprint, metrics with counts (qa: a stable id
+and the correctness of every question, for paired tests), wall time, CPU model and torch
+threads. results/make_table.py turns the folder into the README's results table:
+
+    python evaluate.py --task qa --adapter runs/logo_s1/final --lengths 2K --max_samples 100 \
+        --results_dir results                 # -> results/logo_s1_qa_2K_e1234.json
+    python results/make_table.py --write README.md
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import string
+import subprocess
 import sys
 import time
 import warnings
@@ -83,11 +101,13 @@ import corpus
 from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
-from models import MODELS, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint
+from models import (MODELS, load_config, load_model, load_tokenizer, resolve_model,
+                    tokenizer_fingerprint)
 
 TASKS = ["longbench", "niah", "mvniah", "ppl", "qa"]
 COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device",
-                "max_samples", "max_new_tokens", "no_chat_template"]
+                "max_samples", "max_new_tokens", "no_chat_template", "threads", "results_dir",
+                "results_tag"]
 TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
               "niah": ["depths", "haystack", "needle", "question", "answer"],
               "mvniah": ["haystack", "num_needles", "seed"],
@@ -113,6 +133,14 @@ def parse_args(argv=None):
                         "longbench: dataset2maxlen.json)")
     g.add_argument("--no_chat_template", action="store_true",
                    help="feed raw prompts even to a model that has a chat template")
+    # results summaries (issue 15)
+    g = p.add_argument_group("results summaries")
+    g.add_argument("--results_dir", default=None,
+                   help="also write one small JSON summary per evaluated model here (e.g. "
+                        "results; read by results/make_table.py). Default: none")
+    g.add_argument("--results_tag", default=None,
+                   help="suffix of the summary's file name, for a second model with the same "
+                        "method, seed, task, lengths and data (another lr, say)")
     # model
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
@@ -1031,6 +1059,197 @@ def load_for_eval(args, preset, adapter_cfg, with_adapter):
 
 
 # ----------------------------------------------------------------------------------------
+# Results summaries (issue 15): one small JSON per evaluated model in --results_dir, the only
+# input of results/make_table.py, so the README's results table is never typed by hand.
+
+SUMMARY_VERSION = 1
+
+
+def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
+    """The README table's row: base / rope (no adapter; rope when --rope_theta differs from
+    the checkpoint's), sft / logo / logo_mM (the adapter's loss and M = num_rejected)."""
+    if not with_adapter:
+        raised = args.rope_theta is not None and args.rope_theta != checkpoint_theta
+        return "rope" if raised else "base"
+    if adapter_cfg.get("loss") == "sft":
+        return "sft"
+    M = int(adapter_cfg.get("num_rejected") or 2)       # train.py always records it
+    return "logo" if M == 2 else f"logo_m{M}"
+
+
+def file_tag(path):
+    """runs/x/pg_essays/ -> 'pg_essays', data/qa.jsonl -> 'qa': safe in a file name."""
+    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", stem) or "data"
+
+
+def eval_data_tag(args):
+    """Which held-out data a summary scores (part of its file name and make_table's key):
+    'e1234' = the built-in corpus with --seed 1234, else the file's name, 'prose' = the
+    built-in filler prose."""
+    if args.task == "qa":
+        return file_tag(args.data) if args.data else f"e{args.seed}"
+    if args.task == "mvniah":
+        return f"e{args.seed}" + (f"-{file_tag(args.haystack)}" if args.haystack else "")
+    if args.task == "niah":
+        return file_tag(args.haystack) if args.haystack else "prose"
+    if args.task == "ppl":
+        return file_tag(args.text) if args.text else "prose"
+    return re.sub(r"[^A-Za-z0-9.-]+", "+", args.datasets)         # longbench
+
+
+def summary_name(method, seed, args, lengths):
+    """METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json, lengths in K where they divide."""
+    parts = [method + (f"_s{seed}" if seed is not None else ""), args.task]
+    if lengths:
+        parts.append("-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths))
+    parts.append(eval_data_tag(args))
+    if args.results_tag:
+        parts.append(file_tag(args.results_tag))
+    return "_".join(parts) + ".json"
+
+
+def plan_summaries(args, preset, adapter_cfg, runs, lengths):
+    """{run label: (path, method, seed, rope_theta)}, checked before any model loads: a file of
+    that name written for another model (other adapter or rope_theta) is never replaced (the
+    same model again is: a rerun)."""
+    checkpoint_theta = None
+    if args.rope_theta is not None:
+        checkpoint_theta = get_rope_theta(load_config(preset["path"],
+                                                      trust_remote_code=args.trust_remote_code))
+    plans = {}
+    for run_label, with_adapter in runs:
+        method = method_of(args, adapter_cfg, with_adapter, checkpoint_theta)
+        seed = adapter_cfg.get("seed") if with_adapter else None     # base / rope: untrained
+        rope = args.rope_theta if args.rope_theta is not None else (
+            adapter_cfg.get("rope_theta") if with_adapter else None)
+        path = os.path.join(args.results_dir, summary_name(method, seed, args, lengths))
+        adapter = os.path.normpath(args.adapter) if with_adapter else None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    old = json.load(f)
+                except json.JSONDecodeError:
+                    old = {}
+            if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
+                raise UserError(f"{path} holds the summary of another model (adapter "
+                                f"{old.get('adapter')}, rope_theta {old.get('rope_theta_arg')}); "
+                                "pass --results_tag NAME to keep both, or delete the file")
+        plans[run_label] = (path, method, seed, rope)
+    return plans
+
+
+def sample_id(length, index, ids):
+    """A question's stable id: its length bucket, its index there and a hash of its prompt
+    tokens, so two models pair on a question only when they read the same prompt."""
+    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:10]
+    return f"{length}/{index}/{digest}"
+
+
+def summary_metrics(task, result, data):
+    """The metrics of one model, with the counts a pooled interval needs. data: the task's
+    samples in the order the results hold them."""
+    if task == "qa":
+        seen, questions = Counter(), []
+        for r, s in zip(result["samples"], data):
+            questions.append({"id": sample_id(r["length"], seen[r["length"]], s["ids"]),
+                              "length": r["length"], "correct": bool(r["correct"]),
+                              "pattern": r["pattern"]})
+            seen[r["length"]] += 1
+        lengths = {L: {"accuracy": v["accuracy"], "n": v["samples"],
+                       "correct": sum(q["correct"] for q in questions if str(q["length"]) == L),
+                       "patterns": v["patterns"], "pattern_counts": v["pattern_counts"]}
+                   for L, v in result["lengths"].items()}
+        return {"accuracy": result["accuracy"], "n": len(questions), "lengths": lengths,
+                "questions": questions}
+    if task == "mvniah":
+        seen, samples = Counter(), []
+        for r, s in zip(result["samples"], data):
+            samples.append({"id": sample_id(r["length"], seen[r["length"]], s["ids"]),
+                            "length": r["length"], "recall": r["recall"],
+                            "values": len(r["values"])})
+            seen[r["length"]] += 1
+        lengths = {}
+        for L, v in result["lengths"].items():
+            got = [x for x in samples if str(x["length"]) == L]
+            lengths[L] = {"recall": v["recall"], "retrieval_score": v["retrieval_score"],
+                          "n": v["samples"], "values": sum(x["values"] for x in got),
+                          "values_found": round(sum(x["recall"] * x["values"] for x in got))}
+        # per-head scores are kept for one length only (run_mvniah averages them over all the
+        # lengths): make_table recomputes a pooled retrieval score from them (Appendix B)
+        return {"recall": result["recall"], "retrieval_score": result["retrieval_score"],
+                "n": len(samples), "lengths": lengths, "samples": samples,
+                "head_scores": result["head_scores"] if len(lengths) == 1 else None}
+    if task == "ppl":
+        return {"lengths": {str(r["length"]): {"ppl": r["ppl"], "tokens": r["tokens"]}
+                            for r in result["lengths"]}, "stride": result["stride"]}
+    if task == "niah":
+        return {"mean_score": result["mean_score"], "n": len(result["cells"]),
+                "cells": [{k: c[k] for k in ("length", "depth", "score")}
+                          for c in result["cells"]]}
+    return {k: result[k] for k in ("datasets", "samples", "categories", "patterns",
+                                   "pattern_counts", "max_length") if k in result}
+
+
+def git_state():
+    """(commit, dirty) of the checkout evaluate.py runs from; dirty = tracked code differs
+    from the commit (results/ left out: summaries are data). (None, None) outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 ".", ":(exclude)results"], cwd=here, capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if head.returncode or status.returncode:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def cpu_model():
+    """/proc/cpuinfo's 'model name' (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_summaries(args, plans, config, adapter_cfg, results, data, walls, thetas, total_s):
+    """One JSON per evaluated model (see the module docstring); returns the paths."""
+    commit, dirty = git_state()
+    # the training config without the reload check's log-probs (numbers, not settings)
+    train_cfg = {k: v for k, v in adapter_cfg.items() if k != "check_logps"} or None
+    paths = []
+    for run_label, (path, method, seed, rope) in plans.items():
+        with_adapter = run_label != "base"
+        summary = {
+            "format_version": SUMMARY_VERSION, "method": method, "seed": seed,
+            "eval_seed": args.seed if args.task in ("qa", "mvniah") and not args.data else None,
+            "task": args.task, "eval_data": eval_data_tag(args), "lengths": config["lengths"],
+            "label": run_label, "model": args.model_name,
+            "adapter": os.path.normpath(args.adapter) if with_adapter else None,
+            "rope_theta_arg": rope, "rope_theta": thetas[run_label],
+            "data_fingerprint": adapter_cfg.get("data_fingerprint") if with_adapter else None,
+            "git_commit": commit, "git_dirty": dirty,
+            "metrics": summary_metrics(args.task, results[run_label], data),
+            "wall_s": round(walls[run_label], 2), "command_wall_s": round(total_s, 2),
+            "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "device": args.device,
+            "torch": torch.__version__,
+            "config": {k: v for k, v in config.items() if k != "adapter_config"},
+            "train_config": train_cfg if with_adapter else None,
+        }
+        write_text(path, json.dumps(summary, indent=1, default=str, ensure_ascii=False) + "\n")
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------
 # Writing results: temporary name, then rename (a crash leaves the old file or none).
 
 def write_text(path, text):
@@ -1275,6 +1494,7 @@ def evaluate(args):
     lengths = parse_lengths(args.lengths or DEFAULT_LENGTHS[args.task]) \
         if args.task != "longbench" else None
     num = args.max_samples or {"mvniah": 10, "qa": 20}.get(args.task)
+    data = None                                    # longbench: its records are in setup
     if args.task == "niah":
         try:
             depths = [float(d) for d in args.depths.split(",")]
@@ -1307,9 +1527,13 @@ def evaluate(args):
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=adapter_cfg or None,
                   jieba=jieba is not None)
-    results = {}
+    # --results_dir: file names (and clashes with another model's file) settled before loading
+    plans = plan_summaries(args, preset, adapter_cfg, runs, lengths) if args.results_dir else {}
+    results, walls, thetas = {}, {}, {}
     for run_label, with_adapter in runs:
+        t_model = time.time()
         lm = load_for_eval(args, preset, adapter_cfg, with_adapter)
+        thetas[run_label] = get_rope_theta(lm.config)
         if args.task == "longbench":
             # the budget LongBench would give this model: an adapter trained to a longer
             # window K gets K - 500, a plain model its model2maxlen.json entry or window - 500
@@ -1329,6 +1553,7 @@ def evaluate(args):
         else:
             run = {"niah": run_niah, "mvniah": run_mvniah}[args.task]
             results[run_label] = run(args, lm, tok, data, run_label)
+        walls[run_label] = time.time() - t_model    # this model: load + evaluation
         del lm                                     # --compare: one model in memory at a time
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -1348,6 +1573,10 @@ def evaluate(args):
                json.dumps(out, indent=1, default=str, ensure_ascii=False))
     print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png"
           f"{f', {args.task}_patterns.png' if nlp is not None else ''} ({out['wall_s']} s)")
+    if plans:
+        for path in write_summaries(args, plans, config, adapter_cfg, results, data, walls,
+                                    thetas, time.time() - t0):
+            print(f"wrote {path}")
     return out
 
 

@@ -833,8 +833,11 @@ def main(argv=None):
     check_tokenizer(meta, meta_path, tok, config, cfg)
     check_rope(meta, meta_path, config, cfg)
     data = PackedRows(cfg["data_dir"], meta, config.vocab_size, cfg)
+    # data_fingerprint (sha256 of the shards' bytes): which data the adapter was trained on,
+    # for evaluate.py --results_dir; None for data from a prepare.py that did not write it
     cfg.update(target_len=int(meta["target_len"]), num_rejected=int(meta["num_rejected"]),
-               tokenizer_fingerprint=meta["tokenizer_fingerprint"], rows=len(data))
+               tokenizer_fingerprint=meta["tokenizer_fingerprint"], rows=len(data),
+               data_fingerprint=meta.get("data_fingerprint"))
     resume_from = start_run(cfg, rank)
     out, log_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "log.jsonl")
     if rank == 0:

@@ -1,0 +1,348 @@
+"""
+The README's results table, regenerated from the summaries in results/*.json alone (issue 15),
+so that no number in it is typed by hand. evaluate.py --results_dir results writes one summary
+per evaluated model and task (schema: evaluate.py's docstring and results/README.md).
+
+    python results/make_table.py                     # print the table (Markdown) and the tests
+    python results/make_table.py --write README.md   # put it between the README's markers
+    python results/make_table.py --check README.md   # exit 1 if the README's copy differs
+                                                     # (tests/test_results.py runs this check)
+
+One row per method (base, rope, sft, logo, logo_m1, logo_m3; those with a summary), columns:
+QA accuracy at 2K and 12K, MV-NIAH recall and retrieval score at 12K, perplexity on the Paul
+Graham essays at 2K and 8K, the hallucination and unfollow rates at 2K (paper Appendix C). A
+cell is the mean over training seeds of each seed's value, +- the sample standard deviation
+over seeds, a 95% interval (accuracies and rates: Wilson on the questions of all seeds pooled;
+retrieval score and perplexity: Student's t over seeds) and the number of seeds. Several
+summaries of one (method, seed) at one length (the 12K cells split over evaluation seeds) are
+pooled, never counted twice: a question or perplexity measured twice is an error. Below the
+table: LOGO against SFT on the same questions, an exact sign-flip permutation test of the
+per-question correctness averaged over each method's seeds (with one seed each it is the
+exact McNemar test). Reads results/*.json only; imports the standard library only.
+"""
+
+import argparse
+import difflib
+import glob
+import json
+import math
+import os
+import sys
+from fractions import Fraction
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+METHODS = {"base": "base (checkpoint's rope_theta)", "rope": "base, rope_theta raised, untrained",
+           "sft": "SFT on the chosen responses", "logo": "LOGO (M = 2)",
+           "logo_m1": "LOGO, M = 1", "logo_m3": "LOGO, M = 3"}
+# (header, task, length in tokens, metric, kind): kind 'rate' = a share of counted items
+# (Wilson interval), 'mean' = a score per seed (t interval over seeds)
+COLUMNS = [("QA accuracy, 2K", "qa", 2048, "accuracy", "rate"),
+           ("QA accuracy, 12K", "qa", 12288, "accuracy", "rate"),
+           ("MV-NIAH recall, 12K", "mvniah", 12288, "recall", "rate"),
+           ("retrieval score, 12K", "mvniah", 12288, "retrieval_score", "mean"),
+           ("ppl, PG essays 2K", "ppl", 2048, "ppl", "mean"),
+           ("ppl, PG essays 8K", "ppl", 8192, "ppl", "mean"),
+           ("hallucination, 2K", "qa", 2048, "hallucination", "rate"),
+           ("unfollow, 2K", "qa", 2048, "unfollow", "rate")]
+PAIRED_LENGTHS = [2048, 12288]                 # QA lengths of the LOGO vs SFT test
+Z95 = 1.959963984540054                        # standard normal 0.975 quantile
+# Student's t 0.975 quantiles by degrees of freedom (1..30); above 30 the normal's
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results_dir", default=HERE,
+                   help="folder of evaluate.py's summaries (default: this script's folder)")
+    p.add_argument("--ppl_text", default="pg_essays",
+                   help="the perplexity columns read summaries of this --text (its folder name)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", metavar="README", default=None,
+                   help="exit 1 if README's text between the markers is not what this prints")
+    g.add_argument("--write", metavar="README", default=None,
+                   help="replace README's text between the markers with the table")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics (standard library only, checked in tests/test_results.py against independent
+# formulas and published values).
+
+def wilson(k, n, z=Z95):
+    """Wilson score interval of k successes in n trials: the p with |k/n - p| equal to
+    z sqrt(p(1-p)/n). 8 of 10 -> (0.490, 0.943). (None, None) for n = 0."""
+    if n == 0:
+        return None, None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def t_interval(values):
+    """95% Student's t interval of the mean over seeds; (None, None) for one value."""
+    m, s = mean_std(values)
+    if s is None:
+        return None, None
+    df = len(values) - 1
+    t = T975[df - 1] if df <= len(T975) else Z95
+    half = t * s / math.sqrt(len(values))
+    return m - half, m + half
+
+
+def sign_flip_p(diffs):
+    """Exact two-sided sign-flip permutation test of paired differences (rationals): under
+    H0 each difference's sign is a fair coin; p = P(|sum| >= |observed sum|), enumerated
+    exactly by dynamic programming over the sums (no sampling). With differences in
+    {-1, 0, 1} (one seed per method) this is the exact McNemar test: 8 questions right for
+    one only and 1 for the other only -> p = 2 (1 + 9) / 2^9 = 0.039."""
+    diffs = [Fraction(d) for d in diffs if d != 0]
+    if not diffs:
+        return 1.0
+    scale = math.lcm(*(d.denominator for d in diffs))
+    ints = [abs(int(d * scale)) for d in diffs]              # integers, same sums up to scale
+    observed = abs(sum(int(d * scale) for d in diffs))
+    dist = {0: 1}                                            # sum -> number of sign patterns
+    for d in ints:
+        nxt = {}
+        for s, c in dist.items():
+            nxt[s + d] = nxt.get(s + d, 0) + c
+            nxt[s - d] = nxt.get(s - d, 0) + c
+        dist = nxt
+    extreme = sum(c for s, c in dist.items() if abs(s) >= observed)
+    return extreme / 2 ** len(ints)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading the summaries.
+
+def load(results_dir):
+    """Every results_dir/*.json, in name order (a file that is not JSON stops the script)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            try:
+                s = json.load(f)
+            except json.JSONDecodeError as e:
+                sys.exit(f"error: {path} is not valid JSON ({e.msg}, line {e.lineno}); rerun "
+                         "the evaluation that wrote it or delete it")
+        s["_path"] = os.path.basename(path)
+        out.append(s)
+    return out
+
+
+def collect(summaries, ppl_text):
+    """{(method, seed): {(task, length): pooled}} with pooled
+    qa:     {question id: (correct, pattern)};
+    mvniah: {'found', 'values', 'n', 'heads': [(n, head_scores)], 'scores': [(n, score)]};
+    ppl:    the perplexity (one per (method, seed, length))."""
+    cells, where = {}, {}
+    for s in summaries:
+        task, m = s["task"], s["metrics"]
+        # the built-in held-out data only (qa --data / mvniah --haystack are other tasks)
+        if task == "qa" and s["config"].get("data") or \
+                task == "mvniah" and s["config"].get("haystack") or \
+                task == "ppl" and s.get("eval_data") != ppl_text or \
+                task not in ("qa", "mvniah", "ppl"):
+            continue
+        got = cells.setdefault((s["method"], s["seed"]), {})
+        if task == "qa":
+            for q in m["questions"]:
+                cell = got.setdefault(("qa", int(q["length"])), {})
+                if q["id"] in cell:
+                    sys.exit(f"error: question {q['id']} of {s['method']} seed {s['seed']} is in "
+                             f"{where[q['id'], s['method'], s['seed']]} and {s['_path']}; "
+                             "delete one of the two")
+                where[q["id"], s["method"], s["seed"]] = s["_path"]
+                cell[q["id"]] = (bool(q["correct"]), q["pattern"])
+        elif task == "mvniah":
+            for L, v in m["lengths"].items():
+                key = ("mvniah", int(L))
+                cell = got.setdefault(key, {"found": 0, "values": 0, "n": 0, "heads": [],
+                                            "scores": [], "ids": set()})
+                ids = {x["id"] for x in m["samples"] if str(x["length"]) == L}
+                if ids & cell["ids"]:
+                    sys.exit(f"error: MV-NIAH samples of {s['method']} seed {s['seed']} at {L} "
+                             f"are in two summaries ({s['_path']} and an earlier one); delete one")
+                cell["ids"] |= ids
+                cell["found"] += v["values_found"]
+                cell["values"] += v["values"]
+                cell["n"] += v["n"]
+                cell["scores"].append((v["n"], v["retrieval_score"]))
+                if m.get("head_scores") is not None and len(m["lengths"]) == 1:
+                    cell["heads"].append((v["n"], m["head_scores"]))
+        else:
+            for L, v in m["lengths"].items():
+                key = ("ppl", int(L))
+                if key in got:
+                    sys.exit(f"error: two perplexities of {s['method']} seed {s['seed']} at {L} "
+                             f"on {ppl_text} (one in {s['_path']}); delete one")
+                got[key] = v["ppl"]
+    return cells
+
+
+def retrieval_head_score(heads, threshold=0.1, top_k=10):
+    """evaluate.retrieval_head_score on head scores averaged over samples (Appendix B)."""
+    kept = sorted((x for row in heads for x in row if x >= threshold), reverse=True)[:top_k]
+    return sum(kept) / len(kept) if kept else 0.0
+
+
+def seed_value(pooled, task, metric):
+    """(value, successes, trials) of one seed's cell; successes/trials for rates only."""
+    if task == "qa":
+        rows = list(pooled.values())
+        hits = sum(c for c, _ in rows) if metric == "accuracy" else \
+            sum(p == metric for _, p in rows)
+        return hits / len(rows), hits, len(rows)
+    if task == "mvniah":
+        if metric == "recall":
+            return pooled["found"] / pooled["values"], pooled["found"], pooled["values"]
+        n = sum(w for w, _ in pooled["heads"])
+        if len(pooled["heads"]) == len(pooled["scores"]) and n:
+            # pooled over evaluations: the sample-weighted per-head mean, then the cut
+            rows = len(pooled["heads"][0][1])
+            mean = [[sum(w * h[i][j] for w, h in pooled["heads"]) / n
+                     for j in range(len(pooled["heads"][0][1][i]))] for i in range(rows)]
+            return retrieval_head_score(mean), None, None
+        total = sum(w for w, _ in pooled["scores"])
+        return sum(w * v for w, v in pooled["scores"]) / total, None, None
+    return pooled, None, None
+
+
+def cell_text(per_seed, kind, digits):
+    """'mean +- std [lo, hi] (seeds)' of a list of seed_value tuples; 'n/a' if empty."""
+    if not per_seed:
+        return "n/a"
+    values = [v for v, _, _ in per_seed]
+    m, s = mean_std(values)
+    if kind == "rate":
+        lo, hi = wilson(sum(k for _, k, _ in per_seed), sum(n for _, _, n in per_seed))
+    else:
+        lo, hi = t_interval(values)
+    text = f"{m:.{digits}f}"
+    if s is not None:
+        text += f" ± {s:.{digits}f}"
+    if lo is not None:
+        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text + f" ({len(values)})"
+
+
+def paired_lines(cells):
+    """LOGO against SFT on the questions both answered, per QA length."""
+    lines = []
+    for L in PAIRED_LENGTHS:
+        per = {}
+        for method in ("logo", "sft"):
+            seeds = [c[("qa", L)] for (mt, _), c in cells.items() if mt == method and ("qa", L) in c]
+            ids = {}
+            for pooled in seeds:
+                for qid, (correct, _) in pooled.items():
+                    ids.setdefault(qid, []).append(int(correct))
+            per[method] = (len(seeds), {q: Fraction(sum(v), len(v)) for q, v in ids.items()})
+        common = sorted(set(per["logo"][1]) & set(per["sft"][1]))
+        head = f"- LOGO vs SFT, QA at {L // 1024}K: "
+        if not common:
+            lines.append(head + "n/a (no question answered by both)")
+            continue
+        diffs = [per["logo"][1][q] - per["sft"][1][q] for q in common]
+        a = sum(per["logo"][1][q] for q in common) / len(common)
+        b = sum(per["sft"][1][q] for q in common) / len(common)
+        lines.append(head + f"{len(common)} questions answered by both (LOGO {per['logo'][0]} "
+                     f"seeds, SFT {per['sft'][0]}), mean accuracy {float(a):.3f} vs "
+                     f"{float(b):.3f} (difference {float(a - b):+.3f}), "
+                     f"two-sided p = {sign_flip_p(diffs):.3g}")
+    return lines
+
+
+def make_table(results_dir, ppl_text="pg_essays"):
+    """The Markdown between the README's markers, from results_dir/*.json alone."""
+    header = "| method | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    summaries = load(results_dir)
+    if not summaries:
+        return "\n".join([header, rule, "", "No results yet: results/ holds no summaries "
+                          "(evaluate.py --results_dir results writes them)."])
+    cells = collect(summaries, ppl_text)
+    methods = sorted({m for m, _ in cells}, key=lambda m: (list(METHODS).index(m)
+                                                           if m in METHODS else len(METHODS), m))
+    rows = []
+    for method in methods:
+        seeds = sorted((seed for mt, seed in cells if mt == method), key=str)
+        row = [METHODS.get(method, method)]
+        for _, task, L, metric, kind in COLUMNS:
+            per_seed = [seed_value(cells[method, s][task, L], task, metric)
+                        for s in seeds if (task, L) in cells[method, s]]
+            row.append(cell_text(per_seed, kind, 2))
+        rows.append("| " + " | ".join(row) + " |")
+    notes = [
+        "",
+        "Each cell: mean over training seeds ± sample standard deviation over seeds (n - 1; "
+        "none with one seed) [95% interval] (number of seeds; base and rope are untrained: one). "
+        "Accuracies and rates: Wilson score interval on the questions of all seeds pooled; "
+        "MV-NIAH recall: Wilson on the pooled needle values (4 per sample, not independent, so "
+        "too narrow); retrieval score and perplexity: Student's t interval over seeds (none "
+        "with one seed). n/a: not run. Generated by `python results/make_table.py` from "
+        f"{len(summaries)} summaries in results/.",
+        "",
+        "Paired test on the same questions: each question's correctness averaged over a "
+        "method's seeds, exact sign-flip permutation test of the differences (the exact "
+        "McNemar test with one seed each):",
+        "",
+    ] + paired_lines(cells)
+    return "\n".join([header, rule] + rows + notes)
+
+
+# ----------------------------------------------------------------------------------------
+
+def readme_block(text, path):
+    """(before, inside, after) the markers; exits 2 when they are missing."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        sys.exit(f"error: {path} needs one {BEGIN} line and one {END} line after it; add them "
+                 "where the table goes")
+    before, rest = text.split(BEGIN)
+    inside, after = rest.split(END)
+    return before, inside, after
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    table = make_table(args.results_dir, args.ppl_text)
+    path = args.check or args.write
+    if path is None:
+        print(table)
+        return 0
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    before, inside, after = readme_block(text, path)
+    if args.check:
+        if inside.strip("\n") == table:
+            print(f"{path}: the results table is up to date")
+            return 0
+        diff = difflib.unified_diff(inside.strip("\n").splitlines(), table.splitlines(),
+                                    f"{path} (now)", "make_table.py", lineterm="")
+        print("\n".join(diff), file=sys.stderr)
+        print(f"error: {path}'s results table differs from results/*.json; run: python "
+              f"results/make_table.py --write {path}", file=sys.stderr)
+        return 1
+    tmp = f"{path}.tmp{os.getpid()}"                 # temporary name, then rename
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(before + BEGIN + "\n\n" + table + "\n\n" + END + after)
+    os.replace(tmp, path)
+    print(f"wrote the results table into {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

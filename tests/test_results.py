@@ -1,0 +1,291 @@
+"""results/make_table.py on hand-made summaries (means, spreads, Wilson and t intervals, the
+paired sign-flip test, each against hand-computed values or an independent brute force),
+evaluate.py --results_dir on the tiny model, and the README's table against the script's
+output on the committed results/ folder (issue 15: no number in it typed by hand)."""
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+from fractions import Fraction
+
+import pytest
+
+import evaluate as ev
+from test_evaluate import make_adapter
+from models import tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("make_table",
+                                              os.path.join(ROOT, "results", "make_table.py"))
+mt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mt)
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics against independent references.
+
+def wilson_by_bisection(k, n, z=1.959963984540054):
+    """The two roots of (k/n - p)^2 = z^2 p (1 - p) / n, found numerically (the definition of
+    the Wilson interval, not its closed form)."""
+    f = lambda p: (k / n - p) ** 2 - z * z * p * (1 - p) / n
+    def root(a, b):                      # f changes sign on [a, b]
+        for _ in range(200):
+            m = (a + b) / 2
+            a, b = (m, b) if (f(a) > 0) == (f(m) > 0) else (a, m)
+        return (a + b) / 2
+    p = k / n
+    lo = 0.0 if k == 0 else root(0.0, p)
+    hi = 1.0 if k == n else root(p, 1.0)
+    return lo, hi
+
+
+def test_wilson_interval_matches_published_values_and_its_definition():
+    lo, hi = mt.wilson(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)        # the textbook example
+    lo, hi = mt.wilson(0, 10)                                     # Wilson: [0, z^2/(n+z^2)]
+    assert lo == 0.0 and hi == pytest.approx(3.8415 / 13.8415, abs=1e-4)
+    for k, n in [(1, 20), (12, 20), (16, 20), (37, 100), (100, 100)]:
+        assert mt.wilson(k, n) == pytest.approx(wilson_by_bisection(k, n), abs=1e-9)
+
+
+def brute_sign_flip(diffs):
+    """Every one of the 2^n sign patterns, counted by enumeration."""
+    obs = abs(sum(diffs))
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= obs - 1e-12
+               for signs in itertools.product((1, -1), repeat=len(diffs)))
+    return hits / 2 ** len(diffs)
+
+
+def test_sign_flip_test_is_exact_mcnemar_with_one_seed_and_matches_enumeration():
+    # 8 questions right for LOGO only, 1 for SFT only, the rest tied: McNemar's exact test,
+    # two-sided = 2 P(X <= 1), X ~ Bin(9, 1/2) = 2 (1 + 9) / 512
+    diffs = [1] * 8 + [-1] + [0] * 11
+    assert mt.sign_flip_p(diffs) == pytest.approx(20 / 512)
+    assert mt.sign_flip_p([0, 0]) == 1.0
+    # averaged over seeds: halves and thirds, against the brute force
+    for d in ([0.5, 0.5, 1], [Fraction(1, 3), Fraction(-2, 3), 1, 1, Fraction(1, 2)],
+              [1, -1, 1, -1, Fraction(1, 2)]):
+        assert mt.sign_flip_p(d) == pytest.approx(brute_sign_flip([float(x) for x in d]))
+
+
+# ----------------------------------------------------------------------------------------
+# make_table on hand-made summaries (the fields evaluate.py writes that make_table reads).
+
+def qa_file(folder, method, seed, correct, length=2048, patterns=None, eval_seed=1234):
+    questions = [{"id": f"{length}/{i}/q{i}", "length": length, "correct": bool(c),
+                  "pattern": (patterns or {}).get(i, "correct" if c else "unfollow")}
+                 for i, c in enumerate(correct)]
+    write(folder, f"{method}_s{seed}_qa_{length}_e{eval_seed}.json",
+          {"method": method, "seed": seed, "task": "qa", "eval_data": f"e{eval_seed}",
+           "config": {"data": None}, "metrics": {"questions": questions}})
+
+
+def write(folder, name, summary):
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(summary, f)
+
+
+def hand_made(folder):
+    """SFT seeds 0 / 1: 5 and 7 of 10 right; LOGO seeds 0 / 1: 8 and 8; base 8 (the same 10
+    question ids). LOGO seed 0 says 'hallucination' on its 2 misses, seed 1 on one."""
+    sft = {0: [1] * 5 + [0] * 5, 1: [1] * 7 + [0] * 3}
+    logo = {0: [1] * 8 + [0] * 2, 1: [1] * 8 + [0] * 2}
+    for s, c in sft.items():
+        qa_file(folder, "sft", s, c)
+    qa_file(folder, "logo", 0, logo[0], patterns={8: "hallucination", 9: "hallucination"})
+    qa_file(folder, "logo", 1, logo[1], patterns={9: "hallucination"})
+    qa_file(folder, "base", None, [1] * 8 + [0] * 2)
+
+
+def row_of(table, name):
+    line = next(x for x in table.splitlines() if x.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def fmt(x):
+    return f"{x:.2f}"
+
+
+def test_table_cells_are_seed_means_with_spread_and_pooled_wilson_intervals(tmp_path):
+    hand_made(str(tmp_path))
+    table = mt.make_table(str(tmp_path))
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header[0] == "method" and len(header) == 1 + len(mt.COLUMNS)
+    acc2k, acc12k = header.index("QA accuracy, 2K") - 1, header.index("QA accuracy, 12K") - 1
+    hall = header.index("hallucination, 2K") - 1
+    sft = row_of(table, mt.METHODS["sft"])
+    # mean (0.5 + 0.7) / 2 = 0.6, sample std sqrt(0.01 + 0.01) = 0.1414; Wilson on 12 of 20
+    lo, hi = wilson_by_bisection(12, 20)
+    assert sft[acc2k] == f"0.60 ± 0.14 [{fmt(lo)}, {fmt(hi)}] (2)"
+    assert sft[acc12k] == "n/a"
+    logo = row_of(table, mt.METHODS["logo"])
+    lo, hi = wilson_by_bisection(16, 20)
+    assert logo[acc2k] == f"0.80 ± 0.00 [{fmt(lo)}, {fmt(hi)}] (2)"
+    # hallucination 2 of 10 and 1 of 10: mean 0.15, std 0.0707, Wilson on 3 of 20
+    lo, hi = wilson_by_bisection(3, 20)
+    assert logo[hall] == f"0.15 ± 0.07 [{fmt(lo)}, {fmt(hi)}] (2)"
+    assert row_of(table, mt.METHODS["base"])[acc2k] == "0.80 [0.49, 0.94] (1)"   # no spread
+    # row order: base, then SFT, then LOGO; no rope row without a rope summary
+    names = [x.split("|")[1].strip() for x in table.splitlines()[2:5]]
+    assert names == [mt.METHODS[m] for m in ("base", "sft", "logo")]
+    # per-question means: LOGO 1 on q0-q7; SFT 1 on q0-q4, 1/2 on q5-q6, 0 on q7: differences
+    # +1/2, +1/2, +1 -> only the 2 all-same-sign patterns of 8 reach |sum| = 2: p = 0.25
+    line = next(x for x in table.splitlines() if "LOGO vs SFT, QA at 2K" in x)
+    assert "10 questions answered by both" in line and "p = 0.25" in line
+    assert "mean accuracy 0.800 vs 0.600 (difference +0.200)" in line
+    assert "QA at 12K: n/a" in table
+
+
+def test_mvniah_cells_pool_evaluation_seeds_and_ppl_cells_get_a_t_interval(tmp_path):
+    # LOGO seed 0 at 12K in two evaluations (2 + 3 samples, 4 values each)
+    for name, n, found, heads in (("a", 2, 3, [[0.3, 0.05], [0.2, 0.0]]),
+                                  ("b", 3, 5, [[0.0, 0.05], [0.2, 0.4]])):
+        write(str(tmp_path), f"logo_s0_mvniah_12K_{name}.json",
+              {"method": "logo", "seed": 0, "task": "mvniah", "config": {"haystack": None},
+               "metrics": {"lengths": {"12288": {"values": 4 * n, "values_found": found, "n": n,
+                                                 "retrieval_score": 0.0}},
+                           "samples": [{"id": f"12288/{i}/{name}", "length": 12288}
+                                       for i in range(n)],
+                           "head_scores": heads}})
+    for seed, ppl in ((0, 20.0), (1, 22.0)):
+        write(str(tmp_path), f"logo_s{seed}_ppl.json",
+              {"method": "logo", "seed": seed, "task": "ppl", "eval_data": "pg_essays",
+               "config": {}, "metrics": {"lengths": {"2048": {"ppl": ppl, "tokens": 100}}}})
+    write(str(tmp_path), "logo_s0_ppl_prose.json",             # other text: not in the table
+          {"method": "logo", "seed": 0, "task": "ppl", "eval_data": "prose", "config": {},
+           "metrics": {"lengths": {"8192": {"ppl": 5.0, "tokens": 100}}}})
+    table = mt.make_table(str(tmp_path))
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")][1:]
+    logo = dict(zip(header, row_of(table, mt.METHODS["logo"])))
+    lo, hi = wilson_by_bisection(8, 20)                          # 3 + 5 of 8 + 12 values
+    assert logo["MV-NIAH recall, 12K"] == f"0.40 [{fmt(lo)}, {fmt(hi)}] (1)"
+    # sample-weighted head means [[0.12, 0.05], [0.2, 0.24]]; kept >= 0.1: mean 0.1867
+    assert logo["retrieval score, 12K"] == "0.19 (1)"
+    # mean 21, std sqrt(2), t(0.975, 1 df) = 12.706: 21 +- 12.706 sqrt(2) / sqrt(2)
+    assert logo["ppl, PG essays 2K"] == "21.00 ± 1.41 [8.29, 33.71] (2)"
+    assert logo["ppl, PG essays 8K"] == "n/a"
+
+
+def test_a_question_in_two_summaries_is_an_error_not_counted_twice(tmp_path):
+    qa_file(str(tmp_path), "sft", 0, [1, 0])
+    qa_file(str(tmp_path), "sft", 0, [1, 0], eval_seed=99)     # same ids under another name
+    with pytest.raises(SystemExit, match="question 2048/0/q0 of sft seed 0"):
+        mt.make_table(str(tmp_path))
+
+
+def test_check_fails_on_a_stale_readme_and_write_makes_it_pass(tmp_path, capsys):
+    hand_made(str(tmp_path))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{mt.BEGIN}\n| old | table |\n{mt.END}\n\nafter\n")
+    argv = ["--results_dir", str(tmp_path)]
+    assert mt.main(argv + ["--check", str(readme)]) == 1
+    assert "differs from results/*.json" in capsys.readouterr().err
+    assert mt.main(argv + ["--write", str(readme)]) == 0
+    assert mt.main(argv + ["--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n") and text.endswith(f"{mt.END}\n\nafter\n")
+    assert mt.make_table(str(tmp_path)) in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No results yet" in mt.make_table(str(empty))
+
+
+def test_the_readme_table_is_what_make_table_prints_on_the_committed_results():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        _, inside, _ = mt.readme_block(f.read(), "README.md")
+    assert inside.strip("\n") == mt.make_table(os.path.join(ROOT, "results")), \
+        "README.md's results table is stale: python results/make_table.py --write README.md"
+
+
+# ----------------------------------------------------------------------------------------
+# evaluate.py --results_dir on the tiny model.
+
+def test_evaluate_writes_one_summary_per_model_with_config_counts_and_question_ids(
+        tmp_path, monkeypatch):
+    adapter = make_adapter(str(tmp_path / "logo_m3_seed7" / "final"), rope_theta=20000.0)
+    cfg_path = os.path.join(adapter, "logo_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(loss="logo", num_rejected=3, seed=7, data_fingerprint="0123456789abcdef",
+               lr=3e-4, check_logps=[0.5])
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"context": f"{n} was born in Oslo.", "question":
+                                        f"Where was {n} born?", "answer": "Oslo"}) + "\n"
+                            for n in ("Maria Lopez", "John Smith", "Peter Brown")))
+    tok = tiny_tokenizer()
+    replies = iter(["In Oslo.", "Paris", "", "Oslo", "Oslo!", "Peter Brown was born in Rome."])
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: (tok(next(replies)).input_ids, None))
+    results = tmp_path / "results"
+    ev.main(["--model", "tiny", "--task", "qa", "--data", str(data), "--lengths", "4K",
+             "--adapter", adapter, "--compare", "--out_dir", str(tmp_path / "out"),
+             "--results_dir", str(results), "--threads", "1"])
+    assert sorted(os.listdir(results)) == ["base_qa_4K_qa.json", "logo_m3_s7_qa_4K_qa.json"]
+    base = json.loads((results / "base_qa_4K_qa.json").read_text())
+    logo = json.loads((results / "logo_m3_s7_qa_4K_qa.json").read_text())
+    assert (base["method"], base["seed"], base["train_config"]) == ("base", None, None)
+    assert (logo["method"], logo["seed"], logo["data_fingerprint"]) == \
+        ("logo_m3", 7, "0123456789abcdef")
+    assert logo["train_config"]["lr"] == 3e-4 and "check_logps" not in logo["train_config"]
+    assert logo["rope_theta"] == 20000.0 and base["rope_theta"] == 10000.0   # tiny's own
+    assert base["task"] == "qa" and base["lengths"] == [4096] and base["eval_data"] == "qa"
+    assert base["config"]["data"] == str(data) and base["config"]["threads"] == 1
+    assert base["torch_threads"] == 1 and base["cpu"]
+    assert 0 <= base["wall_s"] <= base["command_wall_s"] and base["command_wall_s"] > 0
+    commit = os.popen(f"git -C {ROOT} rev-parse HEAD").read().strip()
+    assert base["git_commit"] == commit and isinstance(base["git_dirty"], bool)
+    # base: right, wrong (unfollow), empty; the adapter: right, right, wrong naming Peter Brown
+    assert [q["correct"] for q in base["metrics"]["questions"]] == [True, False, False]
+    assert [q["pattern"] for q in logo["metrics"]["questions"]] == \
+        ["correct", "correct", "hallucination"]
+    cell = logo["metrics"]["lengths"]["4096"]
+    assert (cell["n"], cell["correct"], cell["accuracy"]) == (3, 2, pytest.approx(2 / 3))
+    assert cell["pattern_counts"] == {"correct": 2, "hallucination": 1, "unfollow": 0, "empty": 0}
+    # the same prompts -> the same question ids for both models (pairable), all distinct
+    ids = [q["id"] for q in base["metrics"]["questions"]]
+    assert ids == [q["id"] for q in logo["metrics"]["questions"]] and len(set(ids)) == 3
+    assert not [f for f in os.listdir(results) if ".tmp" in f]
+    # make_table: only the built-in held-out questions enter the table (not a --data file);
+    # the base model on 2 of them at 2K, every reply empty: 0 of 2, Wilson [0, z^2/(2+z^2)]
+    assert not row_lines(mt.make_table(str(results)))
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: ([], None))
+    ev.main(["--model", "tiny", "--task", "qa", "--lengths", "2K", "--max_samples", "2",
+             "--out_dir", str(tmp_path / "out2"), "--results_dir", str(results)])
+    table = mt.make_table(str(results))
+    assert [r.split("|")[1].strip() for r in row_lines(table)] == [mt.METHODS["base"]]
+    assert row_of(table, mt.METHODS["base"])[0] == "0.00 [0.00, 0.66] (1)"
+    empty = json.loads((results / "base_qa_2K_e1234.json").read_text())
+    assert empty["eval_seed"] == 1234 and empty["metrics"]["lengths"]["2048"]["pattern_counts"][
+        "empty"] == 2
+
+
+def row_lines(table):
+    return [x for x in table.splitlines()[2:] if x.startswith("| ")]
+
+
+def test_raised_rope_theta_is_the_rope_method_and_a_clash_is_refused_before_loading(
+        tmp_path, capsys):
+    results = tmp_path / "results"
+    common = ["--model", "tiny", "--task", "ppl", "--lengths", "64", "--max_tokens", "128",
+              "--out_dir", str(tmp_path / "out"), "--results_dir", str(results)]
+    ev.main(common + ["--rope_theta", "20000"])
+    ev.main(common)                                             # the checkpoint's theta: base
+    assert sorted(os.listdir(results)) == ["base_ppl_64_prose.json", "rope_ppl_64_prose.json"]
+    rope = json.loads((results / "rope_ppl_64_prose.json").read_text())
+    row = rope["metrics"]["lengths"]["64"]
+    assert rope["rope_theta"] == 20000.0 and row["tokens"] == 128 - 2 and row["ppl"] > 1
+    assert ev.method_of(ev.parse_args(["--task", "ppl", "--rope_theta", "1e4"]), {}, False,
+                        1e4) == "base"
+    with pytest.raises(SystemExit) as e:                       # another rope_theta, same name
+        ev.main(common + ["--rope_theta", "40000"])
+    assert e.value.code == 2
+    assert "holds the summary of another model" in capsys.readouterr().err
+    ev.main(common + ["--rope_theta", "40000", "--results_tag", "theta4e4"])
+    assert "rope_ppl_64_prose_theta4e4.json" in os.listdir(results)
+    assert ev.method_of(ev.parse_args(["--task", "qa"]), {"loss": "sft", "num_rejected": 2},
+                        True, None) == "sft"
+    assert ev.method_of(ev.parse_args(["--task", "qa"]), {"loss": "logo", "num_rejected": 1},
+                        True, None) == "logo_m1"
