@@ -11,9 +11,10 @@ Writes  the same folder, once (an atomic rename: a crash never leaves a half cac
     preset = models.resolve_model("llama3-8b-80k")          # dict: path, beta, gamma, ...
     tok = models.load_tokenizer(preset["path"])
     model = models.load_model(preset["path"], dtype=torch.bfloat16, rope_theta=preset["rope_theta"])
-    model = models.load_model(path, ..., zero3=ds_config)  # ZeRO-3: each rank builds its shard only
+    model = models.load_model(path, ..., zero3=ds_config)  # ZeRO-3: each rank reads its share only
 """
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -182,13 +183,12 @@ def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta
     """A causal LM from a preset path, hub id or local folder, with RoPE settings applied
     before the rotary tables are built. 'tiny' is random-initialised from `seed`.
 
-    zero3: train.py's DeepSpeed config (ZeRO stage 3) to load the ZeRO-3 way: transformers'
-    DeepSpeed integration builds the model under deepspeed.zero.Init, so every weight is
-    partitioned as it is created, and rank 0 reads the checkpoint module by module into
-    the partitions. A process then holds about its 1/world_size share of the weights
-    instead of the whole model (8B in bf16: ~2 GB per rank on 8 GPUs, not 16 GB each).
-    Needs torch.distributed initialised. 'tiny' is always built whole (it is tiny, and a
-    random init under zero.Init draws other numbers); deepspeed.initialize partitions it.
+    zero3: train.py's DeepSpeed config (ZeRO stage 3) to load the ZeRO-3 way (see
+    _load_partitioned): every process holds its 1/world_size share of every weight and
+    reads only that share from the checkpoint, so its host memory grows by about its share
+    (8B in bf16: ~2 GB per process on 8 GPUs, not 16 GB each). Needs torch.distributed
+    initialised. 'tiny' is always built whole (it is tiny, and a random init under
+    zero.Init draws other numbers); deepspeed.initialize partitions it.
     """
     config = load_config(path, rope_theta, trust_remote_code)
     if path == "tiny":
@@ -200,15 +200,127 @@ def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta
                              trust_remote_code=trust_remote_code)
     if zero3 is None:
         return load()
+    if zero3.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("load_model(zero3=...) needs a DeepSpeed config with ZeRO stage 3")
+    index = checkpoint_index(resolve_path(path))
+    if index:
+        return _load_partitioned(config, index, dtype, attn_implementation, trust_remote_code, zero3)
+    # No safetensors (pytorch_model.bin): transformers' DeepSpeed integration, which also builds
+    # the model under zero.Init but has rank 0 read the whole checkpoint and gathers each
+    # module on every process to fill it (peaks above the share; see README "ZeRO-3 memory").
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
     ds = HfDeepSpeedConfig(zero3)       # transformers finds it through a weak reference
-    if not ds.is_zero3():
-        raise ValueError("load_model(zero3=...) needs a DeepSpeed config with ZeRO stage 3")
     try:
         return load()
     finally:                            # later loads (merge, on rank 0 alone) are plain again
         unset_hf_deepspeed_config()
         del ds
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def checkpoint_index(path):
+    """A model folder or hub id -> {tensor name: (file, dtype, shape, byte offset)} read from
+    its safetensors headers (an 8-byte length, a JSON header; data follows, row-major,
+    little-endian); {} when it has no safetensors files. A hub id is fetched (safetensors
+    and json only) as from_pretrained would."""
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+    index = {}
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        file = os.path.join(path, name)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        for key, t in header.items():
+            if key != "__metadata__":
+                index[key] = (file, _ST_DTYPES[t["dtype"]], tuple(t["shape"]), 8 + n + t["data_offsets"][0])
+    return index
+
+
+def read_flat(f, entry, start, out):
+    """Elements [start, start + out.numel()) of checkpoint tensor `entry` (flattened) into
+    the 1-D tensor `out`, with plain reads (no mmap: the page cache is not this process's
+    memory) straight into `out` when the dtypes agree, else through one buffer of that size."""
+    _, src_dtype, _, offset = entry
+    size = torch.empty(0, dtype=src_dtype).element_size()
+    buf = out if out.dtype == src_dtype else torch.empty(out.numel(), dtype=src_dtype)
+    f.seek(offset + start * size)
+    if f.readinto(buf.view(torch.uint8).numpy()) != out.numel() * size:
+        raise OSError(f"{f.name}: checkpoint ends early")
+    if buf is not out:
+        out.copy_(buf)                  # e.g. a bf16 checkpoint into a float32 model
+
+
+def _init_unsynced():
+    """deepspeed.zero.Init without its broadcast of every new weight from rank 0 (which makes
+    random inits agree): every partition is read from the checkpoint next, and receiving
+    the broadcast writes the whole uninitialised model, one module at a time, into each
+    other process's memory (129M float32, 2 CPU processes: rank 1's load peak +459 MiB with
+    it, ~+250 MiB, its share, without)."""
+    import deepspeed
+
+    class InitUnsynced(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+    return InitUnsynced
+
+
+def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_code, ds_config):
+    """Build the model under deepspeed.zero.Init (each module's weights are partitioned as
+    soon as it is built, and left uninitialised: no_init_weights), then every process reads
+    its own slice of every weight from the checkpoint into its partition (p.ds_tensor):
+    no rank reads the whole model, nothing is gathered or broadcast. DeepSpeed's layout
+    (partition_parameters.py, _partition_param): the weight flattened, padded at the end to
+    a multiple of the world size, process r holds elements [r * n, (r + 1) * n)."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    _InitUnsynced = _init_unsynced()
+    # zero.Init takes the partitions' dtype from the config's bf16/fp16 flags (float32 when
+    # neither); its dtype= argument is ignored on CPU (deepspeed 0.19.8 reads
+    # `dtype or fp16 if fp16_supported else bf16 if bf16_supported else fp32`): checked below.
+    with no_init_weights(), _InitUnsynced(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    model.tie_weights()                 # from_config leaves tied embeddings apart (from_pretrained ties)
+    # RoPE tables rebuilt outside zero.Init, whose tensor constructors may cast torch.arange
+    # to the model's dtype (transformers 5.24 guards it with prevent_arange_dtype_change, 5.0-5.20 do not)
+    for m in model.modules():
+        if isinstance(getattr(m, "inv_freq", None), torch.Tensor):
+            for k, b in type(m)(config=model.config).named_buffers(recurse=False):
+                m._buffers[k] = b
+    got = {p.ds_tensor.dtype for p in model.parameters()}
+    if got != {dtype}:
+        raise ValueError(f"zero.Init built {sorted(map(str, got))} partitions for a {dtype} model: "
+                         "set the DeepSpeed config's bf16/fp16 'enabled' to match the dtype")
+    prefix = model.base_model_prefix + "."
+    named = list(model.named_parameters())          # tied weights once (lm_head = embed_tokens)
+    missing = [n for n, _ in named if n not in index and n.removeprefix(prefix) not in index]
+    if missing:
+        raise KeyError(f"the checkpoint has no {', '.join(missing[:5])} ({len(missing)} weights missing)")
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        files = {}
+        for name, p in named:
+            entry = index[name] if name in index else index[name.removeprefix(prefix)]
+            if entry[2] != tuple(p.ds_shape):
+                raise ValueError(f"{name}: checkpoint shape {entry[2]}, model {tuple(p.ds_shape)}")
+            if p.ds_tensor is None or getattr(p, "ds_secondary_tensor", None) is not None:
+                raise ValueError("partitioned loading supports neither NVMe offload nor ZeRO++ hpZ")
+            part = p.ds_tensor.ds_numel                                    # this process's share
+            start = part * deepspeed.comm.get_rank(group=p.ds_process_group)
+            count = max(0, min(part, p.ds_numel - start))                  # the last one is padded
+            if entry[0] not in files:
+                files[entry[0]] = stack.enter_context(open(entry[0], "rb"))
+            read_flat(files[entry[0]], entry, start, p.ds_tensor.data.narrow(0, 0, count))
+            p.ds_tensor.data[count:].zero_()                               # the padding
+    return model.eval()                 # as from_pretrained returns it
 
 
 def tokenizer_fingerprint(tok):

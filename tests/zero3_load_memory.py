@@ -1,11 +1,16 @@
 """
 Peak host memory of building a ZeRO-3 training model on each process: the model loaded whole
-on every process (--mode whole, what train.py did before) or built partitioned
-(--mode zero3: models.load_model(zero3=...), deepspeed.zero.Init), then LoRA and
+on every process (--mode whole: what train.py does for ZeRO 0-2) or built partitioned
+(--mode zero3: models.load_model(zero3=...), what train.py does for ZeRO-3), then LoRA and
 deepspeed.initialize as in train.py's build(). Not a test (pytest does not collect it):
-the measurement behind the README's "ZeRO-3 memory" figures. Prints one JSON line per
-process: resident set (VmRSS) and its peak (VmHWM) in MiB at start, after loading, after
-deepspeed.initialize.
+the measurement behind the README's "ZeRO-3 memory" figures.
+
+Prints one JSON line per process. For each phase (load, lora, initialize): the peak
+resident set during that phase (VmHWM, reset at the phase's start through
+/proc/self/clear_refs) and the resident set at its end, split into anonymous memory
+(RssAnon: tensors, malloc) and file pages (RssFile: mmap'ed checkpoint, libraries), in MiB.
+"growth" is each peak minus the resident set at the start (after imports and the process
+group), i.e. what building the model cost this process.
 
     PYTHONPATH=. python tests/zero3_load_memory.py --make /tmp/m129   # random 129M-parameter Llama, 490 MiB
     PYTHONPATH=. deepspeed --num_gpus 2 tests/zero3_load_memory.py --mode whole --model /tmp/m129
@@ -28,9 +33,16 @@ p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed 
 args = p.parse_args()
 
 
-def mib(key):
+def status():
+    """/proc/self/status -> {key: MiB} for the memory lines."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) // 1024 for line in f if line.startswith(key + ":"))
+        rows = [line.split() for line in f if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))]
+    return {r[0].rstrip(":"): int(r[1]) // 1024 for r in rows}
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:     # "5": VmHWM := VmRSS (Linux >= 4.0)
+        f.write("5")
 
 
 if args.make:
@@ -48,13 +60,26 @@ ds = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_
       "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
       "zero_force_ds_cpu_optimizer": False}
 torch.distributed.all_reduce(torch.ones(1))          # the communication backend is set up first
-marks = {"start": (mib("VmRSS"), mib("VmHWM"))}
+start = status()["VmRSS"]
+phases = {}
+
+
+def mark(name):
+    s = status()
+    phases[name] = dict(peak=s["VmHWM"], growth=s["VmHWM"] - start, rss=s["VmRSS"],
+                        anon=s["RssAnon"], file=s["RssFile"])
+    reset_peak()
+
+
+reset_peak()
 model = models.load_model(args.model, zero3=ds if args.mode == "zero3" else None)
-marks["loaded"] = (mib("VmRSS"), mib("VmHWM"))
+mark("load")
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                "o_proj", "embed_tokens"]))
+mark("lora")
 opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
 deepspeed.initialize(model=model, optimizer=opt, config=ds)
-marks["initialized"] = (mib("VmRSS"), mib("VmHWM"))
-print(json.dumps(dict(mode=args.mode, rank=int(os.environ["RANK"]),
-                      **{k: {"rss": a, "peak": b} for k, (a, b) in marks.items()})), flush=True)
+mark("initialize")
+held = sum(q.ds_tensor.numel() * q.ds_tensor.element_size() for q in model.parameters()) / 2**20
+print(json.dumps(dict(mode=args.mode, rank=int(os.environ["RANK"]), start=start,
+                      held_mib=round(held), **phases)), flush=True)
