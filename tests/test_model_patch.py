@@ -359,3 +359,15 @@ def test_bench_runs_both_layouts_and_they_agree_on_the_tiny_model():
     diff = float(re.search(r"max \|packed - unpacked\| = (\S+)", out.stdout).group(1))
     assert diff < 1e-5
 
+
+
+def test_bench_defaults_to_float32_on_cpu_even_for_a_bf16_preset():
+    # smollm2-135m's preset dtype is bfloat16; a CPU without native bf16 runs it several times
+    # slower than float32, so bench.py (like train.py) measures float32 unless told otherwise
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "bench.py", "--model", "smollm2-135m", "--num_chunks", "2",
+                          "--chunk_len", "16", "--response_len", "8", "--warmup", "0", "--steps", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "smollm2-135m float32 on cpu" in out.stdout.splitlines()[0]
