@@ -689,17 +689,18 @@ class Pipeline:
             head, tail = prompt_parts(tok, a.prompt, s["rec"]["question"])
             s.update(scores=scores, critical=critical, fallback=fallback, ctx=ctx, g=g,
                      irrelevant=irrelevant, head=head, tail=tail, kinds=kinds,
-                     prompts=[head + c + tail for c in contexts], redraws=0)
+                     critical_context=contexts[0], prompts=[head + c + tail for c in contexts], redraws=0)
             kept.append(s)
         return kept
 
-    def evaluate_chosen(self, samples, answers, stats, seed):
-        """The response evaluator, chosen side (--chosen): sets s['chosen'] and its source,
-        or skips the sample."""
+    def evaluate_chosen(self, samples, stats, seed):
+        """The response evaluator, chosen side (--chosen): sets s['chosen'] (the model's
+        first-round answer s['responses'][0], or the gold answer in a sentence) and its
+        source, or skips the sample."""
         a, tok = self.args, self.tok
         hinted = []
-        for s, out in zip(samples, answers):
-            rec = s["rec"]
+        for s in samples:
+            rec, out = s["rec"], s["responses"][0]
             gold = lambda text: (tok(text, add_special_tokens=False).input_ids, True)
             if a.chosen == "gold":
                 s["chosen"], s["source"] = gold(rec["answer_sentence"] or rec["answer"]), \
@@ -721,7 +722,7 @@ class Pipeline:
             for s in hinted:
                 _, tail = prompt_parts(tok, a.prompt, s["rec"]["question"],
                                        HINT.format(answer=s["rec"]["answer"]))
-                prompts.append(s["prompts"][0][:len(s["prompts"][0]) - len(s["tail"])] + tail)
+                prompts.append(s["head"] + s["critical_context"] + tail)
             for s, out in zip(hinted, self.respond(prompts, stats, seed + 1, "chosen, gold given")):
                 if out is not None and contains(tok.decode(out[0]), s["rec"]["answer"]):
                     s["chosen"], s["source"] = out, "model_hinted"
@@ -730,7 +731,11 @@ class Pipeline:
                     self.skip(stats, "chosen_unverified", "neither the model's answer nor its answer "
                               "written with the gold answer given states the gold answer",
                               s["where"], "add an 'answer_sentence' to the record, or check its answer")
-        return [s for s in samples if s.get("chosen") is not None]
+        kept = [s for s in samples if s.get("chosen") is not None]
+        for s in kept:
+            s["responses"][0] = s["chosen"]
+            s["chosen_text"] = squash(tok.decode(s["chosen"][0]))   # compared to every rejected
+        return kept
 
     def rejected_fault(self, s, out):
         """Why a rejected answer cannot be kept (None: it can)."""
@@ -739,7 +744,7 @@ class Pipeline:
         text = self.tok.decode(out[0])
         if s["rec"]["answer"] and contains(text, s["rec"]["answer"]):
             return "rejected_states_answer"
-        if squash(text) == squash(self.tok.decode(s["chosen"][0])):
+        if squash(text) == s["chosen_text"]:
             return "rejected_same_as_chosen"
         return None
 
@@ -783,13 +788,9 @@ class Pipeline:
         first = 1 if a.chosen == "gold" else 0
         answers = iter(self.respond([p for s in samples for p in s["prompts"][first:]], stats, seed,
                                     f"shard {shard_idx} generate"))
-        outs = [[next(answers) for _ in s["prompts"][first:]] for s in samples]
-        for s, o in zip(samples, outs):
-            s["responses"] = [None] * first + o
-        samples = self.evaluate_chosen(samples, [o[0] if not first else None for o in outs], stats, seed)
-        for s in samples:
-            s["responses"][0] = s["chosen"]
-        samples = self.evaluate_rejected(samples, stats, seed)
+        for s in samples:                        # [chosen or None (--chosen gold), rejected 1..M]
+            s["responses"] = [None] * first + [next(answers) for _ in s["prompts"][first:]]
+        samples = self.evaluate_rejected(self.evaluate_chosen(samples, stats, seed), stats, seed)
         # Steps 6-7: positions and packing, --syntheses_per_sample rows per sample.
         ids_l, pos_l, seg_l, offsets, preview = [], [], [], [0], []
         for s in samples:
@@ -924,9 +925,7 @@ def summarize(args, config, num_records, ner):
         with open(shard_path(args.out_dir, j), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-    extra = st
-    quality = st["quality"]
-    frac = {k: (q[0] / q[1] if q[1] else None) for k, q in quality.items()}
+    frac = {k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()}
     meta = dict(format_version=FORMAT_VERSION, model=args.model, model_path=config["model_path"],
                 tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
                 vocab_size=config["vocab_size"], num_rejected=args.num_rejected,
@@ -934,13 +933,13 @@ def summarize(args, config, num_records, ner):
                 data_fingerprint=digest.hexdigest()[:16],
                 complete=len(done) == total, shards=[os.path.basename(shard_path(args.out_dir, j)) for j in done],
                 missing_shards=[j for j in range(total) if j not in done],
-                counts=counts, tokens=dict(prefix=extra["prefix_tokens"], response=extra["response_tokens"],
-                                           total=extra["prefix_tokens"] + extra["response_tokens"]),
-                critical=dict(mean_per_sample=extra["critical"] / max(1, counts["kept"]),
-                              rank_order_fallback=extra["fallback"]),
-                answers_over_budget=extra["answers_over_budget"],
+                counts=counts, tokens=dict(prefix=st["prefix_tokens"], response=st["response_tokens"],
+                                           total=st["prefix_tokens"] + st["response_tokens"]),
+                critical=dict(mean_per_sample=st["critical"] / max(1, counts["kept"]),
+                              rank_order_fallback=st["fallback"]),
+                answers_over_budget=st["answers_over_budget"],
                 distance_coverage=coverage, syntheses_per_sample=args.syntheses_per_sample,
-                quality=dict(contains_gold=frac, counts=quality), chosen_source=st["chosen_source"],
+                quality=dict(contains_gold=frac, counts=st["quality"]), chosen_source=st["chosen_source"],
                 responses=st["responses"], chunking=st["chunking"], ner=ner,
                 args=vars(args), config=config)
     for name, body in (("meta.json", json.dumps(meta, indent=1) + "\n"),
