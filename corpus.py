@@ -14,20 +14,19 @@ perplexity text). Imports only the standard library and Faker.
     text = haystack(20000, seed=0)   # ~20,000 characters of plain prose, no names, no numbers
 
 What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-5):
-- The context is a run of one-paragraph biographies of fake people (about 500 characters,
-  a little under one 128-token chunk of the demo model, each). Every biography states the same kinds of
-  facts (born in a city in a year, joined an organisation in a year as a role, founded an
-  organisation in a city in a year), so a model answering from the wrong paragraph gives a
-  plausible but wrong answer: the distractors LOGO's rejected responses need.
+- The context is entity-free filler prose (haystack() below) with PEOPLE = 4 two-sentence
+  biographies of fake people at random paragraph boundaries. Every biography states the same
+  kinds of facts (born in a city in a year, joined an organisation in a year as a role), so
+  a model answering from the wrong paragraph gives a plausible but wrong answer: the
+  distractors LOGO's rejected responses need.
 - The question names the target person plus one or two other facts of their paragraph
-  (PERSON, ORG, GPE, DATE entities), and asks for a third fact: a city, an organisation or a
-  year. Its entities all occur together only in the target paragraph, so entity-overlap
-  scoring (prepare.py --delta) finds it. The gold answer occurs nowhere else in the context.
-- Other paragraphs share one entity with the question (colleagues at the same
-  organisation), never the year it names; in a third of the records a colleague's
-  paragraph names the target person too (a second, answer-free critical chunk).
+  (PERSON, ORG, GPE entities) and asks for a third: a city, an organisation or a year. Its
+  entities occur together only in the target paragraph, so entity-overlap scoring
+  (prepare.py --delta) finds it. The gold answer occurs nowhere else in the context.
 - The wording is plain, so spaCy's small English NER model finds the names, organisations,
   places and years.
+- Calibrated on SmolLM2-135M-Instruct (results/README.md): hard from the full context,
+  easy from the answer's paragraph alone.
 """
 
 import random
@@ -40,52 +39,33 @@ ORG_SUFFIXES = ["Industries", "Group", "Holdings", "Laboratories", "Partners", "
 ROLES = ["engineer", "accountant", "chemist", "designer", "lawyer", "analyst", "editor",
          "architect", "geologist", "pilot", "surveyor", "economist", "programmer",
          "pharmacist", "translator", "statistician"]
-FIELDS = ["marine biology", "civil engineering", "economics", "organic chemistry", "law",
-          "architecture", "mathematics", "journalism", "geology", "music", "medicine",
-          "agriculture", "history", "physics", "linguistics", "philosophy"]
-HOBBIES = ["restoring old bicycles", "growing tomatoes", "playing the cello", "long-distance running",
-           "collecting maps", "baking bread", "sailing small boats", "painting birds",
-           "repairing clocks", "hiking in the mountains", "writing short stories", "keeping bees"]
-TRAITS = ["patient and exacting", "quiet but stubborn", "generous with advice",
-          "famously punctual", "curious about everything", "careful with money",
-          "quick to laugh", "demanding but fair"]
 
-# Sentence templates. {name} full name, {He}/{he}/{his}/{him} pronouns. Two key sentences
-# carry every fact a question asks about, each next to the facts the question names, so
-# the chunk holding a question's entities also holds its answer (unless a chunk boundary
-# cuts the sentence).
-BORN_JOINED = ["{name} was born in {born_city}, {born_state}, in {born_year} and joined {employer} in {joined_year} as {a_role}.",
-               "Born in {born_city}, {born_state}, in {born_year}, {name} joined {employer} as {a_role} in {joined_year}.",
-               "{name}, who was born in {born_city}, {born_state}, took a job as {a_role} at {employer} in {joined_year}."]
-FOUNDED = ["In {founded_year}, {name} left {employer} and founded {founded} in {founded_city}.",
-           "{name} founded {founded} in {founded_city} in {founded_year}, after years as {a_role} at {employer}.",
-           "After leaving {employer}, {name} founded {founded} in {founded_year}, with its first office in {founded_city}."]
-STUDY = ["{He} studied {field} before starting work.",
-         "At university {he} read {field}, which {he} later called a lucky accident.",
-         "{He} trained in {field} and never quite left it behind."]
-COLLEAGUE = ["At {employer}, {he} worked alongside {other}.",
-             "{He} shared an office with {other} during those years at {employer}."]
-FILLER = ["Colleagues remember {him} as {trait}.",
-          "Outside work, {he} was known for {hobby}.",
-          "{He} rarely gave interviews and preferred to let the work speak.",
-          "Friends say {he} was {trait} and hated long meetings."]
+# The calibrated task (issue 15; results/README.md "Calibration"): PEOPLE short biographies,
+# two sentences each, at random places in entity-free filler prose. With 4 people at ~1K
+# tokens SmolLM2-135M-Instruct answers 30% from the full context and 90% from the answer's
+# paragraph alone: it can read the fact, but the other people's cities, organisations and
+# years pull its answer away in a long context (hallucinations). That gap is what LOGO
+# should close. The first design (a context made only of long, alike biographies) left the
+# base model at 0-5% whatever it read.
+PEOPLE = 4
+BIOGRAPHY = ["{name} was born in {born_city} in {born_year}.",
+             "{He} joined {employer} in {joined_year} as {a_role}."]
 
-# Question kinds: (template, answer field). Each names the person plus two or three other
-# facts of one key sentence, and asks for a fact of that same sentence.
+# Question kinds: (template, answer field). Each names the person plus one or two other facts
+# of their paragraph (PERSON, ORG, GPE entities, found together only there, so entity-overlap
+# scoring finds it) and asks for a third.
 QUESTIONS = [
-    ("In which city was {name}, who joined {employer} in {joined_year}, born?", "born_city"),
-    ("Which organisation did {name} found in {founded_year} after working at {employer}?", "founded"),
+    ("In which city was {name}, {a_role} at {employer}, born?", "born_city"),
     ("In what year did {name}, who was born in {born_city}, join {employer}?", "joined_year"),
-    ("In which city did {name}, a former {role} at {employer}, found {founded}?", "founded_city"),
+    ("Which organisation did {name}, who was born in {born_city}, join?", "employer"),
 ]
 # The gold answer as the model would say it: one sentence that names the question's
 # subject and states the fact. prepare.py uses it as the chosen response when the model's
 # own answer is wrong, so chosen and rejected responses have the same form (a bare
 # "Danielmouth" against self-generated sentences lets the loss learn the form instead).
 ANSWER_SENTENCES = {"born_city": "{name} was born in {born_city}.",
-                    "founded": "{name} founded {founded} in {founded_year}.",
                     "joined_year": "{name} joined {employer} in {joined_year}.",
-                    "founded_city": "{name} founded {founded} in {founded_city}."}
+                    "employer": "{name} joined {employer}."}
 
 
 def _pronouns(female):
@@ -126,29 +106,19 @@ class _Names:
         return self._unique(self.fake.city)
 
 
-def _person(names, rng, employers, other=None):
-    """One fake person's facts. employers: the few organisations people in a record share."""
+def _person(names, rng):
+    """One fake person's facts, each name, city and organisation unique in the record."""
     name, female = names.person()
     born_year = rng.randint(1940, 1985)
     role = rng.choice(ROLES)
     return dict(name=name, female=female, born_year=str(born_year), born_city=names.city(),
-                born_state=names.fake.state(), field=rng.choice(FIELDS), role=role,
-                a_role=("an " if role[0] in "aeiou" else "a ") + role,
-                employer=rng.choice(employers), joined_year=str(born_year + rng.randint(22, 30)),
-                founded=names.org(), founded_city=names.city(),
-                founded_year=str(born_year + rng.randint(32, 40)), other=other,
-                hobby=rng.choice(HOBBIES), trait=rng.choice(TRAITS))
+                role=role, a_role=("an " if role[0] in "aeiou" else "a ") + role,
+                employer=names.org(), joined_year=str(born_year + rng.randint(22, 30)))
 
 
-def _biography(p, rng):
-    """One paragraph (~400-600 characters) stating every fact of person p, in a random voice."""
+def _biography(p):
     f = dict(p, **_pronouns(p["female"]))
-    parts = [rng.choice(BORN_JOINED), rng.choice(STUDY), rng.choice(FOUNDED)]
-    if p["other"]:
-        parts.append(rng.choice(COLLEAGUE))
-    parts += rng.sample(FILLER, 2)
-    text = " ".join(s.format(**f) for s in parts)
-    return text[0].upper() + text[1:]
+    return " ".join(s.format(**f) for s in BIOGRAPHY)
 
 
 _FAKER = []
@@ -167,35 +137,27 @@ def qa_record(index, context_tokens_approx_chars, seed=0):
     fake = _faker()
     fake.seed_instance(seed * 1_000_003 + index)
     names = _Names(fake, rng)
-    # Values that must not appear in any other paragraph are drawn first (unique pools);
-    # years repeat across people on purpose (only the asked fact's value is made unique).
-    employers = [names.org() for _ in range(3)]
-    target = _person(names, rng, employers)
+    target = _person(names, rng)
     template, field = QUESTIONS[rng.randrange(len(QUESTIONS))]
-    # Values no other paragraph may contain: the answer, and the year the question names
-    # (so a distractor shares at most the organisation with the question, one entity).
-    private = [target[field]] + [target[k] for k in ("joined_year", "founded_year")
-                                 if "{" + k + "}" in template]
-    people, n_chars = [], len(_biography(target, rng))
-    while n_chars < context_tokens_approx_chars:
-        p = _person(names, rng, employers)
-        if any(x in str(v) for x in private for v in p.values()):   # years repeat by chance
-            continue
-        people.append(p)
-        n_chars += len(_biography(p, rng)) + 2
-    if people and rng.random() < 1 / 3:        # a colleague's paragraph names the target
-        colleague = rng.choice(people)
-        colleague.update(employer=target["employer"], other=target["name"])
-    people.insert(rng.randint(0, len(people)), target)   # the answer at a random depth
-    paragraphs = [_biography(p, rng) for p in people]
+    people = [target]
+    while len(people) < PEOPLE:             # years repeat by chance: the answer's may not
+        p = _person(names, rng)
+        if target[field] not in (p["born_year"], p["joined_year"]):
+            people.append(p)
+    rng.shuffle(people)
+    bios = [_biography(p) for p in people]
+    filler_chars = max(context_tokens_approx_chars - sum(len(b) + 2 for b in bios), 0)
+    paragraphs = haystack(filler_chars, seed=f"{seed}-{index}").split("\n\n") if filler_chars else []
+    for b in bios:                           # each biography at a random paragraph boundary
+        paragraphs.insert(rng.randint(0, len(paragraphs)), b)
     return {"context": "\n\n".join(paragraphs), "question": template.format(**target),
             "answer": target[field], "answer_sentence": ANSWER_SENTENCES[field].format(**target)}
 
 
 def qa_records(num_samples, context_tokens_approx_chars, seed=0):
     """num_samples records {"context", "question", "answer", "answer_sentence"}, each context about
-    context_tokens_approx_chars characters long (a whole paragraph more at most).
-    Deterministic in (index, seed); a gold answer occurs only in its own paragraph."""
+    context_tokens_approx_chars characters long. Deterministic in (index, seed); a gold answer
+    occurs only in its own paragraph."""
     return [qa_record(i, context_tokens_approx_chars, seed) for i in range(num_samples)]
 
 

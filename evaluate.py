@@ -111,7 +111,7 @@ COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", 
 TASK_FLAGS = {"longbench": ["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
               "niah": ["depths", "haystack", "needle", "question", "answer"],
               "mvniah": ["haystack", "num_needles", "seed"],
-              "qa": ["data", "prompt", "seed", "spacy_model"],
+              "qa": ["data", "prompt", "seed", "spacy_model", "gen_batch"],
               "ppl": ["text", "stride", "max_tokens"]}
 DEFAULT_LENGTHS = {"niah": "1K,2K,4K", "mvniah": "1K,2K,4K", "ppl": "1K,2K,4K,8K", "qa": "2K,4K"}
 DEFAULT_NEW_TOKENS = {"niah": 48, "qa": 24}   # mvniah 12 per needle; longbench dataset2maxlen
@@ -131,6 +131,10 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=int, default=None,
                    help="greedy tokens per answer (default: niah 48, mvniah 12 per needle, qa 24; "
                         "longbench: dataset2maxlen.json)")
+    g.add_argument("--gen_batch", type=int, default=16,
+                   help="qa: prompts decoded together (greedy, left padding, longest first; "
+                        "on 2 CPU cores 16 prompts of 1K tokens run ~4x faster than one by one); "
+                        "1: one prompt at a time")
     g.add_argument("--no_chat_template", action="store_true",
                    help="feed raw prompts even to a model that has a chat template")
     # results summaries (issue 15)
@@ -906,14 +910,27 @@ def qa_samples(args, tok, lengths, num_samples):
         for r in corpus.qa_records(num_samples, chars, args.seed):
             prompt, templated = chat_prompt(tok, args.prompt.format(**r), use_chat)
             samples.append({"length": L, "ids": encode(tok, prompt, templated),
-                            "answers": [r["answer"]], "question": r["question"]})
+                            "answers": [r["answer"]], "question": r["question"], "record": r})
     return samples
 
 
+def qa_answers(args, lm, tok, samples, label):
+    """The greedy answer (new token ids) to every sample's prompt: one by one with generate(),
+    or --gen_batch at a time with prepare.py's batched decoding (model.generate, left padding)."""
+    stops, budget = stop_token_ids(tok, lm), args.max_new_tokens or DEFAULT_NEW_TOKENS["qa"]
+    if args.gen_batch <= 1:
+        return [generate(lm, s["ids"], budget, stops)[0] for s in tqdm(samples, desc=f"{label} qa")]
+    from prepare import generate as generate_batch
+    opts = argparse.Namespace(gen_batch=args.gen_batch, temperature=0.0, top_p=1.0,
+                              max_new_tokens=budget)
+    with tqdm(total=len(samples), desc=f"{label} qa") as bar:
+        return [toks for toks, _ in generate_batch(lm, tok, [s["ids"] for s in samples], opts,
+                                                   sorted(stops), 0, bar)]
+
+
 def run_qa(args, lm, tok, samples, label, nlp):
-    stops, rows = stop_token_ids(tok, lm), []
-    for s in tqdm(samples, desc=f"{label} qa"):
-        new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["qa"], stops)
+    rows = []
+    for s, new in zip(samples, qa_answers(args, lm, tok, samples, label)):
         pred = decode_answer(tok, new)
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]),
                      "correct": states_answer(pred, s["answers"]), "answers": s["answers"],

@@ -269,7 +269,8 @@ def test_qa_accuracy_is_the_normalised_gold_answer_inside_the_reply(tmp_path, mo
     replies = iter(["She was born in OSLO!", "In 1994.", "Acme."])
     monkeypatch.setattr(ev, "generate",
                         lambda *a, **k: (tok(next(replies)).input_ids, None))
-    saved, _ = run(tmp_path, "--task", "qa", "--data", str(data), "--lengths", "4K")
+    saved, _ = run(tmp_path, "--task", "qa", "--data", str(data), "--lengths", "4K",
+                   "--gen_batch", "1")                    # the replies replace generate()
     res = saved["results"]["base"]
     assert [r["correct"] for r in res["samples"]] == [True, True, False]
     assert res["accuracy"] == pytest.approx(2 / 3)
@@ -339,7 +340,7 @@ def test_qa_pattern_rates_in_json_and_csv_match_the_per_sample_patterns(tmp_path
     replies = iter(QA_REPLIES)
     monkeypatch.setattr(ev, "generate", lambda *a, **k: (tok(next(replies)).input_ids, None))
     saved, out = run(tmp_path, "--task", "qa", "--data", str(qa_pattern_data(tmp_path)),
-                     "--lengths", "150,4K")
+                     "--lengths", "150,4K", "--gen_batch", "1")
     res = saved["results"]["base"]
     assert [r["pattern"] for r in res["samples"]] == \
         ["correct", "hallucination", "unfollow", "empty", "empty"]
@@ -550,3 +551,16 @@ def test_compare_writes_the_pattern_bars_of_base_and_adapter_side_by_side(tmp_pa
     header = (out / "qa.csv").read_text().splitlines()[0].split(",")
     assert header == ["length", "accuracy_base", "accuracy_logo"] + \
         [f"{p}_{lb}" for lb in ("base", "logo") for p in ev.PATTERNS]
+
+
+def test_batched_qa_decoding_gives_the_one_by_one_answers():
+    """--gen_batch (left padding, model.generate) against the KV-cache loop, on prompts of
+    different lengths (the padding must not change any greedy token in float32)."""
+    tok, lm = tiny_tokenizer(), load_model("tiny").eval()
+    args = ev.parse_args(["--task", "qa", "--model", "tiny", "--max_new_tokens", "12",
+                          "--gen_batch", "3"])
+    samples = [{"ids": tok(" ".join(str(i * n) for i in range(n))).input_ids} for n in (9, 2, 20, 5, 14)]
+    batched = ev.qa_answers(args, lm, tok, samples, "batched")
+    args.gen_batch = 1
+    assert batched == ev.qa_answers(args, lm, tok, samples, "one by one")
+    assert len({tuple(a) for a in batched}) > 1 and all(batched)
