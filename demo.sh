@@ -39,6 +39,10 @@ took "training" "$t"
 step "3/3 evaluation: 50 held-out questions (seed 1234) at 1K tokens, base vs base + LOGO"
 t=$(date +%s)
 python evaluate.py --task qa --adapter runs/logo/final --compare --lengths 1K --max_samples 50 \
-    --seed 1234 --out_dir runs/logo/eval_qa --results_dir runs/logo/eval_qa
+    --seed 1234 --out_dir runs/logo/eval_qa --results_dir runs/logo/results
 took "evaluation" "$t"
+
+step "base vs LOGO on the same 50 questions"
+python results/make_table.py --pair runs/logo/results/base_qa_1K_e1234.json \
+    runs/logo/results/logo_s0_qa_1K_e1234.json
 took "the demo" "$T0"

@@ -1,7 +1,7 @@
 """
 Calibration of the built-in task (issue 15, step 1): does the base model find the fact
 from the answer's paragraph alone, and fail from the full context? That gap is what LOGO
-should close. Run before training anything; writes results/calibration_<L>.json.
+should close. Run before training anything; writes results/calibration/calibration_<L>.json.
 
     python results/calibrate.py --length 1K --num 40      # ~3.5 min on a 2-core CPU
 
@@ -23,7 +23,7 @@ from models import load_model, load_tokenizer, resolve_model  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", default="1K", help="prompt length in tokens (1K = 1024)")
     p.add_argument("--num", type=int, default=40)
@@ -57,7 +57,9 @@ def main():
     out = {"model": args.model, "length": length, "seed": args.seed, "people": evaluate.corpus.PEOPLE,
            "summary": summary, "git_commit": evaluate.git_state()[0], "cpu": evaluate.cpu_model(),
            "wall_s": round(time.time() - t0, 1), "questions": rows}
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"calibration_{args.length}.json")
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration")
+    os.makedirs(folder, exist_ok=True)          # not results/*.json: make_table.py reads those
+    path = os.path.join(folder, f"calibration_{args.length}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps(summary), "->", path)

@@ -65,7 +65,41 @@ def parse_args(argv=None):
                    help="exit 1 if README's text between the markers is not what this prints")
     g.add_argument("--write", metavar="README", default=None,
                    help="replace README's text between the markers with the table")
+    g.add_argument("--pair", nargs=2, metavar=("BASE.json", "OTHER.json"), default=None,
+                   help="two qa summaries of the same questions (the demo's base and adapter): "
+                        "accuracy with its Wilson interval, error patterns, exact McNemar test")
     return p.parse_args(argv)
+
+
+def pair_text(path_a, path_b):
+    """The demo's comparison: two qa summaries, per length accuracy [95% Wilson interval],
+    pattern rates, and the exact McNemar test on the questions both answered."""
+    runs = []
+    for path in (path_a, path_b):
+        with open(path, encoding="utf-8") as f:
+            s = json.load(f)
+        if s.get("task") != "qa":
+            raise SystemExit(f"error: {path}: not a qa summary (task {s.get('task')!r})")
+        runs.append(s)
+    lines = []
+    for L in runs[0]["metrics"]["lengths"]:
+        for s in runs:
+            m = s["metrics"]["lengths"].get(L)
+            if m is None:
+                raise SystemExit(f"error: {s['label']} has no length {L}")
+            lo, hi = wilson(m["correct"], m["n"])
+            rates = ", ".join(f"{k} {v:.2f}" for k, v in m["patterns"].items())
+            lines.append(f"{L:>6} tokens  {s['label']:<10} accuracy {m['correct']}/{m['n']} = "
+                         f"{m['accuracy']:.2f} [95% {lo:.2f}, {hi:.2f}]  patterns: {rates}")
+        got = [{q["id"]: q["correct"] for q in s["metrics"]["questions"] if str(q["length"]) == L}
+               for s in runs]
+        both = sorted(set(got[0]) & set(got[1]))
+        diffs = [int(got[1][q]) - int(got[0][q]) for q in both]
+        lines.append(f"{L:>6} tokens  {runs[1]['label']} - {runs[0]['label']}: "
+                     f"{sum(d > 0 for d in diffs)} questions right only for {runs[1]['label']}, "
+                     f"{sum(d < 0 for d in diffs)} only for {runs[0]['label']} ({len(both)} paired); "
+                     f"exact McNemar p = {float(sign_flip_p(diffs)):.2g}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -318,6 +352,9 @@ def readme_block(text, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.pair:
+        print(pair_text(*args.pair))
+        return 0
     table = make_table(args.results_dir, args.ppl_text)
     path = args.check or args.write
     if path is None:
