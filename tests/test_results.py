@@ -289,3 +289,26 @@ def test_raised_rope_theta_is_the_rope_method_and_a_clash_is_refused_before_load
                         True, None) == "sft"
     assert ev.method_of(ev.parse_args(["--task", "qa"]), {"loss": "logo", "num_rejected": 1},
                         True, None) == "logo_m1"
+
+
+def test_pair_prints_wilson_intervals_patterns_and_the_exact_mcnemar_test(tmp_path):
+    """The demo's comparison: base 3/8, adapter 6/8 on the same 8 questions, 4 right only
+    for the adapter and 1 only for base -> McNemar p = P(|S| >= 3) over 5 coin flips =
+    (1 + 5 + 5 + 1) / 32 = 0.375; intervals from the bisection reference."""
+    def summary(label, correct):
+        n, k = len(correct), sum(correct)
+        rates = {"correct": k / n, "hallucination": (n - k) / n, "unfollow": 0.0, "empty": 0.0}
+        return {"task": "qa", "label": label, "metrics": {
+            "lengths": {"1024": {"accuracy": k / n, "n": n, "correct": k, "patterns": rates}},
+            "questions": [{"id": f"1024/{i}/h", "length": 1024, "correct": bool(c)}
+                          for i, c in enumerate(correct)]}}
+    write(tmp_path, "a.json", summary("base", [1, 1, 1, 0, 0, 0, 0, 0]))
+    write(tmp_path, "b.json", summary("logo", [1, 1, 0, 1, 1, 1, 1, 0]))
+    text = mt.pair_text(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    lo, hi = wilson_by_bisection(6, 8)
+    assert f"accuracy 6/8 = 0.75 [95% {lo:.2f}, {hi:.2f}]" in text
+    lo, hi = wilson_by_bisection(3, 8)
+    assert f"accuracy 3/8 = 0.38 [95% {lo:.2f}, {hi:.2f}]" in text
+    assert "hallucination 0.62" in text
+    assert "4 questions right only for logo, 1 only for base (8 paired)" in text
+    assert "exact McNemar p = 0.38" in text
