@@ -1,6 +1,6 @@
 """
-The built-in long-context corpus: synthetic QA over fake biographies, and entity-free
-filler prose. Generated here from Faker's name lists and our own sentence templates, so
+The built-in long-context corpus: synthetic QA over short fake biographies set in
+entity-free filler prose, and that filler prose alone. Generated here from Faker's name lists and our own sentence templates, so
 it needs no third-party text, nothing to download, and is identical for the same seed.
 
 Used by prepare.py (the demo training set) and evaluate.py (needle-in-a-haystack filler,
@@ -8,9 +8,9 @@ perplexity text). Imports only the standard library and Faker.
 
     from corpus import qa_records, haystack
     recs = qa_records(num_samples=64, context_tokens_approx_chars=11000, seed=0)
-    recs[0]["question"]   # 'In what year did Kayla Green, who was born in Hullport, join Chang Bank?'
-    recs[0]["answer"]     # '2001'
-    recs[0]["answer_sentence"]   # 'Kayla Green joined Chang Bank in 2001.'
+    recs[0]["question"]   # 'In what year did Peter Richard, who was born in Williamshaven, join Tucker Foods?'
+    recs[0]["answer"]     # '1996'
+    recs[0]["answer_sentence"]   # 'Peter Richard joined Tucker Foods in 1996.'
     text = haystack(20000, seed=0)   # ~20,000 characters of plain prose, no names, no numbers
 
 What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-5):
