@@ -1,7 +1,8 @@
 """
 The built-in long-context corpus: synthetic QA over short fake biographies set in
-entity-free filler prose, and that filler prose alone. Generated here from Faker's name lists and our own sentence templates, so
-it needs no third-party text, nothing to download, and is identical for the same seed.
+entity-free filler prose, and that filler prose alone. Generated here from Faker's name
+lists and our own sentence templates, so it needs no third-party text, nothing to
+download, and is identical for the same seed.
 
 Used by prepare.py (the demo training set) and evaluate.py (needle-in-a-haystack filler,
 perplexity text). Imports only the standard library and Faker.
