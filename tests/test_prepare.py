@@ -259,14 +259,15 @@ def test_rows_are_prefix_then_chosen_then_rejected_with_synthesized_positions(de
         assert tok.decode(ids[:P].tolist()) == expected_prefix
         # segments 0 | 1 | 2 | 3 in that order. The random model never states the answer:
         # chosen is the record's answer sentence, closed by end-of-turn; the rejected ones are
-        # its 6-token answers, cut by the budget with no sentence in them, stored open.
+        # its 6-token answers, cut by the budget with no sentence in them, stored open (or,
+        # when the 6th token is end-of-turn, a 5-token answer that finished in the budget).
         s = seg.tolist()
         assert s == sorted(s) and set(s) == {0, 1, 2, 3}
         assert p["chosen_source"] == "gold_sentence"
         assert tok.decode(ids[seg == 1].tolist()) == rec["answer_sentence"] + "<|im_end|>"
         for k in (2, 3):
             resp = ids[seg == k]
-            assert len(resp) == 6 and (resp != eot).all()
+            assert len(resp) == 6 and (resp[:-1] != eot).all()
         prefix = pos[:P]
         assert (prefix[1:] > prefix[:-1]).all()
         starts = {int(pos[seg == k][0]) for k in (1, 2, 3)}
@@ -326,11 +327,12 @@ def test_skip_bad_counts_every_skipped_record_by_reason(tmp_path):
     assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--skip_bad", "--delta", "2",
                                 "--shard_size", "3", "--chosen", "model"]) == 0
     c = json.load(open(os.path.join(out, "meta.json")))["counts"]
-    # ... and the random tiny model answers one record's question with the same 6 tokens
-    # three times: its rejected answers repeat the chosen one even after redraws
+    # (with the corpus before issue 15's calibration, the random tiny model also repeated its
+    # chosen answer in every rejected one for one record: rejected_same_as_chosen, tested on
+    # its own in test_rejected_answers_identical_to_the_chosen_one_are_never_kept; not here)
     assert c["skipped"] == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1,
-                            "short_context": 1, "no_entity_overlap": 1, "rejected_same_as_chosen": 1}
-    assert (c["read"], c["kept"]) == (8, 2) and len(rows(out)) == 2
+                            "short_context": 1, "no_entity_overlap": 1}
+    assert (c["read"], c["kept"]) == (8, 3) and len(rows(out)) == 3
 
 
 def test_gold_chosen_responses_are_the_answer_sentence_or_the_bare_answer_and_end_of_turn(tmp_path):
@@ -426,14 +428,21 @@ def test_a_chosen_answer_that_states_the_gold_answer_is_kept_and_rejected_ones_t
     q = meta["quality"]["contains_gold"]
     kept = meta["counts"]["kept"]
     assert q["chosen"] == 1.0 and q["irrelevant"] == 0.0 and (kept == 0 or q["partial"] == 0.0)
-    assert meta["chosen_source"]["model"] == kept >= 3
+    # the model's own answer is kept wherever the critical chunks hold the answer; a chunk
+    # border between a biography's two sentences can leave it out (then the gold sentence)
+    holds = [r["answer"] in "".join(p["critical_text"]) for p in preview
+             for r in [recs[p["index"]]]]
+    assert len(preview) == kept and sum(holds) >= 3
+    assert meta["chosen_source"]["model"] == sum(holds)
+    assert meta["chosen_source"].get("gold_sentence", 0) == kept - sum(holds)
     skipped = meta["counts"]["skipped"]
     assert set(skipped) <= {"rejected_states_answer"} and kept + sum(skipped.values()) == 6
     # every redraw is counted; a sample skipped had all of its redraws fail
     assert meta["responses"]["redrawn"] == sum(p["redraws"] for p in preview) + 2 * skipped.get(
         "rejected_states_answer", 0)
-    for p in preview:
-        assert gold(p["question"]) in p["chosen"] and p["chosen_source"] == "model"
+    for p, held in zip(preview, holds):
+        assert gold(p["question"]) in p["chosen"]
+        assert p["chosen_source"] == ("model" if held else "gold_sentence")
         assert all(gold(p["question"]) not in r["text"] for r in p["rejected"])
 
 
