@@ -40,10 +40,9 @@ def main():
     for i, s in enumerate(samples):
         rec = s["record"]
         target = next(p for p in rec["context"].split("\n\n") if rec["answer"] in p)
+        prompt, templated = evaluate.chat_prompt(tok, ev.prompt.format(**dict(rec, context=target)), True)
         got = {}
-        for name, ctx in (("full", rec["context"]), ("critical", target)):
-            prompt, templated = evaluate.chat_prompt(tok, f"{ctx}\n\n{rec['question']}", True)
-            ids = evaluate.encode(tok, prompt, templated)
+        for name, ids in (("full", s["ids"]), ("critical", evaluate.encode(tok, prompt, templated))):
             new, _ = evaluate.generate(lm, ids, evaluate.DEFAULT_NEW_TOKENS["qa"], stops)
             pred = evaluate.decode_answer(tok, new)
             got[name] = {"correct": evaluate.states_answer(pred, [rec["answer"]]),
@@ -57,11 +56,9 @@ def main():
     out = {"model": args.model, "length": length, "seed": args.seed, "people": evaluate.corpus.PEOPLE,
            "summary": summary, "git_commit": evaluate.git_state()[0], "cpu": evaluate.cpu_model(),
            "wall_s": round(time.time() - t0, 1), "questions": rows}
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration")
-    os.makedirs(folder, exist_ok=True)          # not results/*.json: make_table.py reads those
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration")  # not *.json
     path = os.path.join(folder, f"calibration_{args.length}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    evaluate.write_text(path, json.dumps(out, indent=1))
     print(json.dumps(summary), "->", path)
 
 
