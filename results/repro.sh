@@ -6,6 +6,8 @@
 #
 #   bash results/repro.sh            # both lanes: the 2K cells
 #   bash results/repro.sh a          # one lane only (a: logo + base, b: sft + rope)
+#   bash results/repro.sh 12k        # then the 12K cells and perplexity, two models at a time
+#                                    # (~80 core-seconds per 12K question: several sessions)
 #
 # Logs go to runs/repro_logs/. Commit results/*.json as they land; no weights go there.
 set -euo pipefail
@@ -39,6 +41,21 @@ qa2k() {
         --results_dir results --out_dir "runs/eval/${name}_qa_2K" "$@" > "$LOGS/qa2k_$name.log" 2>&1
 }
 
+# The costly cells of one model: QA 12K (50 questions of seed 4321), MV-NIAH 12K (20 samples,
+# 4 values each), perplexity on the Paul Graham essays at 2K and 8K (needs ../shared/data).
+cells12k() {
+    local name=$1; shift
+    [ -f "results/${name}_qa_12K_e4321.json" ] || python evaluate.py --task qa --lengths 12K \
+        --max_samples 50 --seed 4321 --results_dir results \
+        --out_dir "runs/eval/${name}_qa_12K" "$@" > "$LOGS/qa12k_$name.log" 2>&1
+    [ -f "results/${name}_mvniah_12K_e4321.json" ] || python evaluate.py --task mvniah \
+        --lengths 12K --max_samples 20 --seed 4321 --results_dir results \
+        --out_dir "runs/eval/${name}_mvniah_12K" "$@" > "$LOGS/mvniah12k_$name.log" 2>&1
+    [ -f "results/${name}_ppl_2K-8K_pg_essays.json" ] || python evaluate.py --task ppl \
+        --lengths 2K,8K --text ../shared/data/pg_essays --results_dir results \
+        --out_dir "runs/eval/${name}_ppl" "$@" > "$LOGS/ppl_$name.log" 2>&1
+}
+
 lane_a() {
     train logo 0 && qa2k logo_s0 --adapter runs/logo_s0/final
     qa2k base
@@ -50,9 +67,21 @@ lane_b() {
     for s in 1 2; do train sft $s && qa2k sft_s$s --adapter runs/sft_s$s/final; done
 }
 
+lane_12k() {                                       # $1: 0 or 1, which half of the models
+    local models=(base rope logo_s0 sft_s0 logo_s1 sft_s1 logo_s2 sft_s2) i
+    for ((i = $1; i < ${#models[@]}; i += 2)); do
+        case ${models[i]} in
+            base) cells12k base ;;
+            rope) cells12k rope --rope_theta 2.5e5 ;;
+            *) cells12k "${models[i]}" --adapter "runs/${models[i]}/final" ;;
+        esac
+    done
+}
+
 case "${1:-both}" in
     a) lane_a ;;
     b) lane_b ;;
+    12k) lane_12k 0 & a=$!; lane_12k 1 & b=$!; wait $a; wait $b ;;
     both) lane_a & a=$!; lane_b & b=$!; wait $a; wait $b ;;
-    *) echo "usage: bash results/repro.sh [a|b]" >&2; exit 2 ;;
+    *) echo "usage: bash results/repro.sh [a|b|12k]" >&2; exit 2 ;;
 esac
