@@ -312,3 +312,32 @@ def test_pair_prints_wilson_intervals_patterns_and_the_exact_mcnemar_test(tmp_pa
     assert "hallucination 0.62" in text
     assert "4 questions right only for logo, 1 only for base (8 paired)" in text
     assert "exact McNemar p = 0.38" in text
+
+
+# ----------------------------------------------------------------------------------------
+# results/wrong_answers.py: where a wrong answer's content comes from.
+
+def test_wrong_answers_finds_every_biography_and_tells_another_persons_fact():
+    import corpus
+    spec = importlib.util.spec_from_file_location(
+        "wrong_answers", os.path.join(ROOT, "results", "wrong_answers.py"))
+    wa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wa)
+    people = [dict(name="Ada Quill", born_city="Port Vane", born_year="1931", employer="Moss Group",
+                   joined_year="1957", female=True, a_role="an engineer"),
+              dict(name="Bo Lind", born_city="East Hale", born_year="1960", employer="Kite Press",
+                   joined_year="1988", female=False, a_role="a lawyer")]
+    context = ("The river waited. " + corpus._biography(people[0]) + "\n\nFog came in.\n\n"
+               + corpus._biography(people[1]))
+    keys = ("name",) + wa.FACTS
+    assert wa.biography_facts(context) == [{k: p[k] for k in keys} for p in people]
+    q = "In which city was Ada Quill, an engineer at Moss Group, born?"
+    assert wa.source_of(context, q, "Ada Quill was born in East Hale.", ["Port Vane"]) == "another person"
+    assert wa.source_of(context, q, "She joined Kite Press.", ["Port Vane"]) == "another person"
+    # her own facts and invented values are not another person's
+    assert wa.source_of(context, q, "Ada Quill joined Moss Group in 1957.", ["Port Vane"]) == "no other's fact"
+    assert wa.source_of(context, q, "Ada Quill was born in Lisbon.", ["Port Vane"]) == "no other's fact"
+    r = corpus.qa_record(3, 4000, seed=1234)            # a real record: all its people found
+    facts = wa.biography_facts(r["context"])
+    assert len(facts) == corpus.PEOPLE
+    assert sum(r["answer"] in f.values() and f["name"] in r["question"] for f in facts) == 1
