@@ -293,8 +293,8 @@ def paired_lines(cells):
         diffs = [per["logo"][1][q] - per["sft"][1][q] for q in common]
         a = sum(per["logo"][1][q] for q in common) / len(common)
         b = sum(per["sft"][1][q] for q in common) / len(common)
-        lines.append(head + f"{len(common)} questions answered by both (LOGO {per['logo'][0]} "
-                     f"seeds, SFT {per['sft'][0]}), mean accuracy {float(a):.3f} vs "
+        lines.append(head + f"{len(common)} questions answered by both (seeds: LOGO "
+                     f"{per['logo'][0]}, SFT {per['sft'][0]}), mean accuracy {float(a):.3f} vs "
                      f"{float(b):.3f} (difference {float(a - b):+.3f}), "
                      f"two-sided p = {sign_flip_p(diffs):.3g}")
     return lines
