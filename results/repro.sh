@@ -30,6 +30,7 @@ train() {
     [ "$method" = sft ] && loss=(--loss sft)
     python train.py --data_dir "$DATA" --max_steps 48 --lr 1e-3 --warmup_steps 2 --save_every 16 \
         --seed "$seed" --out_dir "$out" "${loss[@]}" "${how[@]}" > "$LOGS/train_$1_s$2.log" 2>&1
+    python results/train_summary.py "$out"          # -> results/train/METHOD_sSEED.json
 }
 
 # QA at 2K: 100 held-out questions of seed 5678. NAME: the summary's name stem; the rest:

@@ -341,3 +341,31 @@ def test_wrong_answers_finds_every_biography_and_tells_another_persons_fact():
     facts = wa.biography_facts(r["context"])
     assert len(facts) == corpus.PEOPLE
     assert sum(r["answer"] in f.values() and f["name"] in r["question"] for f in facts) == 1
+
+
+def test_train_summary_quarters_and_method_from_the_runs_own_files(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "train_summary", os.path.join(ROOT, "results", "train_summary.py"))
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    cfg = dict(loss="logo", num_rejected=3, seed=4, max_steps=8, out_dir="runs/x", data_fingerprint="ab")
+    (run / "run_config.json").write_text(json.dumps(cfg))
+    rows = [dict(step=s, loss=float(s), logo=0.5 * s, sft=1.0, reward_margin=s - 4.0,
+                 reward_accuracy=s / 8, tokens=100, seconds_per_step=2.0, nonfinite_steps=0)
+            for s in range(1, 9)]
+    stale = dict(rows[5], loss=99.0)                 # step 6 logged, then redone after a resume
+    lines = [json.dumps(r) for r in rows[:6]] + [json.dumps(stale)] + [json.dumps(r) for r in rows[5:]]
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    s = ts.summarize(str(run), git_commit="c0ffee")
+    assert (s["method"], s["seed"], s["git_commit"], s["data_fingerprint"]) == ("logo_m3", 4, "c0ffee", "ab")
+    m = s["metrics"]
+    assert (m["steps"], m["tokens"], m["quarter_steps"], s["step_seconds"]) == (8, 800, 2, 16.0)
+    assert m["first_quarter"]["loss"] == 1.5 and m["last_quarter"]["loss"] == 7.5      # (1+2)/2, (7+8)/2
+    assert m["last_quarter"]["reward_accuracy"] == 15 / 16
+    assert ts.method_name(dict(loss="sft", num_rejected=2)) == "sft"
+    assert ts.method_name(dict(loss="logo", num_rejected=2)) == "logo"
+    (run / "log.jsonl").write_text("\n".join(lines[:4]) + "\n")          # unfinished: refused
+    with pytest.raises(SystemExit, match="not finished"):
+        ts.summarize(str(run))

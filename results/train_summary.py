@@ -1,0 +1,85 @@
+"""
+The results/ summary of a finished training run (issue 15: every run, trained or evaluated,
+leaves one small JSON in results/). Read from the run's own files, run_config.json and
+log.jsonl (train.py writes both), so it can be written right after training or later:
+
+    python results/train_summary.py runs/logo_s0 [runs/sft_s0 ...]   # -> results/train/logo_s0.json
+
+It holds: method (sft / logo / logo_mM, as evaluate.py names them) and seed, the resolved
+training config, the data fingerprint, the git commit of this checkout (or --git_commit, the
+commit the run was trained with when that is another), metrics (steps, tokens, non-finite
+steps, and loss / logo / sft / reward margin / reward accuracy averaged over the first and
+the last quarter of the steps), the seconds of all steps, the CPU model. The evaluation
+summaries (results/*.json) carry the same config as train_config; results/make_table.py does
+not read this folder.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KEYS = ("loss", "logo", "sft", "reward_margin", "reward_accuracy")
+
+
+def method_name(cfg):
+    """evaluate.py's method of an adapter: sft, logo (M = 2) or logo_mM."""
+    if cfg["loss"] == "sft":
+        return "sft"
+    return "logo" if cfg["num_rejected"] == 2 else f"logo_m{cfg['num_rejected']}"
+
+
+def summarize(run_dir, git_commit=None):
+    from evaluate import cpu_model, git_state       # one definition of both, in evaluate.py
+    with open(os.path.join(run_dir, "run_config.json")) as f:
+        cfg = json.load(f)
+    steps = {}
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                sys.exit(f"{run_dir}/log.jsonl line {n}: not JSON")
+            steps[row["step"]] = row                 # a resumed run logs a step again: keep the last
+    if not os.path.isdir(os.path.join(run_dir, "final")) or len(steps) != cfg["max_steps"]:
+        sys.exit(f"{run_dir}: not finished ({len(steps)} of {cfg['max_steps']} steps logged, "
+                 f"final/ {'present' if os.path.isdir(os.path.join(run_dir, 'final')) else 'missing'})")
+    rows = [steps[s] for s in sorted(steps)]
+    q = max(1, len(rows) // 4)
+    mean = lambda part, k: sum(r[k] for r in part) / len(part)
+    commit, dirty = git_state()
+    return {"format_version": 1, "kind": "train", "method": method_name(cfg), "seed": cfg["seed"],
+            "out_dir": cfg.get("out_dir", run_dir), "data_fingerprint": cfg.get("data_fingerprint"),
+            "git_commit": git_commit or commit, "git_dirty": None if git_commit else dirty,
+            "metrics": {"steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
+                        "nonfinite_steps": rows[-1].get("nonfinite_steps", 0),
+                        "quarter_steps": q,
+                        "first_quarter": {k: mean(rows[:q], k) for k in KEYS},
+                        "last_quarter": {k: mean(rows[-q:], k) for k in KEYS}},
+            "step_seconds": sum(r["seconds_per_step"] for r in rows), "cpu": cpu_model(),
+            "config": cfg}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p.add_argument("run_dirs", nargs="+", help="train.py --out_dir folders (finished)")
+    p.add_argument("--results_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--git_commit", default=None,
+                   help="the commit the runs were trained with, when not this checkout's")
+    args = p.parse_args(argv)
+    from evaluate import write_text
+    for run in args.run_dirs:
+        s = summarize(run.rstrip("/"), args.git_commit)
+        path = os.path.join(args.results_dir, "train", f"{s['method']}_s{s['seed']}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text(path, json.dumps(s, indent=1) + "\n")
+        m = s["metrics"]
+        print(f"wrote {path}: {m['steps']} steps, loss {m['first_quarter']['loss']:.3f} -> "
+              f"{m['last_quarter']['loss']:.3f}, margin {m['first_quarter']['reward_margin']:.2f} "
+              f"-> {m['last_quarter']['reward_margin']:.2f}, {s['step_seconds'] / 60:.1f} min of steps")
+
+
+if __name__ == "__main__":
+    main()
