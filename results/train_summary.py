@@ -62,13 +62,17 @@ def summarize(run_dir, git_commit=None):
             "config": cfg}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("run_dirs", nargs="+", help="train.py --out_dir folders (finished)")
     p.add_argument("--results_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--git_commit", default=None,
                    help="the commit the runs were trained with, when not this checkout's")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from evaluate import write_text
     for run in args.run_dirs:
         s = summarize(run.rstrip("/"), args.git_commit)

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "results"))
 
 SCRIPTS = {"prepare.py": "prepare", "train.py": "train", "evaluate.py": "evaluate",
-           "results/make_table.py": "make_table"}
+           "results/make_table.py": "make_table", "results/train_summary.py": "train_summary"}
 
 
 def commands(path):
