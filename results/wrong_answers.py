@@ -10,6 +10,7 @@ content comes from:
                    the asked-about person's own other facts.
 
     python results/wrong_answers.py runs/logo/eval_qa/qa.json
+    python results/wrong_answers.py runs/eval/logo_s{0,1,2}_qa_2K/qa.json   # + a total, seeds pooled
 
 The records are rebuilt from the run's config (corpus.qa_records, same seed and lengths) and
 checked against the stored questions, so the counts need no stored contexts. Prints a line per
@@ -49,43 +50,71 @@ def source_of(context, question, prediction, answers):
     return "another person" if any(v in prediction for v in others) else "no other's fact"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    p.add_argument("qa_json", help="evaluate.py --task qa output (TASK.json) on the built-in corpus")
-    args = p.parse_args(argv)
-    run = json.load(open(args.qa_json))
+def classify(path, tokenizers):
+    """{label: (Counter {(pattern, source): n}, {(pattern, source): [predictions]}, questions)}
+    of one evaluate.py qa output."""
+    run = json.load(open(path))
     cfg = run["config"]
     if run.get("task") != "qa" or cfg.get("data"):
-        sys.exit(f"{args.qa_json}: not a qa evaluation of the built-in corpus")
+        sys.exit(f"{path}: not a qa evaluation of the built-in corpus")
     import evaluate
     from models import load_tokenizer, resolve_model
-    tok = load_tokenizer(resolve_model(cfg.get("model") or "smollm2-135m")["path"])
+    name = cfg.get("model") or "smollm2-135m"
+    if name not in tokenizers:
+        tokenizers[name] = load_tokenizer(resolve_model(name)["path"])
     eargs = evaluate.parse_args(["--task", "qa", "--seed", str(cfg["seed"]), "--prompt", cfg["prompt"]]
                                 + ["--no_chat_template"] * bool(cfg["no_chat_template"]))
-    samples = evaluate.qa_samples(eargs, tok, cfg["lengths"], cfg["max_samples"])
+    samples = evaluate.qa_samples(eargs, tokenizers[name], cfg["lengths"], cfg["max_samples"])
     unparsed = sum(len(biography_facts(s["record"]["context"])) != corpus.PEOPLE for s in samples)
     if unparsed:
-        print(f"warning: {unparsed} of {len(samples)} contexts do not parse into "
+        print(f"warning: {path}: {unparsed} of {len(samples)} contexts do not parse into "
               f"{corpus.PEOPLE} biographies: their answers may be misclassified")
+    out = {}
     for label, res in run["results"].items():
         if len(res["samples"]) != len(samples):
-            sys.exit(f"{args.qa_json}: {label} has {len(res['samples'])} answers, the config "
+            sys.exit(f"{path}: {label} has {len(res['samples'])} answers, the config "
                      f"rebuilds {len(samples)} questions")
         kinds, examples = Counter(), {}
-        for s, out in zip(samples, res["samples"]):
-            if out["question"] != s["question"]:
-                sys.exit(f"{args.qa_json}: {label}: question {out['question']!r} is not the "
+        for s, ans in zip(samples, res["samples"]):
+            if ans["question"] != s["question"]:
+                sys.exit(f"{path}: {label}: question {ans['question']!r} is not the "
                          f"rebuilt {s['question']!r} (another corpus version?)")
-            if not out["correct"]:
-                key = (out["pattern"], source_of(s["record"]["context"], s["question"], out["prediction"],
-                                       s["answers"]))
+            if not ans["correct"]:
+                key = (ans["pattern"], source_of(s["record"]["context"], s["question"],
+                                                 ans["prediction"], s["answers"]))
                 kinds[key] += 1
-                examples.setdefault(key, []).append(out["prediction"][:100])
-        wrong = sum(kinds.values())
-        print(f"{label}: {wrong} of {len(samples)} wrong; " + ", ".join(
-            f"{pat} / {src} {n}" for (pat, src), n in sorted(kinds.items())))
-        for key in sorted(kinds):
-            print(f"    {key[0]} / {key[1]}: " + " | ".join(map(repr, examples[key][:2])))
+                examples.setdefault(key, []).append(ans["prediction"][:100])
+        out[label] = (kinds, examples, len(samples))
+    return out
+
+
+def line(label, kinds, questions):
+    wrong = sum(kinds.values())
+    by_source = Counter()
+    for (_, src), n in kinds.items():
+        by_source[src] += n
+    return (f"{label}: {wrong} of {questions} wrong ({', '.join(f'{src} {n}' for src, n in sorted(by_source.items()))}); "
+            + ", ".join(f"{pat} / {src} {n}" for (pat, src), n in sorted(kinds.items())))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p.add_argument("qa_json", nargs="+", help="evaluate.py --task qa outputs (TASK.json) on the "
+                   "built-in corpus; with several, also a total per label, seeds pooled")
+    args = p.parse_args(argv)
+    tokenizers, totals = {}, {}
+    for path in args.qa_json:
+        for label, (kinds, examples, questions) in classify(path, tokenizers).items():
+            print(line(label, kinds, questions))
+            for key in sorted(kinds):
+                print(f"    {key[0]} / {key[1]}: " + " | ".join(map(repr, examples[key][:2])))
+            t = totals.setdefault(re.sub(r"_s\d+$", "", label), [Counter(), 0, 0])
+            t[0].update(kinds)
+            t[1] += questions
+            t[2] += 1
+    if len(args.qa_json) > 1:
+        for label, (kinds, questions, runs) in totals.items():
+            print("total " + line(f"{label} ({runs} runs)", kinds, questions))
 
 
 if __name__ == "__main__":
