@@ -114,7 +114,7 @@ def main(argv=None):
             t[2] += 1
     if len(args.qa_json) > 1:
         for label, (kinds, questions, runs) in totals.items():
-            print("total " + line(f"{label} ({runs} runs)", kinds, questions))
+            print("total " + line(f"{label} ({runs} run{'s' * (runs > 1)})", kinds, questions))
 
 
 if __name__ == "__main__":
