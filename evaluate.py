@@ -65,7 +65,7 @@ temporary name and renamed, so a crash never leaves a half-written result.
 
 Results summaries (issue 15; off unless --results_dir): one small JSON per model evaluated
 (with --compare: base and adapter) in --results_dir, named METHOD[_sSEED]_TASK_LENGTHS_DATA
-[_TAG].json, e.g. results/logo_s1_qa_2K_e1234.json, results/rope_ppl_2K-8K_pg_essays.json.
+[_TAG].json, e.g. results/logo_s1_qa_2K_e1234.json, results/rope_ppl_2K-8K_pg-essays.json.
 METHOD is base (no adapter, the checkpoint's rope_theta), rope (no adapter, --rope_theta
 raised), sft / logo / logo_mM (from the adapter's logo_config.json: loss sft, or logo with
 M = num_rejected, plain "logo" for M = 2); SEED is the adapter's training seed. It holds
@@ -1096,7 +1096,8 @@ def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
 
 
 def file_tag(path):
-    """runs/x/pg_essays/ -> 'pg_essays', data/qa.jsonl -> 'qa': safe in a file name."""
+    """runs/x/pg_essays/ -> 'pg-essays' (no '_': it separates a summary name's fields),
+    data/qa.jsonl -> 'qa': safe in a file name."""
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     return re.sub(r"[^A-Za-z0-9.-]+", "-", stem) or "data"
 

@@ -58,7 +58,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results_dir", default=HERE,
                    help="folder of evaluate.py's summaries (default: this script's folder)")
-    p.add_argument("--ppl_text", default="pg_essays",
+    p.add_argument("--ppl_text", default="pg-essays",
                    help="the perplexity columns read summaries of this --text (its folder name)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", metavar="README", default=None,
@@ -300,7 +300,7 @@ def paired_lines(cells):
     return lines
 
 
-def make_table(results_dir, ppl_text="pg_essays"):
+def make_table(results_dir, ppl_text="pg-essays"):
     """The Markdown between the README's markers, from results_dir/*.json alone."""
     header = "| method | " + " | ".join(c[0] for c in COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(COLUMNS)

@@ -4,6 +4,7 @@ evaluate.py --results_dir on the tiny model, and the README's table against the 
 output on the committed results/ folder (issue 15: no number in it typed by hand)."""
 
 import importlib.util
+import argparse
 import itertools
 import json
 import math
@@ -151,7 +152,8 @@ def test_mvniah_cells_pool_evaluation_seeds_and_ppl_cells_get_a_t_interval(tmp_p
                            "head_scores": heads}})
     for seed, ppl in ((0, 20.0), (1, 22.0)):
         write(str(tmp_path), f"logo_s{seed}_ppl.json",
-              {"method": "logo", "seed": seed, "task": "ppl", "eval_data": "pg_essays",
+              {"method": "logo", "seed": seed, "task": "ppl",     # the tag evaluate.py writes
+               "eval_data": ev.eval_data_tag(argparse.Namespace(task="ppl", text="x/pg_essays/")),
                "config": {}, "metrics": {"lengths": {"2048": {"ppl": ppl, "tokens": 100}}}})
     write(str(tmp_path), "logo_s0_ppl_prose.json",             # other text: not in the table
           {"method": "logo", "seed": 0, "task": "ppl", "eval_data": "prose", "config": {},
