@@ -786,15 +786,23 @@ def log_line(rec):
             + (" | SKIPPED: non-finite loss" if rec["skipped"] else ""))
 
 
+def quarters(recs):
+    """(first quarter, last quarter) of a run's step records, at least one step each."""
+    q = max(1, len(recs) // 4)
+    return recs[:q], recs[-q:]
+
+
+def mean(recs, key):
+    return sum(r[key] for r in recs) / len(recs)
+
+
 def summary(log_path):
     """First quarter of the run against the last: what the demo should show rising."""
     with open(log_path) as f:
         recs = [r for r in map(json.loads, f) if not r["skipped"]]
     if not recs:
         return "no step finished with a finite loss"
-    q = max(1, len(recs) // 4)
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
-    a, b = recs[:q], recs[-q:]
+    a, b = quarters(recs)
     parts = [f"{k} {mean(a, k):.3f} -> {mean(b, k):.3f}" for k in ("loss", "reward_margin", "reward_accuracy")]
     return (f"steps {a[0]['step']}-{a[-1]['step']} vs {b[0]['step']}-{b[-1]['step']}: " + ", ".join(parts)
             + f"; {sum(r['seconds_per_step'] for r in recs) / 60:.1f} min of steps")

@@ -24,15 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = ("loss", "logo", "sft", "reward_margin", "reward_accuracy")
 
 
-def method_name(cfg):
-    """evaluate.py's method of an adapter: sft, logo (M = 2) or logo_mM."""
-    if cfg["loss"] == "sft":
-        return "sft"
-    return "logo" if cfg["num_rejected"] == 2 else f"logo_m{cfg['num_rejected']}"
-
-
 def summarize(run_dir, git_commit=None):
-    from evaluate import cpu_model, git_state       # one definition of both, in evaluate.py
+    from evaluate import cpu_model, git_state, method_of   # one definition of each, in evaluate.py
+    from train import mean, quarters                         # train.py's end-of-run summary
     with open(os.path.join(run_dir, "run_config.json")) as f:
         cfg = json.load(f)
     steps = {}
@@ -47,17 +41,17 @@ def summarize(run_dir, git_commit=None):
         sys.exit(f"{run_dir}: not finished ({len(steps)} of {cfg['max_steps']} steps logged, "
                  f"final/ {'present' if os.path.isdir(os.path.join(run_dir, 'final')) else 'missing'})")
     rows = [steps[s] for s in sorted(steps)]
-    q = max(1, len(rows) // 4)
-    mean = lambda part, k: sum(r[k] for r in part) / len(part)
+    kept = [r for r in rows if not r.get("skipped")]         # as train.py: non-finite steps out
+    first, last = quarters(kept)
     commit, dirty = git_state()
-    return {"format_version": 1, "kind": "train", "method": method_name(cfg), "seed": cfg["seed"],
+    return {"format_version": 1, "kind": "train", "method": method_of(None, cfg, True, None), "seed": cfg["seed"],
             "out_dir": cfg.get("out_dir", run_dir), "data_fingerprint": cfg.get("data_fingerprint"),
             "git_commit": git_commit or commit, "git_dirty": None if git_commit else dirty,
             "metrics": {"steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
                         "nonfinite_steps": rows[-1].get("nonfinite_steps", 0),
-                        "quarter_steps": q,
-                        "first_quarter": {k: mean(rows[:q], k) for k in KEYS},
-                        "last_quarter": {k: mean(rows[-q:], k) for k in KEYS}},
+                        "quarter_steps": len(first),
+                        "first_quarter": {k: mean(first, k) for k in KEYS},
+                        "last_quarter": {k: mean(last, k) for k in KEYS}},
             "step_seconds": sum(r["seconds_per_step"] for r in rows), "cpu": cpu_model(),
             "config": cfg}
 

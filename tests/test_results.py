@@ -366,8 +366,11 @@ def test_train_summary_quarters_and_method_from_the_runs_own_files(tmp_path):
     assert (m["steps"], m["tokens"], m["quarter_steps"], s["step_seconds"]) == (8, 800, 2, 16.0)
     assert m["first_quarter"]["loss"] == 1.5 and m["last_quarter"]["loss"] == 7.5      # (1+2)/2, (7+8)/2
     assert m["last_quarter"]["reward_accuracy"] == 15 / 16
-    assert ts.method_name(dict(loss="sft", num_rejected=2)) == "sft"
-    assert ts.method_name(dict(loss="logo", num_rejected=2)) == "logo"
+    cfg2 = dict(cfg, num_rejected=2)
+    (run / "run_config.json").write_text(json.dumps(dict(cfg2, loss="sft")))
+    assert ts.summarize(str(run))["method"] == "sft"
+    (run / "run_config.json").write_text(json.dumps(cfg2))
+    assert ts.summarize(str(run))["method"] == "logo"
     (run / "log.jsonl").write_text("\n".join(lines[:4]) + "\n")          # unfinished: refused
     with pytest.raises(SystemExit, match="not finished"):
         ts.summarize(str(run))
