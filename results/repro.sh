@@ -7,7 +7,9 @@
 #   bash results/repro.sh            # both lanes: the 2K cells
 #   bash results/repro.sh a          # one lane only (a: logo + base, b: sft + rope)
 #   bash results/repro.sh 12k        # then the 12K cells and perplexity, two models at a time
-#                                    # (~80 core-seconds per 12K question: several sessions)
+#                                    # (~2 core-minutes per 12K question: several sessions)
+#   bash results/repro.sh 12k base rope   # only these models' 12K cells (an untrained model's
+#                                    # adapter-free cells; a trained one needs runs/NAME/final)
 #
 # Logs go to runs/repro_logs/. Commit results/*.json as they land; no weights go there.
 set -euo pipefail
@@ -52,7 +54,7 @@ cells12k() {
     [ -f "results/${name}_mvniah_12K_e4321.json" ] || python evaluate.py --task mvniah \
         --lengths 12K --max_samples 20 --seed 4321 --results_dir results \
         --out_dir "runs/eval/${name}_mvniah_12K" "$@" > "$LOGS/mvniah12k_$name.log" 2>&1
-    [ -f "results/${name}_ppl_2K-8K_pg_essays.json" ] || python evaluate.py --task ppl \
+    [ -f "results/${name}_ppl_2K-8K_pg-essays.json" ] || python evaluate.py --task ppl \
         --lengths 2K,8K --text ../shared/data/pg_essays --results_dir results \
         --out_dir "runs/eval/${name}_ppl" "$@" > "$LOGS/ppl_$name.log" 2>&1
 }
@@ -69,12 +71,15 @@ lane_b() {
 }
 
 lane_12k() {                                       # $1: 0 or 1, which half of the models
-    local models=(base rope logo_s0 sft_s0 logo_s1 sft_s1 logo_s2 sft_s2) i
-    for ((i = $1; i < ${#models[@]}; i += 2)); do
-        case ${models[i]} in
+    local i name
+    for ((i = $1; i < ${#MODELS[@]}; i += 2)); do
+        name=${MODELS[i]}
+        case $name in
             base) cells12k base ;;
             rope) cells12k rope --rope_theta 2.5e5 ;;
-            *) cells12k "${models[i]}" --adapter "runs/${models[i]}/final" ;;
+            *) if [ -d "runs/$name/final" ]; then cells12k "$name" --adapter "runs/$name/final"
+               else echo "12k: skipped $name: no runs/$name/final (bash results/repro.sh trains it)" >&2
+               fi ;;
         esac
     done
 }
@@ -82,7 +87,9 @@ lane_12k() {                                       # $1: 0 or 1, which half of t
 case "${1:-both}" in
     a) lane_a ;;
     b) lane_b ;;
-    12k) lane_12k 0 & a=$!; lane_12k 1 & b=$!; wait $a; wait $b ;;
+    12k) shift; MODELS=("$@")
+         [ $# -gt 0 ] || MODELS=(base rope logo_s0 sft_s0 logo_s1 sft_s1 logo_s2 sft_s2)
+         lane_12k 0 & a=$!; lane_12k 1 & b=$!; wait $a; wait $b ;;
     both) lane_a & a=$!; lane_b & b=$!; wait $a; wait $b ;;
     *) echo "usage: bash results/repro.sh [a|b|12k]" >&2; exit 2 ;;
 esac
