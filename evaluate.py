@@ -61,7 +61,9 @@ logo_config.json written by train.py), the data of each task. Writes into --out_
 TASK.json (resolved config + results), TASK.csv (the table), TASK.png, TASK_patterns.png
 (qa, longbench QA), and for longbench pred/LABEL/DATASET.jsonl in LongBench's own format
 (its eval.py can rescore them; QA rows also hold "pattern"). Files are written to a
-temporary name and renamed, so a crash never leaves a half-written result.
+temporary name and renamed, so a crash never leaves a half-written result. qa, niah and
+mvniah also keep answers_LABEL.jsonl, every answer as soon as it is generated: a killed run
+continues where it stopped when the same command is run again (see AnswerCache).
 
 Results summaries (issue 15; off unless --results_dir): one small JSON per model evaluated
 (with --compare: base and adapter) in --results_dir, named METHOD[_sSEED]_TASK_LENGTHS_DATA
@@ -515,6 +517,72 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
     return new, copies
 
 
+class AnswerCache:
+    """The answers one model has finished on one task, one JSON line each in
+    OUT_DIR/answers_LABEL.jsonl, written as each is done: a run killed after hours (a 12K
+    question costs minutes on a CPU) continues where it stopped when the same command is run
+    again. A line is reused only when its key matches: a hash of the model (preset path,
+    adapter files, rope_theta, dtype, device), the decoding settings and the prompt's tokens;
+    delete the file to start over. A line cut by the kill is ignored (and counted)."""
+
+    def __init__(self, path, ident):
+        self.path, self.ident, self.done, self.reused, self.broken = path, ident, {}, 0, 0
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        self.done[rec["key"]] = rec["value"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        self.broken += 1
+        if self.done or self.broken:
+            print(f"resuming: {len(self.done)} finished answers in {path}"
+                  f"{f', {self.broken} broken lines ignored' if self.broken else ''}"
+                  " (delete the file to start over)")
+
+    def key(self, ids):
+        return hashlib.sha256(f"{self.ident}|{','.join(map(str, ids))}".encode()).hexdigest()
+
+    def get(self, ids):
+        value = self.done.get(self.key(ids))
+        self.reused += value is not None
+        return value
+
+    def put(self, ids, value):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            lead = b""
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":                # after a line cut by a kill
+                    lead = b"\n"
+            f.write(lead + json.dumps({"key": self.key(ids), "value": value}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[self.key(ids)] = value
+
+
+def answer_cache(args, lm, label, with_adapter, preset):
+    """The AnswerCache of one model on args.task (None for ppl and longbench, which keep no
+    per-answer state worth hours)."""
+    if args.task not in ("qa", "mvniah", "niah"):
+        return None
+    files = []
+    if with_adapter:
+        for name in sorted(os.listdir(args.adapter)):
+            full = os.path.join(args.adapter, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    files.append((name, hashlib.sha256(f.read()).hexdigest()))
+    ident = json.dumps({"model": preset["path"], "adapter": files,
+                        "rope_theta": get_rope_theta(lm.config), "dtype": str(lm.dtype),
+                        "device": str(next(lm.parameters()).device), "task": args.task,
+                        "max_new_tokens": args.max_new_tokens, "gen_batch": args.gen_batch,
+                        "num_needles": args.num_needles}, sort_keys=True)
+    return AnswerCache(os.path.join(args.out_dir, f"answers_{label}.jsonl"), ident)
+
+
 def copy_hits(att, prompt, needle_mask, token):
     """The heads that copy `token` at this decode step (Appendix B): their most-attended
     input position j is inside a needle and prompt[j] == token.
@@ -811,10 +879,15 @@ def niah_score(prediction, answer):
     return sum(w in said for w in gold) / max(len(gold), 1)
 
 
-def run_niah(args, lm, tok, samples, label):
+def run_niah(args, lm, tok, samples, label, cache=None):
     stops, cells = stop_token_ids(tok, lm), []
     for s in tqdm(samples, desc=f"{label} niah"):
-        new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["niah"], stops)
+        new = cache and cache.get(s["ids"])
+        if new is None:
+            new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["niah"],
+                              stops)
+            if cache:
+                cache.put(s["ids"], new)
         pred = decode_answer(tok, new)
         cells.append({"length": s["length"], "depth": s["depth"], "prompt_tokens": len(s["ids"]),
                       "score": niah_score(pred, args.answer), "prediction": pred})
@@ -859,15 +932,21 @@ def mvniah_samples(args, tok, lengths, num_samples):
     return samples
 
 
-def run_mvniah(args, lm, tok, samples, label):
+def run_mvniah(args, lm, tok, samples, label, cache=None):
     stops, rows = stop_token_ids(tok, lm), []
     per_length = {}
     for s in tqdm(samples, desc=f"{label} mvniah"):
-        new, copies = generate(lm, s["ids"], args.max_new_tokens or 12 * args.num_needles,
-                               stops, needle_mask=s["needle_mask"])
+        done = cache and cache.get(s["ids"])
+        if done is None:
+            new, copies = generate(lm, s["ids"], args.max_new_tokens or 12 * args.num_needles,
+                                   stops, needle_mask=s["needle_mask"])
+            heads = head_copy_scores(copies, s["needle_mask"])        # (L, H)
+            if cache:                   # exact: float32 head scores survive JSON as floats
+                cache.put(s["ids"], {"new": new, "heads": heads.tolist()})
+        else:
+            new, heads = done["new"], torch.tensor(done["heads"], dtype=torch.float32)
         pred = decode_answer(tok, new)
         recall = sum(v in pred for v in s["values"]) / len(s["values"])
-        heads = head_copy_scores(copies, s["needle_mask"])            # (L, H)
         per_length.setdefault(s["length"], []).append(heads)
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "recall": recall,
                      "values": s["values"], "prediction": pred})
@@ -915,23 +994,39 @@ def qa_samples(args, tok, lengths, num_samples):
     return samples
 
 
-def qa_answers(args, lm, tok, samples, label):
+def qa_answers(args, lm, tok, samples, label, cache=None):
     """The greedy answer (new token ids) to every sample's prompt: one by one with generate(),
-    or --gen_batch at a time with prepare.py's batched decoding (model.generate, left padding)."""
+    or --gen_batch at a time with prepare.py's batched decoding (model.generate, left padding).
+    Answers in `cache` are reused; new ones go into it batch by batch. The batches are
+    prepare.py's (longest first), and a batch is cached whole, so a resumed run decodes the
+    same batches a fresh one would."""
     stops, budget = stop_token_ids(tok, lm), args.max_new_tokens or DEFAULT_NEW_TOKENS["qa"]
-    if args.gen_batch <= 1:
-        return [generate(lm, s["ids"], budget, stops)[0] for s in tqdm(samples, desc=f"{label} qa")]
+    answers = [cache.get(s["ids"]) if cache else None for s in samples]
+    step = max(args.gen_batch, 1)
+    todo = [i for i, a in enumerate(answers) if a is None]
+    if step > 1:
+        todo.sort(key=lambda i: -len(samples[i]["ids"]))
     from prepare import generate as generate_batch
-    opts = argparse.Namespace(gen_batch=args.gen_batch, temperature=0.0, top_p=1.0,
-                              max_new_tokens=budget)
-    with tqdm(total=len(samples), desc=f"{label} qa") as bar:
-        return [toks for toks, _ in generate_batch(lm, tok, [s["ids"] for s in samples], opts,
-                                                   sorted(stops), 0, bar)]
+    opts = argparse.Namespace(gen_batch=step, temperature=0.0, top_p=1.0, max_new_tokens=budget)
+    with tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{label} qa") as bar:
+        for k in range(0, len(todo), step):
+            batch = todo[k:k + step]
+            if step == 1:
+                new = [generate(lm, samples[batch[0]]["ids"], budget, stops)[0]]
+                bar.update(1)
+            else:
+                new = [toks for toks, _ in generate_batch(
+                    lm, tok, [samples[i]["ids"] for i in batch], opts, sorted(stops), 0, bar)]
+            for i, toks in zip(batch, new):
+                answers[i] = toks
+                if cache:
+                    cache.put(samples[i]["ids"], toks)
+    return answers
 
 
-def run_qa(args, lm, tok, samples, label, nlp):
+def run_qa(args, lm, tok, samples, label, nlp, cache=None):
     rows = []
-    for s, new in zip(samples, qa_answers(args, lm, tok, samples, label)):
+    for s, new in zip(samples, qa_answers(args, lm, tok, samples, label, cache)):
         pred = decode_answer(tok, new)
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]),
                      "correct": states_answer(pred, s["answers"]), "answers": s["answers"],
@@ -1258,6 +1353,9 @@ def write_summaries(args, plans, config, adapter_cfg, results, data, walls, thet
             "git_commit": commit, "git_dirty": dirty,
             "metrics": summary_metrics(args.task, results[run_label], data),
             "wall_s": round(walls[run_label], 2), "command_wall_s": round(total_s, 2),
+            # answers taken from an earlier, killed run of the same command: wall_s is this
+            # run's only
+            "reused_answers": results[run_label].get("reused_answers"),
             "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "device": args.device,
             "torch": torch.__version__,
             "config": {k: v for k, v in config.items() if k != "adapter_config"},
@@ -1553,6 +1651,7 @@ def evaluate(args):
         t_model = time.time()
         lm = load_for_eval(args, preset, adapter_cfg, with_adapter)
         thetas[run_label] = get_rope_theta(lm.config)
+        cache = answer_cache(args, lm, run_label, with_adapter, preset)
         if args.task == "longbench":
             # the budget LongBench would give this model: an adapter trained to a longer
             # window K gets K - 500, a plain model its model2maxlen.json entry or window - 500
@@ -1568,10 +1667,12 @@ def evaluate(args):
         elif args.task == "ppl":
             results[run_label] = run_ppl(args, lm, data, lengths, run_label)
         elif args.task == "qa":
-            results[run_label] = run_qa(args, lm, tok, data, run_label, nlp)
+            results[run_label] = run_qa(args, lm, tok, data, run_label, nlp, cache)
         else:
             run = {"niah": run_niah, "mvniah": run_mvniah}[args.task]
-            results[run_label] = run(args, lm, tok, data, run_label)
+            results[run_label] = run(args, lm, tok, data, run_label, cache)
+        if cache is not None:                      # the wall time covers only the new answers
+            results[run_label]["reused_answers"] = cache.reused
         walls[run_label] = time.time() - t_model    # this model: load + evaluation
         del lm                                     # --compare: one model in memory at a time
         if torch.cuda.is_available():

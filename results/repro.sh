@@ -20,9 +20,10 @@ LOGS=runs/repro_logs
 mkdir -p "$LOGS"
 
 # Training data: the demo's rows (8 chunks x 128 tokens over 16K positions), 96 records, seed 0.
-if [ ! -f "$DATA/meta.json" ]; then
+data() {
+    [ -f "$DATA/meta.json" ] && return 0
     python prepare.py --num_samples 96 --num_chunks 8 --out_dir "$DATA" > "$LOGS/prepare.log" 2>&1
-fi
+}
 
 # One model: METHOD (logo | sft) and SEED; the same steps, lr and LoRA for every one.
 train() {
@@ -85,11 +86,11 @@ lane_12k() {                                       # $1: 0 or 1, which half of t
 }
 
 case "${1:-both}" in
-    a) lane_a ;;
-    b) lane_b ;;
+    a) data && lane_a ;;
+    b) data && lane_b ;;
     12k) shift; MODELS=("$@")
          [ $# -gt 0 ] || MODELS=(base rope logo_s0 sft_s0 logo_s1 sft_s1 logo_s2 sft_s2)
          lane_12k 0 & a=$!; lane_12k 1 & b=$!; wait $a; wait $b ;;
-    both) lane_a & a=$!; lane_b & b=$!; wait $a; wait $b ;;
+    both) data; lane_a & a=$!; lane_b & b=$!; wait $a; wait $b ;;
     *) echo "usage: bash results/repro.sh [a|b|12k]" >&2; exit 2 ;;
 esac

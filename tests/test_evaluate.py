@@ -564,3 +564,76 @@ def test_batched_qa_decoding_gives_the_one_by_one_answers():
     args.gen_batch = 1
     assert batched == ev.qa_answers(args, lm, tok, samples, "one by one")
     assert len({tuple(a) for a in batched}) > 1 and all(batched)
+
+
+def counting_generate(monkeypatch):
+    """Patch evaluate.generate to count its calls; returns the list of prompt lengths."""
+    calls, real = [], ev.generate
+    monkeypatch.setattr(ev, "generate", lambda lm, ids, *a, **k: calls.append(len(ids)) or
+                        real(lm, ids, *a, **k))
+    return calls
+
+
+def test_a_killed_qa_run_continues_from_its_cached_answers(tmp_path, monkeypatch, capsys):
+    """Every finished answer is in OUT/answers_LABEL.jsonl as soon as it is done; a rerun of
+    the same command reuses the whole lines (a line cut by the kill is ignored and counted),
+    generates only what is missing, and ends with the fresh run's results."""
+    argv = ("--task", "qa", "--lengths", "400", "--max_samples", "3", "--max_new_tokens", "6")
+    fresh, out = run(tmp_path, *argv)
+    cache = out / "answers_base.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    assert len(lines) == 3 and fresh["results"]["base"]["reused_answers"] == 0
+    preds = [s["prediction"] for s in fresh["results"]["base"]["samples"]]
+    assert len(set(preds)) > 1                     # the comparison below can tell answers apart
+    cache.write_text(lines[0] + lines[1][:len(lines[1]) // 2])    # killed while writing line 2
+    calls = counting_generate(monkeypatch)
+    resumed, _ = run(tmp_path, *argv)
+    assert "resuming: 1 finished answers" in capsys.readouterr().out
+    assert len(calls) == 2 and resumed["results"]["base"]["reused_answers"] == 1
+    drop = ("reused_answers",)
+    assert {k: v for k, v in resumed["results"]["base"].items() if k not in drop} == \
+        {k: v for k, v in fresh["results"]["base"].items() if k not in drop}
+    assert len(cache.read_text().splitlines()) == 4          # the cut line + two whole ones
+    calls.clear()
+    again, _ = run(tmp_path, *argv)
+    assert not calls and again["results"]["base"]["reused_answers"] == 3
+    other, _ = run(tmp_path, *argv[:-1], "5")                # other decoding: nothing reused
+    assert len(calls) == 3 and other["results"]["base"]["reused_answers"] == 0
+
+
+def test_resumed_batched_qa_decodes_the_fresh_runs_batches():
+    """--gen_batch: a batch is cached whole, longest prompts first, so a run stopped after
+    its first batch decodes the remaining ones exactly as a fresh run does."""
+    tok, lm = tiny_tokenizer(), load_model("tiny").eval()
+    args = ev.parse_args(["--task", "qa", "--model", "tiny", "--max_new_tokens", "8",
+                          "--gen_batch", "2"])
+    samples = [{"ids": tok(" ".join(str(i * n) for i in range(n))).input_ids}
+               for n in (9, 2, 20, 5, 14)]
+    seen = []
+    cache = ev.AnswerCache(os.devnull + "/none", "x")
+    cache.put = lambda ids, value: seen.append(len(ids))     # record the order, write nothing
+    fresh = ev.qa_answers(args, lm, tok, samples, "fresh", cache)
+    assert seen == sorted(seen, reverse=True) and len(seen) == 5
+    partial = ev.AnswerCache(os.devnull + "/none", "x")
+    first_two = sorted(range(5), key=lambda i: -len(samples[i]["ids"]))[:2]
+    partial.done = {partial.key(samples[i]["ids"]): fresh[i] for i in first_two}
+    partial.put = lambda ids, value: None
+    assert ev.qa_answers(args, lm, tok, samples, "resumed", partial) == fresh
+    assert partial.reused == 2
+
+
+def test_a_resumed_mvniah_run_keeps_recall_and_head_scores_exactly(tmp_path, monkeypatch):
+    argv = ("--task", "mvniah", "--lengths", "800", "--max_samples", "2", "--max_new_tokens", "6")
+    # a random model copies nothing (all-zero head scores): give it scores that would show a
+    # rounding or a lost value in the cache
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(ev, "head_copy_scores", lambda copies, mask: torch.rand(
+        copies.shape[:2], generator=g))
+    fresh, _ = run(tmp_path, *argv)
+    assert fresh["results"]["base"]["retrieval_score"] > 0
+    monkeypatch.undo()
+    calls = counting_generate(monkeypatch)
+    resumed, _ = run(tmp_path, *argv)
+    assert not calls and resumed["results"]["base"]["reused_answers"] == 2
+    for k in ("recall", "retrieval_score", "head_scores", "lengths", "samples"):
+        assert resumed["results"]["base"][k] == fresh["results"]["base"][k]
