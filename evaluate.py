@@ -62,8 +62,9 @@ TASK.json (resolved config + results), TASK.csv (the table), TASK.png, TASK_patt
 (qa, longbench QA), and for longbench pred/LABEL/DATASET.jsonl in LongBench's own format
 (its eval.py can rescore them; QA rows also hold "pattern"). Files are written to a
 temporary name and renamed, so a crash never leaves a half-written result. qa, niah and
-mvniah also keep answers_LABEL.jsonl, every answer as soon as it is generated: a killed run
-continues where it stopped when the same command is run again (see AnswerCache).
+mvniah also keep answers_LABEL.jsonl (or --answers FILE), every answer as soon as it is
+generated: a killed run continues where it stopped when the same command runs again
+(see AnswerCache).
 
 Results summaries (issue 15; off unless --results_dir): one small JSON per model evaluated
 (with --compare: base and adapter) in --results_dir, named METHOD[_sSEED]_TASK_LENGTHS_DATA
@@ -127,6 +128,10 @@ def parse_args(argv=None):
     g.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
     g.add_argument("--out_dir", default=None,
                    help="output folder (default eval/MODEL[+LABEL]/TASK)")
+    g.add_argument("--answers", default=None,
+                   help="qa / niah / mvniah: file of finished answers, reused when the same "
+                        "command runs again (default OUT_DIR/answers_LABEL.jsonl); one file "
+                        "can hold several models' answers, each under its own key")
     g.add_argument("--max_samples", type=int, default=None,
                    help="longbench: first N records per dataset (default all); mvniah / qa: "
                         "samples per context length (default 10 / 20)")
@@ -580,7 +585,8 @@ def answer_cache(args, lm, label, with_adapter, preset):
                         "device": str(next(lm.parameters()).device), "task": args.task,
                         "max_new_tokens": args.max_new_tokens, "gen_batch": args.gen_batch,
                         "num_needles": args.num_needles}, sort_keys=True)
-    return AnswerCache(os.path.join(args.out_dir, f"answers_{label}.jsonl"), ident)
+    return AnswerCache(args.answers or os.path.join(args.out_dir, f"answers_{label}.jsonl"),
+                       ident)
 
 
 def copy_hits(att, prompt, needle_mask, token):

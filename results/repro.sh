@@ -47,13 +47,17 @@ qa2k() {
 
 # The costly cells of one model: QA 12K (50 questions of seed 4321), MV-NIAH 12K (20 samples,
 # 4 values each), perplexity on the Paul Graham essays at 2K and 8K (needs ../shared/data).
+# The 12K answers go to results/answers/ as they are generated: commit that folder before a
+# session ends and the next one continues a cell where it stopped (a cell is hours of CPU).
 cells12k() {
     local name=$1; shift
     [ -f "results/${name}_qa_12K_e4321.json" ] || python evaluate.py --task qa --lengths 12K \
         --max_samples 50 --seed 4321 --results_dir results \
+        --answers "results/answers/${name}_qa_12K_e4321.jsonl" \
         --out_dir "runs/eval/${name}_qa_12K" "$@" > "$LOGS/qa12k_$name.log" 2>&1
     [ -f "results/${name}_mvniah_12K_e4321.json" ] || python evaluate.py --task mvniah \
         --lengths 12K --max_samples 20 --seed 4321 --results_dir results \
+        --answers "results/answers/${name}_mvniah_12K_e4321.jsonl" \
         --out_dir "runs/eval/${name}_mvniah_12K" "$@" > "$LOGS/mvniah12k_$name.log" 2>&1
     [ -f "results/${name}_ppl_2K-8K_pg-essays.json" ] || python evaluate.py --task ppl \
         --lengths 2K,8K --text ../shared/data/pg_essays --results_dir results \

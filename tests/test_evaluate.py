@@ -637,3 +637,21 @@ def test_a_resumed_mvniah_run_keeps_recall_and_head_scores_exactly(tmp_path, mon
     assert not calls and resumed["results"]["base"]["reused_answers"] == 2
     for k in ("recall", "retrieval_score", "head_scores", "lengths", "samples"):
         assert resumed["results"]["base"][k] == fresh["results"]["base"][k]
+
+
+def test_one_answers_file_keeps_two_models_apart(tmp_path, monkeypatch):
+    """--answers: one file for several models; each reuses only its own answers (here the
+    same weights with another rope_theta: another model, other keys)."""
+    answers = tmp_path / "answers.jsonl"
+    argv = ("--task", "qa", "--lengths", "400", "--max_samples", "2", "--max_new_tokens", "6",
+            "--answers", str(answers))
+    first, _ = run(tmp_path, *argv)
+    second, _ = run(tmp_path, *argv, "--rope_theta", "50")
+    assert len(answers.read_text().splitlines()) == 4
+    calls = counting_generate(monkeypatch)
+    for saved, extra in ((first, ()), (second, ("--rope_theta", "50"))):
+        again, _ = run(tmp_path, *argv, *extra)
+        assert again["results"]["base"]["samples"] == saved["results"]["base"]["samples"]
+        assert again["results"]["base"]["reused_answers"] == 2
+    assert not calls
+    assert len({json.loads(x)["key"] for x in answers.read_text().splitlines()}) == 4
