@@ -522,69 +522,126 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
     return new, copies
 
 
+ANSWERS_VERSION = 1     # bump when a change to decoding makes the answers on file stale
+
+
+def new_token_budget(args):
+    """Greedy tokens per answer (qa, niah, mvniah): --max_new_tokens or the task's default."""
+    if args.max_new_tokens:
+        return args.max_new_tokens
+    return 12 * args.num_needles if args.task == "mvniah" else DEFAULT_NEW_TOKENS[args.task]
+
+
+def digest(*parts):
+    """sha256 of token-id lists / strings, for keys."""
+    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p))
+                                   for p in parts).encode()).hexdigest()
+
+
 class AnswerCache:
     """The answers one model has finished on one task, one JSON line each in
-    OUT_DIR/answers_LABEL.jsonl, written as each is done: a run killed after hours (a 12K
-    question costs minutes on a CPU) continues where it stopped when the same command is run
-    again. A line is reused only when its key matches: a hash of the model (preset path,
-    adapter files, rope_theta, dtype, device), the decoding settings and the prompt's tokens;
-    delete the file to start over. A line cut by the kill is ignored (and counted)."""
+    OUT_DIR/answers_LABEL.jsonl (or --answers FILE), written as each is done: a run killed
+    after hours (a 12K question costs minutes on a CPU) continues where it stopped when the
+    same command runs again. An answer is reused only when its key matches: the model
+    (answer_cache), the answer budget, the prompt's tokens and, where they shape the answer,
+    the batch it was decoded in or the needle positions. Each line also says where it was
+    made (CPU, torch), not part of the key, so a cell finished on another machine says so in
+    its summary. A line cut by a kill, or unreadable, is ignored and counted. Delete the file
+    to start over."""
 
     def __init__(self, path, ident):
-        self.path, self.ident, self.done, self.reused, self.broken = path, ident, {}, 0, 0
+        self.path, self.ident, self.done = path, ident, {}
+        self.reused, self.broken, self.sources = 0, 0, Counter()
+        self.source = f"{cpu_model()} | torch {torch.__version__}"
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
-                        self.done[rec["key"]] = rec["value"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
+                        self.done[rec["key"]] = (rec["value"], rec.get("source"))
+                    except (ValueError, KeyError, TypeError):    # ValueError: JSON, UTF-8
                         self.broken += 1
         if self.done or self.broken:
-            print(f"resuming: {len(self.done)} finished answers in {path}"
+            print(f"resuming: {len(self.done)} answers on file in {path}"
                   f"{f', {self.broken} broken lines ignored' if self.broken else ''}"
-                  " (delete the file to start over)")
+                  " (those of this model and settings are reused; delete the file to start over)")
 
-    def key(self, ids):
-        return hashlib.sha256(f"{self.ident}|{','.join(map(str, ids))}".encode()).hexdigest()
+    def key(self, ids, extra=""):
+        return digest(self.ident, extra, ids)
 
-    def get(self, ids):
-        value = self.done.get(self.key(ids))
-        self.reused += value is not None
-        return value
+    def has(self, ids, extra=""):
+        return self.key(ids, extra) in self.done
 
-    def put(self, ids, value):
+    def get(self, ids, extra=""):
+        """The answer on file, or None; a hit counts as reused."""
+        hit = self.done.get(self.key(ids, extra))
+        if hit is None:
+            return None
+        self.reused += 1
+        self.sources[hit[1]] += 1
+        return hit[0]
+
+    def put(self, ids, value, extra=""):
+        key = self.key(ids, extra)
+        line = json.dumps({"key": key, "value": value, "source": self.source}).encode() + b"\n"
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a+b") as f:
             f.seek(0, os.SEEK_END)
-            lead = b""
             if f.tell():
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":                # after a line cut by a kill
-                    lead = b"\n"
-            f.write(lead + json.dumps({"key": self.key(ids), "value": value}).encode() + b"\n")
+                    line = b"\n" + line
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.done[self.key(ids)] = value
+        self.done[key] = (value, self.source)
+        self.sources[self.source] += 1
+
+
+def model_identity(path):
+    """What names a model's weights in a key: a local folder's config and weight files
+    (hashed: a folder rewritten in place is another model), else the preset path or hub id."""
+    if not os.path.isdir(path):
+        return path
+    parts = []
+    for name in sorted(os.listdir(path)):
+        if name in ("config.json", "generation_config.json") or \
+                name.endswith((".safetensors", ".bin", ".pt")):
+            with open(os.path.join(path, name), "rb") as f:
+                parts.append((name, hashlib.file_digest(f, "sha256").hexdigest()))
+    return parts
+
+
+# peft's adapter_config.json fields that say where or with what an adapter was saved, not
+# what it computes: left out of the key, so an answer outlives a peft upgrade
+ADAPTER_META = {"base_model_name_or_path", "revision", "peft_version", "inference_mode",
+                "auto_mapping"}
 
 
 def answer_cache(args, lm, label, with_adapter, preset):
-    """The AnswerCache of one model on args.task (None for ppl and longbench, which keep no
-    per-answer state worth hours)."""
+    """The AnswerCache of one model on args.task (None for ppl and longbench). The model's
+    key: its weights (model_identity), the adapter's weights and LoRA settings (not
+    logo_config.json, which holds training flags like --resume: a resumed run trains the same
+    bits), rope_theta, dtype, device type, task, answer budget."""
     if args.task not in ("qa", "mvniah", "niah"):
         return None
-    files = []
+    adapter = None
     if with_adapter:
+        adapter = {}
         for name in sorted(os.listdir(args.adapter)):
             full = os.path.join(args.adapter, name)
-            if os.path.isfile(full):
+            if name.startswith("adapter_model."):
                 with open(full, "rb") as f:
-                    files.append((name, hashlib.sha256(f.read()).hexdigest()))
-    ident = json.dumps({"model": preset["path"], "adapter": files,
-                        "rope_theta": get_rope_theta(lm.config), "dtype": str(lm.dtype),
-                        "device": str(next(lm.parameters()).device), "task": args.task,
-                        "max_new_tokens": args.max_new_tokens, "gen_batch": args.gen_batch,
-                        "num_needles": args.num_needles}, sort_keys=True)
+                    adapter[name] = hashlib.file_digest(f, "sha256").hexdigest()
+            elif name == "adapter_config.json":
+                with open(full, encoding="utf-8") as f:
+                    adapter[name] = {k: v for k, v in json.load(f).items()
+                                     if k not in ADAPTER_META}
+    ident = json.dumps({"version": ANSWERS_VERSION, "model": model_identity(preset["path"]),
+                        "adapter": adapter, "rope_theta": get_rope_theta(lm.config),
+                        "dtype": str(lm.dtype), "device": next(lm.parameters()).device.type,
+                        "task": args.task, "max_new_tokens": new_token_budget(args)},
+                       sort_keys=True, default=str)
     return AnswerCache(args.answers or os.path.join(args.out_dir, f"answers_{label}.jsonl"),
                        ident)
 
@@ -890,8 +947,7 @@ def run_niah(args, lm, tok, samples, label, cache=None):
     for s in tqdm(samples, desc=f"{label} niah"):
         new = cache and cache.get(s["ids"])
         if new is None:
-            new, _ = generate(lm, s["ids"], args.max_new_tokens or DEFAULT_NEW_TOKENS["niah"],
-                              stops)
+            new, _ = generate(lm, s["ids"], new_token_budget(args), stops)
             if cache:
                 cache.put(s["ids"], new)
         pred = decode_answer(tok, new)
@@ -942,13 +998,14 @@ def run_mvniah(args, lm, tok, samples, label, cache=None):
     stops, rows = stop_token_ids(tok, lm), []
     per_length = {}
     for s in tqdm(samples, desc=f"{label} mvniah"):
-        done = cache and cache.get(s["ids"])
+        needles = "needles " + digest(s["needle_mask"].nonzero().flatten().tolist())
+        done = cache and cache.get(s["ids"], needles)
         if done is None:
-            new, copies = generate(lm, s["ids"], args.max_new_tokens or 12 * args.num_needles,
-                                   stops, needle_mask=s["needle_mask"])
+            new, copies = generate(lm, s["ids"], new_token_budget(args), stops,
+                                   needle_mask=s["needle_mask"])
             heads = head_copy_scores(copies, s["needle_mask"])        # (L, H)
             if cache:                   # exact: float32 head scores survive JSON as floats
-                cache.put(s["ids"], {"new": new, "heads": heads.tolist()})
+                cache.put(s["ids"], {"new": new, "heads": heads.tolist()}, needles)
         else:
             new, heads = done["new"], torch.tensor(done["heads"], dtype=torch.float32)
         pred = decode_answer(tok, new)
@@ -1002,21 +1059,26 @@ def qa_samples(args, tok, lengths, num_samples):
 
 def qa_answers(args, lm, tok, samples, label, cache=None):
     """The greedy answer (new token ids) to every sample's prompt: one by one with generate(),
-    or --gen_batch at a time with prepare.py's batched decoding (model.generate, left padding).
-    Answers in `cache` are reused; new ones go into it batch by batch. The batches are
-    prepare.py's (longest first), and a batch is cached whole, so a resumed run decodes the
-    same batches a fresh one would."""
-    stops, budget = stop_token_ids(tok, lm), args.max_new_tokens or DEFAULT_NEW_TOKENS["qa"]
-    answers = [cache.get(s["ids"]) if cache else None for s in samples]
-    step = max(args.gen_batch, 1)
-    todo = [i for i, a in enumerate(answers) if a is None]
+    or --gen_batch at a time with prepare.py's batched decoding (model.generate, left padding,
+    longest first). Answers in `cache` are reused and new ones go into it as they are done. A
+    batch's answers are keyed by the whole batch and reused only all together, so a resumed
+    run decodes exactly the fresh run's batches."""
+    stops, budget = stop_token_ids(tok, lm), new_token_budget(args)
+    step, order = max(args.gen_batch, 1), list(range(len(samples)))
     if step > 1:
-        todo.sort(key=lambda i: -len(samples[i]["ids"]))
+        order.sort(key=lambda i: -len(samples[i]["ids"]))       # prepare.generate's order
     from prepare import generate as generate_batch
     opts = argparse.Namespace(gen_batch=step, temperature=0.0, top_p=1.0, max_new_tokens=budget)
-    with tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{label} qa") as bar:
-        for k in range(0, len(todo), step):
-            batch = todo[k:k + step]
+    answers = [None] * len(samples)
+    with tqdm(total=len(samples), desc=f"{label} qa") as bar:
+        for k in range(0, len(order), step):
+            batch = order[k:k + step]
+            tag = "" if step == 1 else "batch " + digest(*[samples[i]["ids"] for i in batch])
+            if cache and all(cache.has(samples[i]["ids"], tag) for i in batch):
+                for i in batch:
+                    answers[i] = cache.get(samples[i]["ids"], tag)
+                bar.update(len(batch))
+                continue
             if step == 1:
                 new = [generate(lm, samples[batch[0]]["ids"], budget, stops)[0]]
                 bar.update(1)
@@ -1026,7 +1088,7 @@ def qa_answers(args, lm, tok, samples, label, cache=None):
             for i, toks in zip(batch, new):
                 answers[i] = toks
                 if cache:
-                    cache.put(samples[i]["ids"], toks)
+                    cache.put(samples[i]["ids"], toks, tag)
     return answers
 
 
@@ -1362,6 +1424,7 @@ def write_summaries(args, plans, config, adapter_cfg, results, data, walls, thet
             # answers taken from an earlier, killed run of the same command: wall_s is this
             # run's only
             "reused_answers": results[run_label].get("reused_answers"),
+            "answer_sources": results[run_label].get("answer_sources"),
             "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "device": args.device,
             "torch": torch.__version__,
             "config": {k: v for k, v in config.items() if k != "adapter_config"},
@@ -1679,6 +1742,7 @@ def evaluate(args):
             results[run_label] = run(args, lm, tok, data, run_label, cache)
         if cache is not None:                      # the wall time covers only the new answers
             results[run_label]["reused_answers"] = cache.reused
+            results[run_label]["answer_sources"] = dict(cache.sources)
         walls[run_label] = time.time() - t_model    # this model: load + evaluation
         del lm                                     # --compare: one model in memory at a time
         if torch.cuda.is_available():

@@ -588,9 +588,10 @@ def test_a_killed_qa_run_continues_from_its_cached_answers(tmp_path, monkeypatch
     cache.write_text(lines[0] + lines[1][:len(lines[1]) // 2])    # killed while writing line 2
     calls = counting_generate(monkeypatch)
     resumed, _ = run(tmp_path, *argv)
-    assert "resuming: 1 finished answers" in capsys.readouterr().out
+    assert "resuming: 1 answers on file" in capsys.readouterr().out
     assert len(calls) == 2 and resumed["results"]["base"]["reused_answers"] == 1
-    drop = ("reused_answers",)
+    assert sum(resumed["results"]["base"]["answer_sources"].values()) == 3
+    drop = ("reused_answers", "answer_sources")
     assert {k: v for k, v in resumed["results"]["base"].items() if k not in drop} == \
         {k: v for k, v in fresh["results"]["base"].items() if k not in drop}
     assert len(cache.read_text().splitlines()) == 4          # the cut line + two whole ones
@@ -601,25 +602,44 @@ def test_a_killed_qa_run_continues_from_its_cached_answers(tmp_path, monkeypatch
     assert len(calls) == 3 and other["results"]["base"]["reused_answers"] == 0
 
 
-def test_resumed_batched_qa_decodes_the_fresh_runs_batches():
-    """--gen_batch: a batch is cached whole, longest prompts first, so a run stopped after
-    its first batch decodes the remaining ones exactly as a fresh run does."""
+def test_resumed_batched_qa_decodes_the_fresh_runs_batches(tmp_path, monkeypatch):
+    """--gen_batch: batches are prepare.py's (longest first) and a batch's answers are reused
+    only all together, so a run killed halfway through a batch decodes, when resumed, exactly
+    the batches the fresh run decoded after the finished ones (padding can change a greedy
+    token, so a batch must never be re-formed)."""
+    import prepare
     tok, lm = tiny_tokenizer(), load_model("tiny").eval()
     args = ev.parse_args(["--task", "qa", "--model", "tiny", "--max_new_tokens", "8",
                           "--gen_batch", "2"])
     samples = [{"ids": tok(" ".join(str(i * n) for i in range(n))).input_ids}
-               for n in (9, 2, 20, 5, 14)]
-    seen = []
-    cache = ev.AnswerCache(os.devnull + "/none", "x")
-    cache.put = lambda ids, value: seen.append(len(ids))     # record the order, write nothing
-    fresh = ev.qa_answers(args, lm, tok, samples, "fresh", cache)
-    assert seen == sorted(seen, reverse=True) and len(seen) == 5
-    partial = ev.AnswerCache(os.devnull + "/none", "x")
-    first_two = sorted(range(5), key=lambda i: -len(samples[i]["ids"]))[:2]
-    partial.done = {partial.key(samples[i]["ids"]): fresh[i] for i in first_two}
-    partial.put = lambda ids, value: None
-    assert ev.qa_answers(args, lm, tok, samples, "resumed", partial) == fresh
-    assert partial.reused == 2
+               for n in (9, 2, 20, 5, 14, 5)]             # two prompts of one length: a tie
+    batches, real = [], prepare.generate
+    monkeypatch.setattr(prepare, "generate", lambda lm_, tok_, prompts, *a: batches.append(
+        [len(p) for p in prompts]) or real(lm_, tok_, prompts, *a))
+    path = tmp_path / "answers.jsonl"
+    fresh = ev.qa_answers(args, lm, tok, samples, "fresh", ev.AnswerCache(str(path), "m"))
+    lengths = sorted((len(x["ids"]) for x in samples), reverse=True)
+    assert batches == [lengths[0:2], lengths[2:4], lengths[4:6]]
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]))           # killed after the first answer of batch 2
+    batches.clear()
+    cache = ev.AnswerCache(str(path), "m")
+    assert ev.qa_answers(args, lm, tok, samples, "resumed", cache) == fresh
+    assert batches == [lengths[2:4], lengths[4:6]] and cache.reused == 2
+    batches.clear()
+    other = ev.AnswerCache(str(path), "m")
+    args.gen_batch = 3                            # other batches: nothing is reused
+    ev.qa_answers(args, lm, tok, samples, "other", other)
+    assert batches == [lengths[0:3], lengths[3:6]] and other.reused == 0
+
+
+def test_a_rerun_niah_reuses_its_answers(tmp_path, monkeypatch):
+    argv = ("--task", "niah", "--lengths", "300", "--depths", "0,100", "--max_new_tokens", "4")
+    fresh, _ = run(tmp_path, *argv)
+    calls = counting_generate(monkeypatch)
+    again, _ = run(tmp_path, *argv)
+    assert not calls and again["results"]["base"]["reused_answers"] == 2
+    assert again["results"]["base"]["cells"] == fresh["results"]["base"]["cells"]
 
 
 def test_a_resumed_mvniah_run_keeps_recall_and_head_scores_exactly(tmp_path, monkeypatch):
