@@ -594,7 +594,8 @@ class AnswerCache:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.done[key] = (value, self.source)
+        # not added to self.done: only an earlier run's answers are reused (a prompt asked
+        # twice in one run is answered twice, as without the file)
         self.sources[self.source] += 1
 
 
