@@ -8,8 +8,10 @@
 #   bash results/repro.sh a          # one lane only (a: logo + base, b: sft + rope)
 #   bash results/repro.sh 12k        # then the 12K cells and perplexity, two models at a time
 #                                    # (~2 core-minutes per 12K question: several sessions)
-#   bash results/repro.sh 12k base rope   # only these models' 12K cells (an untrained model's
-#                                    # adapter-free cells; a trained one needs runs/NAME/final)
+#   bash results/repro.sh 12k base rope   # only these models' 12K cells; a trained one
+#   bash results/repro.sh 12k logo_s0 sft_s0  # with no runs/NAME/final is trained first (and
+#                                    # train_summary.py says whether it is the same run as
+#                                    # the one in results/train/, evaluated before)
 #
 # Logs go to runs/repro_logs/. Commit results/*.json as they land; no weights go there.
 set -euo pipefail
@@ -33,7 +35,7 @@ train() {
     [ "$method" = sft ] && loss=(--loss sft)
     python train.py --data_dir "$DATA" --max_steps 48 --lr 1e-3 --warmup_steps 2 --save_every 16 \
         --seed "$seed" --out_dir "$out" "${loss[@]}" "${how[@]}" > "$LOGS/train_$1_s$2.log" 2>&1
-    python results/train_summary.py "$out"          # -> results/train/METHOD_sSEED.json
+    python results/train_summary.py "$out" | tee -a "$LOGS/train_$1_s$2.log"   # results/train/
 }
 
 # QA at 2K: 100 held-out questions of seed 5678. NAME: the summary's name stem; the rest:
@@ -82,9 +84,7 @@ lane_12k() {                                       # $1: 0 or 1, which half of t
         case $name in
             base) cells12k base ;;
             rope) cells12k rope --rope_theta 2.5e5 ;;
-            *) if [ -d "runs/$name/final" ]; then cells12k "$name" --adapter "runs/$name/final"
-               else echo "12k: skipped $name: no runs/$name/final (bash results/repro.sh trains it)" >&2
-               fi ;;
+            *) train "${name%_s*}" "${name##*_s}" && cells12k "$name" --adapter "runs/$name/final" ;;
         esac
     done
 }
@@ -94,6 +94,9 @@ case "${1:-both}" in
     b) data && lane_b ;;
     12k) shift; MODELS=("$@")
          [ $# -gt 0 ] || MODELS=(base rope logo_s0 sft_s0 logo_s1 sft_s1 logo_s2 sft_s2)
+         for name in "${MODELS[@]}"; do            # a trained model with no adapter: train it
+             case $name in base|rope) ;; *) [ -d "runs/$name/final" ] || data ;; esac
+         done
          lane_12k 0 & a=$!; lane_12k 1 & b=$!; wait $a; wait $b ;;
     both) data; lane_a & a=$!; lane_b & b=$!; wait $a; wait $b ;;
     *) echo "usage: bash results/repro.sh [a|b|12k]" >&2; exit 2 ;;

@@ -9,7 +9,11 @@ It holds: method (sft / logo / logo_mM, as evaluate.py names them) and seed, the
 training config, the data fingerprint, the git commit of this checkout (or --git_commit, the
 commit the run was trained with when that is another), metrics (steps, tokens, non-finite
 steps, and loss / logo / sft / reward margin / reward accuracy averaged over the first and
-the last quarter of the steps), the seconds of all steps, the CPU model. The evaluation
+the last quarter of the steps), the seconds of all steps, the CPU model. A run trained again
+(a new session's checkout has no weights) is checked against the summary on file: the same
+data fingerprint, config and metrics (exactly: the same bits) keep that file, which names the
+adapter the earlier cells were evaluated with; any difference is printed and the new summary
+replaces it (`git diff results/train` shows what changed). The evaluation
 summaries (results/*.json) carry the same config as train_config; results/make_table.py does
 not read this folder.
 """
@@ -65,12 +69,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def differences(old, new, keys=("data_fingerprint", "config", "metrics"), where=""):
+    """The dotted names of the fields under `keys` where two summaries differ."""
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, sorted(set(a) | set(b)), f"{where}{k}.")
+        elif a != b:
+            out.append(f"{where}{k}")
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     from evaluate import write_text
     for run in args.run_dirs:
         s = summarize(run.rstrip("/"), args.git_commit)
         path = os.path.join(args.results_dir, "train", f"{s['method']}_s{s['seed']}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                diff = differences(json.load(f), s, where="")
+            # out_dir is where it ran, not what it trained
+            diff = [d for d in diff if d != "config.out_dir"]
+            if not diff:
+                print(f"{run}: the same run as {path} (data fingerprint, config and metrics "
+                      "equal): kept that file")
+                continue
+            print(f"{run}: NOT the run of {path}: differs in {', '.join(diff[:8])}"
+                  f"{' ...' if len(diff) > 8 else ''}; writing the new summary (cells "
+                  "evaluated with the earlier adapter are not this run's)")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_text(path, json.dumps(s, indent=1) + "\n")
         m = s["metrics"]

@@ -374,3 +374,37 @@ def test_train_summary_quarters_and_method_from_the_runs_own_files(tmp_path):
     (run / "log.jsonl").write_text("\n".join(lines[:4]) + "\n")          # unfinished: refused
     with pytest.raises(SystemExit, match="not finished"):
         ts.summarize(str(run))
+
+
+def test_train_summary_keeps_the_file_of_the_same_run_and_replaces_another(tmp_path, capsys):
+    """A retrained run with the same bits keeps the summary on file (it names the adapter the
+    earlier cells were evaluated with); one whose metrics differ in the last digit replaces it
+    and says where it differs."""
+    spec = importlib.util.spec_from_file_location(
+        "train_summary", os.path.join(ROOT, "results", "train_summary.py"))
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    cfg = dict(loss="logo", seed=1, max_steps=4, out_dir="runs/x", data_fingerprint="ab")
+    (run / "run_config.json").write_text(json.dumps(cfg))
+
+    def log(last_loss):
+        rows = [dict(step=s, loss=1.0 / s, logo=0.5, sft=1.0, reward_margin=1.0, reward_accuracy=1.0,
+                     tokens=10, seconds_per_step=1.0, nonfinite_steps=0) for s in range(1, 5)]
+        rows[-1]["loss"] = last_loss
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    log(0.25)
+    ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "aaa"])
+    path = tmp_path / "train" / "logo_s1.json"
+    first = path.read_text()
+    (run / "run_config.json").write_text(json.dumps(dict(cfg, out_dir="elsewhere")))
+    capsys.readouterr()
+    ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "bbb"])
+    assert "the same run" in capsys.readouterr().out and path.read_text() == first
+    log(0.25 + 1e-15)
+    ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "bbb"])
+    out = capsys.readouterr().out
+    assert "NOT the run" in out and "metrics.last_quarter.loss" in out
+    assert json.loads(path.read_text())["git_commit"] == "bbb"
