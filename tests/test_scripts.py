@@ -1,7 +1,7 @@
 """The commands in demo.sh and results/repro.sh parse with today's scripts: a renamed or
 removed flag fails here, in seconds, not after minutes of a user's demo or a session's runs.
 Nothing is run: each `python X.py ...` line is cut out of the shell script (continuations
-joined, redirects dropped, shell arrays expanded where the script defines them, other shell
+joined, redirects and pipes dropped, shell arrays expanded where the script defines them, other shell
 values replaced by a number) and given to that script's own parse_args."""
 
 import importlib
@@ -29,7 +29,7 @@ def commands(path):
         m = re.search(r"\bpython ((?:results/)?\w+\.py)\b(.*)", line)
         if not m or line.lstrip().startswith("#"):
             continue
-        rest = re.split(r"\s(?:\d?>|&&|\|\||;)", m.group(2))[0]
+        rest = re.split(r"\s(?:\d?>|&&|\|\|?|;)", m.group(2))[0]
         rest = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda a: arrays.get(a.group(1), ""), rest)
         argv = [t for t in shlex.split(rest, comments=True) if t != "$@"]
         out.append((m.group(1), ["1" if "$" in t else t for t in argv]))
