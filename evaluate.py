@@ -533,9 +533,14 @@ def new_token_budget(args):
 
 
 def digest(*parts):
-    """sha256 of token-id lists / strings, for keys."""
+    """sha256 of token-id lists / strings, for keys and question ids."""
     return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p))
                                    for p in parts).encode()).hexdigest()
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class AnswerCache:
@@ -608,8 +613,7 @@ def model_identity(path):
     for name in sorted(os.listdir(path)):
         if name in ("config.json", "generation_config.json") or \
                 name.endswith((".safetensors", ".bin", ".pt")):
-            with open(os.path.join(path, name), "rb") as f:
-                parts.append((name, hashlib.file_digest(f, "sha256").hexdigest()))
+            parts.append((name, file_sha256(os.path.join(path, name))))
     return parts
 
 
@@ -632,8 +636,7 @@ def answer_cache(args, lm, label, with_adapter, preset):
         for name in sorted(os.listdir(args.adapter)):
             full = os.path.join(args.adapter, name)
             if name.startswith("adapter_model."):
-                with open(full, "rb") as f:
-                    adapter[name] = hashlib.file_digest(f, "sha256").hexdigest()
+                adapter[name] = file_sha256(full)
             elif name == "adapter_config.json":
                 with open(full, encoding="utf-8") as f:
                     adapter[name] = {k: v for k, v in json.load(f).items()
@@ -1325,8 +1328,7 @@ def plan_summaries(args, preset, adapter_cfg, runs, lengths):
 def sample_id(length, index, ids):
     """A question's stable id: its length bucket, its index there and a hash of its prompt
     tokens, so two models pair on a question only when they read the same prompt."""
-    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:10]
-    return f"{length}/{index}/{digest}"
+    return f"{length}/{index}/{digest(ids)[:10]}"
 
 
 def summary_metrics(task, result, data):

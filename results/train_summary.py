@@ -89,7 +89,7 @@ def main(argv=None):
         path = os.path.join(args.results_dir, "train", f"{s['method']}_s{s['seed']}.json")
         if os.path.exists(path):
             with open(path) as f:
-                diff = differences(json.load(f), s, where="")
+                diff = differences(json.load(f), s)
             # out_dir is where it ran, not what it trained
             diff = [d for d in diff if d != "config.out_dir"]
             if not diff:

@@ -18,10 +18,17 @@ from test_evaluate import make_adapter
 from models import tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("make_table",
-                                              os.path.join(ROOT, "results", "make_table.py"))
-mt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mt)
+
+
+def results_script(name):
+    """results/NAME.py as a module (results/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "results", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mt = results_script("make_table")
 
 
 # ----------------------------------------------------------------------------------------
@@ -321,10 +328,7 @@ def test_pair_prints_wilson_intervals_patterns_and_the_exact_mcnemar_test(tmp_pa
 
 def test_wrong_answers_finds_every_biography_and_tells_another_persons_fact():
     import corpus
-    spec = importlib.util.spec_from_file_location(
-        "wrong_answers", os.path.join(ROOT, "results", "wrong_answers.py"))
-    wa = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wa)
+    wa = results_script("wrong_answers")
     people = [dict(name="Ada Quill", born_city="Port Vane", born_year="1931", employer="Moss Group",
                    joined_year="1957", female=True, a_role="an engineer"),
               dict(name="Bo Lind", born_city="East Hale", born_year="1960", employer="Kite Press",
@@ -346,10 +350,7 @@ def test_wrong_answers_finds_every_biography_and_tells_another_persons_fact():
 
 
 def test_train_summary_quarters_and_method_from_the_runs_own_files(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "train_summary", os.path.join(ROOT, "results", "train_summary.py"))
-    ts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ts)
+    ts = results_script("train_summary")
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     cfg = dict(loss="logo", num_rejected=3, seed=4, max_steps=8, out_dir="runs/x", data_fingerprint="ab")
@@ -380,10 +381,7 @@ def test_train_summary_keeps_the_file_of_the_same_run_and_replaces_another(tmp_p
     """A retrained run with the same bits keeps the summary on file (it names the adapter the
     earlier cells were evaluated with); one whose metrics differ in the last digit replaces it
     and says where it differs."""
-    spec = importlib.util.spec_from_file_location(
-        "train_summary", os.path.join(ROOT, "results", "train_summary.py"))
-    ts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ts)
+    ts = results_script("train_summary")
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     cfg = dict(loss="logo", seed=1, max_steps=4, out_dir="runs/x", data_fingerprint="ab")
