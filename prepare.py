@@ -61,8 +61,10 @@ import warnings
 
 from entities import doc_features, load_spacy, load_sentencizer, sentence_starts
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # train.py reads only this version (meta.json format_version)
 QUALITY_KINDS = ["chosen", "irrelevant", "partial"]   # rejected kinds alternate after chosen
+# The fields of each preview.jsonl line, in this order (summarize picks them from the
+# shard headers, which hold the same keys).
 PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redraws", "rejected", "critical",
                 "critical_text", "fallback", "scores", "context_chunks"]
 
@@ -83,6 +85,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
+    # Flags left at None are filled in by resolve(): the preset's value or a derived default.
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     # data
     g = p.add_argument_group("data")
@@ -179,6 +182,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--shard_size", type=int, default=32, help="input records per shard file")
     g.add_argument("--num_shards", type=int, default=1, help="workers splitting the shards")
+    # %% in help: argparse %-formats help strings, so a literal % is doubled.
     g.add_argument("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == shard_id")
     g.add_argument("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
@@ -188,6 +192,10 @@ def parse_args(argv=None):
 
 
 # Flags that do not change a shard's bytes: anything else must match to reuse shards.
+# They are left out of the config every shard header and meta.json store (data_config), so a
+# rerun with more --spacy_procs or another worker count reuses finished shards. --threads and
+# --device can still change float rounding in generation, hence the text: pin them when a
+# resumed run must write the same bytes.
 NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batch", "skip_bad", "strict",
                  "threads", "device"}
 
@@ -199,6 +207,8 @@ def resolve(args):
         preset = models.resolve_model(args.model)
     except ValueError as e:
         raise UserError(str(e), "--model", "pick a preset or give a model folder") from None
+    # The fields that shape the data. Paper presets: chunk_len 512, num_chunks N = 16, M = 2;
+    # target_len K is the window positions are synthesized into (81920 for llama3-8b-80k).
     for key in ("chunk_len", "num_chunks", "num_rejected", "target_len"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -212,16 +222,25 @@ def resolve(args):
         args.dtype = preset["dtype"] if args.device.startswith("cuda") else "float32"
     demo = args.input is None
     if args.out_dir is None:
+        # --input long.jsonl -> data/long
         args.out_dir = "data/demo" if demo else os.path.join(
             "data", os.path.splitext(os.path.basename(args.input))[0])
     if args.num_samples is None and demo:
         args.num_samples = 64
+    # Paper: delta = 6 (Sec. 4.1). A chunk's score never exceeds the number of entities the
+    # question names, and the built-in questions name 2 or 3 (corpus.QUESTIONS), so 6 would
+    # leave every sample to the rank-order fallback.
     if args.delta is None:
         args.delta = 2.0 if demo else 6.0
+    # ~1.25 N chunks of text (at ~4 characters per token): a few chunks more than C' keeps, so
+    # which irrelevant chunks make it into C' is a random draw.
     if args.demo_context_chars is None and demo:
         args.demo_context_chars = 5 * args.chunk_len * args.num_chunks
+    # N // 2 (8 of 16): C' keeps at least as many irrelevant chunks as critical ones when the
+    # context has N chunks or more.
     if args.max_critical is None:
         args.max_critical = max(1, args.num_chunks // 2)
+    # (ok, flag, what to do): the first failing check stops with its flag named.
     checks = [(args.target_len, "--target_len", "the preset has no window: pass --target_len"),
               (args.chunk_len >= 1 and args.num_chunks >= 2, "--chunk_len/--num_chunks",
                "need chunk_len >= 1 and num_chunks >= 2 (one critical, one irrelevant)"),
@@ -247,17 +266,19 @@ def index_records(args):
     this worker's shards are parsed and checked now, so bad input fails before any model
     loads; they are parsed again shard by shard (shard_records), so memory holds one shard."""
     if args.input is None:
+        # Built-in corpus: record i is generated from (i, seed) in shard_records; nothing to index.
         return [(i + 1, None, None) for i in range(args.num_samples)]
     entries, offset = [], 0
     try:
         with open(args.input, "rb") as f:
             for line_no, raw in enumerate(f, 1):
-                start, offset = offset, offset + len(raw)
+                start, offset = offset, offset + len(raw)  # byte offset: shard_records seeks there
                 if not raw.strip():
                     continue                           # blank lines are not records
                 if args.num_samples is not None and len(entries) >= args.num_samples:
                     break
                 reason = None
+                # Record i is in shard i // shard_size; shard j belongs to worker j % num_shards.
                 if (len(entries) // args.shard_size) % args.num_shards == args.shard_id:
                     reason = parse_record(raw, f"{args.input}:{line_no}", args)[1]
                 entries.append((line_no, start, reason))
@@ -274,6 +295,7 @@ def shard_records(args, entries, j):
     """Shard j's records: (index, line_no, record or None, skip reason) each."""
     from corpus import qa_record
     items = []
+    # The built-in corpus reads no file: os.devnull keeps a single with-statement.
     with open(args.input, "rb") if args.input else open(os.devnull, "rb") as f:
         for i in range(j * args.shard_size, min(len(entries), (j + 1) * args.shard_size)):
             line_no, offset, reason = entries[i]
@@ -283,7 +305,7 @@ def shard_records(args, entries, j):
                 f.seek(offset)
                 rec = parse_record(f.readline(), f"{args.input}:{line_no}", args)[0]
             else:
-                rec = None
+                rec = None  # skipped in pass 1: Pipeline.chunk counts the reason
             items.append((i, line_no, rec, reason))
     return items
 
@@ -292,6 +314,8 @@ def parse_record(raw, where, args):
     """bytes of one JSONL line -> (record, None), or (None, reason) for a record skipped and
     counted: a well-formed record that cannot make a sample (unless --strict), or a malformed
     line with --skip_bad."""
+    # bad: a malformed line, an error unless --skip_bad. miss: a well-formed record that cannot
+    # make a sample, skipped and counted unless --strict.
     def bad(reason, what, todo):
         if args.skip_bad:
             return None, reason
@@ -313,10 +337,10 @@ def parse_record(raw, where, args):
     if not isinstance(obj, dict):
         return bad("malformed_json", "the line is not a JSON object", "write one {...} object per line")
     context = obj.get("context")
-    question = obj.get("question", obj.get("input"))
-    answer = obj.get("answer", obj.get("answers"))
+    question = obj.get("question", obj.get("input"))  # LongBench: 'input'
+    answer = obj.get("answer", obj.get("answers"))  # LongBench: 'answers', a list
     if isinstance(answer, list):
-        answer = answer[0] if answer else None
+        answer = answer[0] if answer else None  # the first one is the gold answer
     for name, value in (("context", context), ("question", question)):
         alias = " (or LongBench's 'input')" if name == "question" else ""
         if not isinstance(value, str):
@@ -327,7 +351,8 @@ def parse_record(raw, where, args):
             return miss(f"empty_{name}", f"the record's '{name}' is empty",
                         "give every record a non-empty context and question")
     if answer is not None and not isinstance(answer, str):
-        answer = str(answer)
+        answer = str(answer)  # a bare number (a year) is an answer too
+    # answer_sentence counts only next to an answer: it stands in for a wrong chosen answer.
     sentence = obj.get("answer_sentence")
     sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
     if args.chosen == "gold" and not answer:
@@ -356,7 +381,7 @@ def split_chunks(token_ids, chunk_len, starts=None):
         end = min(i + chunk_len, n)
         if end < n and starts:
             k = bisect.bisect_right(starts, end) - 1          # the last sentence start <= end
-            if k >= 0 and starts[k] > i + chunk_len // 2:
+            if k >= 0 and starts[k] > i + chunk_len // 2:  # keeps > chunk_len / 2 tokens
                 end = starts[k]
         chunks.append(token_ids[i:end])
         i = end
@@ -369,11 +394,12 @@ def sentence_token_starts(text, offsets, char_starts):
     before that character in the token (else the sentence starts inside a token: no clean
     border). Whitespace between sentences stays with the sentence before."""
     import bisect
-    ends = [e for _, e in offsets]
+    ends = [e for _, e in offsets]  # offsets: (start, end) chars per token
     out = []
     for c in char_starts:
         c += len(text[c:c + 64]) - len(text[c:c + 64].lstrip())   # spaCy starts at the whitespace
         b = bisect.bisect_right(ends, c)                       # first token with end > c
+        # b == 0 is the context's own start, b == len(offsets) lies past the last token.
         if 0 < b < len(offsets) and not text[offsets[b][0]:c].strip():
             out.append(b)
     return sorted(set(out))
@@ -397,14 +423,15 @@ def select_critical(scores, delta, min_critical=1, max_critical=None):
     fallback = len(critical) < min_critical
     if fallback:
         critical = [i for i in order if scores[i] > 0][:min_critical]
-    return sorted(critical[:max_critical]), fallback
+    return sorted(critical[:max_critical]), fallback  # the best ones, in text order
 
 
 def shared_context(num_total, critical, num_chunks, generator):
     """C': chunk indices, in original order: all critical + irrelevant ones drawn at random."""
     import torch
     irrelevant = [i for i in range(num_total) if i not in set(critical)]
-    need = min(num_chunks, num_total) - len(critical)
+    need = min(num_chunks, num_total) - len(critical)  # irrelevant chunks to add
+    # The sample's own generator: a rerun draws the same C'.
     picks = torch.randperm(len(irrelevant), generator=generator)[:need].tolist()
     return sorted(critical + [irrelevant[j] for j in picks])
 
@@ -418,7 +445,9 @@ def response_contexts(critical, irrelevant, chunks, num_rejected, matched, gener
     holds as many chunks as the chosen one (irrelevant ones drawn at random); else every
     irrelevant chunk of C'. Chunks stay in their original order.
     """
-    contexts = [[t for i in critical for t in chunks[i]]]
+    contexts = [[t for i in critical for t in chunks[i]]]  # chosen: pi(Q, C_>delta)
+    # Paper Sec. 3.2.2: P' = pi(Q, C_<delta) (m = 0, 2, ...) and P'' = pi(Q, C_<delta, C_>delta)
+    # (m = 1, 3, ...); M = 2 takes one of each.
     kinds = ["chosen"] + ["irrelevant" if m % 2 == 0 else "partial" for m in range(num_rejected)]
     for kind in kinds[1:]:
         contexts.append(rejected_context(kind, critical, irrelevant, chunks, matched, generator))
@@ -438,10 +467,15 @@ def rejected_context(kind, critical, irrelevant, chunks, matched, generator):
             part = [(i, chunks[i]) for i in draw(critical, len(critical) // 2)]
         else:
             c = chunks[critical[0]]
+            # A single critical chunk: a random half of its tokens is the partial view.
             half = int(torch.randint(2, (), generator=generator))
             part = [(critical[0], c[:len(c) // 2] if half == 0 else c[len(c) // 2:])]
+    # matched: critical part + irrelevant chunks = len(critical) pieces (2 when a single
+    # critical chunk is halved; fewer when C' has too few irrelevant ones): about as long as
+    # the chosen context, "same length, different facts" (--rejected_context).
     k = max(1, len(critical) - len(part)) if matched else len(irrelevant)
     pieces = part + [(i, chunks[i]) for i in draw(irrelevant, k)]
+    # Back in text order, as the chunks stand in the source.
     return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
 
 
@@ -452,12 +486,16 @@ def prompt_parts(tok, template, question, suffix=""):
     """Token ids around the context: (head, tail) with head + context + tail = the prompt
     the model sees (chat template, generation prompt open). The tail holds the question
     (and suffix, text after the filled template)."""
+    # A marker no question or template holds (U+2063, invisible separator). The context goes in
+    # as the chunks' token ids, never re-tokenized with its neighbours, so the model reads
+    # exactly the tokens that were scored and that positions are synthesized for.
     marker = "\u2063CONTEXT\u2063"
     user = template.format(context=marker, question=question) + suffix
     if tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                        add_generation_prompt=True)
         head, tail = text.split(marker)
+        # No added BOS: a template that needs one (Llama-3's) writes it in the text.
         return (tok(head, add_special_tokens=False).input_ids,
                 tok(tail, add_special_tokens=False).input_ids)
     head, tail = user.split(marker)        # a base model: plain text, BOS if it uses one
@@ -468,6 +506,7 @@ def end_of_turn_id(tok):
     """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>,
     </s>); every stored response ends with it so the model learns to stop."""
     if tok.chat_template:
+        # A two-turn chat: the first special token the template writes after the assistant's text.
         text = tok.apply_chat_template([{"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": "XYZ"}], tokenize=False)
         after = tok(text.split("XYZ", 1)[1], add_special_tokens=False).input_ids
@@ -475,27 +514,32 @@ def end_of_turn_id(tok):
         for t in after:
             if t in special:
                 return t
-    return tok.eos_token_id
+    return tok.eos_token_id  # a base model, or no special token found
 
 
 def generate(model, tok, prompts, args, stop_ids, seed, bar):
     """Greedy (or sampled) answers to token-id prompts, batched with left padding, longest
     first. Returns (tokens without the stop token, finished: the stop token was produced)."""
     import torch
+    # Longest first: prompts of a batch are of similar length (little padding), and the first
+    # batch is the longest, so a memory limit shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
+    # models.load_tokenizer sets pad = eos where a tokenizer has none; the fallback is for a
+    # tokenizer loaded some other way.
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     for b in range(0, len(order), args.gen_batch):
         idx = order[b:b + args.gen_batch]
         T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)  # (b, T), left-padded
+        mask = torch.zeros((len(idx), T), dtype=torch.long)  # (b, T), 1 on prompt tokens
         for r, i in enumerate(idx):
             ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, T - len(prompts[i]):] = 1
         torch.manual_seed(seed * 7919 + b)             # sampling draws, reproducible per batch
         sample = args.temperature > 0
         kw = dict(temperature=args.temperature, top_p=args.top_p) if sample else {}
+        # Left padding: every prompt ends at column T, so the new tokens start at T in every row.
         ids, mask = ids.to(model.device), mask.to(model.device)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=sample,
@@ -503,6 +547,7 @@ def generate(model, tok, prompts, args, stop_ids, seed, bar):
                                  pad_token_id=pad, **kw)[:, T:]
         for r, i in enumerate(idx):
             toks = gen[r].tolist()
+            # (<= max_new_tokens,) new tokens; after the first stop token comes padding.
             cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
             out[i] = (toks[:cut], True) if cut is not None else (toks, False)
         bar.update(len(idx))
@@ -518,14 +563,18 @@ def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, ge
     lens = [len(c) for c in context_chunks]
     lens[0] += len(head)
     longest = max(len(r) for r in responses)
+    # Every response starts right after the question (positions.pack_position_ids), so the
+    # context may use K minus the question and the longest response.
     window = target_len - len(tail) - longest
     if window < sum(lens):
         raise UserError(f"a row needs {sum(lens) + len(tail) + longest} positions, more than "
                         f"--target_len {target_len}", "--target_len",
                         "raise --target_len or lower --num_chunks/--chunk_len/--max_new_tokens")
-    mode = draw_mode(sparse_ratio, generator)
+    mode = draw_mode(sparse_ratio, generator)  # 'sparse' w.p. --sparse_ratio (0.1; App. D)
     ctx_pos = synthesize_position_ids(lens, window, mode, generator)
     pos = pack_position_ids(ctx_pos, len(tail), [len(r) for r in responses])
+    # (T,) head | C' | tail (question, assistant prompt) | chosen | rejected 1..M, with
+    # segment ids 0 over head, C' and tail, k + 1 over response k (1 chosen, 2..M+1 rejected).
     ids = head + [t for c in context_chunks for t in c] + tail + [t for r in responses for t in r]
     seg = [0] * (sum(lens) + len(tail)) + [k + 1 for k, r in enumerate(responses) for _ in r]
     return torch.tensor(ids), pos, torch.tensor(seg)
@@ -538,8 +587,10 @@ def trim_to_sentence(tok, toks):
     Stored with an end-of-turn token after it, the answer the model learns stops where a
     sentence ends, never mid-sentence."""
     full = tok.decode(toks)
-    for j in range(len(toks) - 1, 0, -1):
+    for j in range(len(toks) - 1, 0, -1):  # longest prefix first: <= max_new_tokens decodes
         text = tok.decode(toks[:j])
+        # Ends in .!? (maybe then a quote or bracket) with no trailing space; the full text goes on
+        # with a space or ends there ('3.5' goes on with '5'); and it holds a word, not '...' alone.
         if re.search(r"[.!?][\"')\]]*$", text.rstrip()) and text.rstrip() == text and \
                 full[len(text):len(text) + 1] in ("", " ", "\n") and re.search(r"\w", text):
             return toks[:j]
@@ -552,7 +603,8 @@ def squash(text):
 
 def contains(response, answer):
     """The response evaluator's test: does the response state the gold answer (case and
-    spacing ignored)?"""
+    spacing ignored)? A substring test, so a short answer also matches inside a longer word
+    or number ('3' in '1939')."""
     return bool(answer) and squash(answer) in squash(response)
 
 
@@ -562,11 +614,19 @@ def contains(response, answer):
 # The model writes the gold answer in its own words when its answer from the critical
 # chunks is wrong and the record has no answer_sentence (checked again afterwards).
 HINT = "\n\nCorrect answer: {answer}.\nWrite the answer as a full sentence."
+# Where a chosen response came from (meta.json chosen_source). model: the model's answer from
+# the critical chunks, verified; gold_sentence: the record's answer_sentence; model_hinted:
+# the model's answer with HINT in its prompt, verified; gold: the bare gold answer (--chosen gold,
+# no answer_sentence); model_unchecked: --chosen model, or a record without a gold answer.
 CHOSEN_SOURCES = ["model", "gold_sentence", "model_hinted", "gold", "model_unchecked"]
+# generated = finished + cut_trimmed + cut_open + cut_dropped; redrawn counts the rejected
+# answers generated again (they are in generated too).
 RESPONSE_COUNTS = ["generated", "finished", "cut_trimmed", "cut_open", "cut_dropped", "redrawn"]
 
 
 def new_stats():
+    # One shard's counts, stored in its header and summed over shards by summarize().
+    # quality: per response kind [states the gold answer, responses checked], for records with one.
     return {"read": 0, "kept": 0, "rows": 0, "skipped": {}, "fallback": 0, "critical": 0,
             "prefix_tokens": 0, "response_tokens": 0, "answers_over_budget": 0,
             "quality": {k: [0, 0] for k in QUALITY_KINDS},
@@ -579,6 +639,7 @@ class Pipeline:
     def __init__(self, args, tok, model, nlp, sentencizer):
         self.args, self.tok, self.model, self.nlp, self.sentencizer = args, tok, model, nlp, sentencizer
         self.eot = end_of_turn_id(tok)
+        # Generation stops at either: a chat model's end-of-turn token need not be its EOS.
         self.stop_ids = sorted({self.eot, tok.eos_token_id} - {None})
         self.ner_chars, self.ner_seconds, self.ner_cpu = 0, 0.0, 0.0
 
@@ -589,6 +650,8 @@ class Pipeline:
 
     def ner(self, texts):
         from tqdm import tqdm
+        # One nlp.pipe over the shard's texts: spaCy batches them (--spacy_batch) and, with
+        # --spacy_procs > 1, forks workers. The timing goes to meta.json's ner figures.
         t0, c0 = time.time(), time.process_time()
         docs = list(tqdm(self.nlp.pipe(texts, batch_size=self.args.spacy_batch,
                                        n_process=self.args.spacy_procs),
@@ -596,7 +659,7 @@ class Pipeline:
         self.ner_seconds += time.time() - t0
         self.ner_cpu += time.process_time() - c0       # this process only (spacy_procs == 1)
         self.ner_chars += sum(len(t) for t in texts)
-        return [doc_features(d, self.args.score_lemmas) for d in docs]
+        return [doc_features(d, self.args.score_lemmas) for d in docs]  # entity sets, in order
 
     def respond(self, prompts, stats, seed, what):
         """The model's answers as (tokens, closed) or None (dropped). closed: stored with
@@ -611,11 +674,12 @@ class Pipeline:
                     stats["responses"]["finished"] += 1
                     out.append((toks, True))
                     continue
+                # Cut by --max_new_tokens: never stored as if finished (LOGO_SPEC 3, step 5).
                 trimmed = trim_to_sentence(self.tok, toks) if how != "drop" else None
                 if trimmed:
                     out.append((trimmed, True))
                 elif how == "open":
-                    out.append((toks, False))
+                    out.append((toks, False))  # no end-of-turn: not taught to stop here
                 else:
                     out.append(None)
                 stats["responses"]["cut_trimmed" if trimmed else f"cut_{'open' if how == 'open' else 'dropped'}"] += 1
@@ -631,10 +695,14 @@ class Pipeline:
                 stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
             else:
                 samples.append(dict(index=index, where=where_of(line_no), rec=rec))
+        # Sentence borders of whole contexts: rule-based, ~1M chars per CPU-second, cheap next to
+        # NER (entities.load_sentencizer); a lazy generator, consumed by the loop below.
         docs = self.sentencizer.pipe([s["rec"]["context"] for s in samples], batch_size=8)
         kept = []
         for s, doc in zip(samples, docs):
             text = s["rec"]["context"]
+            # verbose=False: no 'longer than the model's maximum length' warning, contexts
+            # are meant to be long. Offsets (char spans per token) map sentence starts to tokens.
             enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=tok.is_fast)
             ids = enc.input_ids
             starts = sentence_token_starts(text, enc["offset_mapping"], sentence_starts(doc)) \
@@ -656,6 +724,8 @@ class Pipeline:
                 stats["answers_over_budget"] += 1
             stats["chunking"]["sentence" if starts is not None else "fixed"] += 1
             kept.append(s)
+        # One NER batch for the shard: per sample its chunks (decoded back to text), its question,
+        # and with --score_answer its answer; read back below in the same order.
         texts = []
         for s in kept:
             texts += [tok.decode(c) for c in s["chunks"]] + [s["rec"]["question"]]
@@ -663,6 +733,8 @@ class Pipeline:
         feats = iter(self.ner(texts))
         for s in kept:
             s["chunk_feats"] = [next(feats) for _ in s["chunks"]]
+            # --score_answer: the answer's entities count as the question's (the released
+            # code's variant).
             s["question_feats"] = next(feats) | (next(feats) if a.score_answer else set())
         return kept
 
@@ -673,6 +745,7 @@ class Pipeline:
         for s in samples:
             qf = s["question_feats"]
             scores = score_chunks(qf, s["chunk_feats"])
+            # At least one irrelevant chunk stays in C'.
             max_crit = min(a.max_critical, min(a.num_chunks, len(s["chunks"])) - 1)
             critical, fallback = select_critical(scores, a.delta, a.min_critical, max_crit)
             if not critical:
@@ -681,12 +754,17 @@ class Pipeline:
                           s["where"], "make the question name a person, place, organisation or "
                           "date of the context")
                 continue
+            # One generator per sample, seeded by its record index, drawn in a fixed order (C',
+            # the rejected contexts, redraws, then positions): a rerun draws the same chunks and
+            # positions.
             g = torch.Generator().manual_seed(a.seed * 1_000_003 + s["index"])   # per sample
             ctx = shared_context(len(s["chunks"]), critical, a.num_chunks, g)
             irrelevant = [i for i in ctx if i not in critical]
             contexts, kinds = response_contexts(critical, irrelevant, s["chunks"], a.num_rejected,
                                                 a.rejected_context == "matched", g)
             head, tail = prompt_parts(tok, a.prompt, s["rec"]["question"])
+            # prompts[0]: the chosen prompt (critical chunks), prompts[1..M]: the rejected
+            # ones; each head + context tokens + tail. Every row is packed over C' (step 7).
             s.update(scores=scores, critical=critical, fallback=fallback, ctx=ctx, g=g,
                      irrelevant=irrelevant, head=head, tail=tail, kinds=kinds,
                      critical_context=contexts[0], prompts=[head + c + tail for c in contexts], redraws=0)
@@ -701,18 +779,21 @@ class Pipeline:
         hinted = []
         for s in samples:
             rec, out = s["rec"], s["responses"][0]
+            # Checked in this order, the first that applies wins. A gold text is a closed response:
+            # end-of-turn is added when the row is packed.
             gold = lambda text: (tok(text, add_special_tokens=False).input_ids, True)
             if a.chosen == "gold":
                 s["chosen"], s["source"] = gold(rec["answer_sentence"] or rec["answer"]), \
                     "gold_sentence" if rec["answer_sentence"] else "gold"
             elif out is not None and (a.chosen == "model" or not rec["answer"]):
                 s["chosen"], s["source"] = out, "model_unchecked"
+            # Verified: the model's own answer states the gold answer, in its own words.
             elif out is not None and contains(tok.decode(out[0]), rec["answer"]):
                 s["chosen"], s["source"] = out, "model"
             elif a.chosen == "verified" and rec["answer"] and rec["answer_sentence"]:
                 s["chosen"], s["source"] = gold(rec["answer_sentence"]), "gold_sentence"
             elif a.chosen == "verified" and rec["answer"]:
-                hinted.append(s)
+                hinted.append(s)  # written again with HINT, below
             else:
                 s["chosen"] = None          # the model's unchecked answer was cut mid-sentence
                 self.skip(stats, "chosen_cut", "the chosen answer was cut by --max_new_tokens with "
@@ -723,6 +804,7 @@ class Pipeline:
                 _, tail = prompt_parts(tok, a.prompt, s["rec"]["question"],
                                        HINT.format(answer=s["rec"]["answer"]))
                 prompts.append(s["head"] + s["critical_context"] + tail)
+            # seed + 1: another sampling stream than the first round's (--temperature > 0).
             for s, out in zip(hinted, self.respond(prompts, stats, seed + 1, "chosen, gold given")):
                 if out is not None and contains(tok.decode(out[0]), s["rec"]["answer"]):
                     s["chosen"], s["source"] = out, "model_hinted"
@@ -742,6 +824,7 @@ class Pipeline:
         if out is None:
             return "rejected_cut"
         text = self.tok.decode(out[0])
+        # The reason returned doubles as the skip reason counted in meta.json.
         if s["rec"]["answer"] and contains(text, s["rec"]["answer"]):
             return "rejected_states_answer"
         if squash(text) == s["chosen_text"]:
@@ -753,6 +836,8 @@ class Pipeline:
         answer, repeats the chosen one or was cut with no complete sentence is generated
         again from a fresh draw of chunks of its kind, up to --redraws times."""
         a = self.args
+        # Round r regenerates every faulty rejected answer from a fresh draw of chunks of its kind
+        # (the sample's generator moves on); the round after the last redraw only checks.
         for r in range(a.redraws + 1):
             bad = [(s, m) for s in samples for m in range(1, len(s["kinds"]))
                    if self.rejected_fault(s, s["responses"][m])]
@@ -765,6 +850,7 @@ class Pipeline:
                 s["responses"][m] = out
                 s["redraws"] += 1
                 stats["responses"]["redrawn"] += 1
+        # A sample is kept only when all M rejected answers pass.
         kept = []
         for s in samples:
             fault = next((f for f in (self.rejected_fault(s, o) for o in s["responses"][1:]) if f), None)
@@ -784,8 +870,8 @@ class Pipeline:
         samples = self.contexts(self.chunk(items, stats, where_of), stats)
         # Step 5: every response of the shard in length-sorted batches (the chosen one too,
         # unless --chosen gold), then the response evaluator.
-        seed = (a.seed * 1_000_003 + shard_idx) * 16
-        first = 1 if a.chosen == "gold" else 0
+        seed = (a.seed * 1_000_003 + shard_idx) * 16  # room for +1 (hinted), +2 + r (redraws)
+        first = 1 if a.chosen == "gold" else 0  # --chosen gold: no chosen generated
         answers = iter(self.respond([p for s in samples for p in s["prompts"][first:]], stats, seed,
                                     f"shard {shard_idx} generate"))
         for s in samples:                        # [chosen or None (--chosen gold), rejected 1..M]
@@ -795,6 +881,8 @@ class Pipeline:
         ids_l, pos_l, seg_l, offsets, preview = [], [], [], [0], []
         for s in samples:
             texts = [tok.decode(r) for r, _ in s["responses"]]
+            # End-of-turn after every closed response, so the model learns to stop; none after an
+            # open one.
             responses = [r + [self.eot] * closed for r, closed in s["responses"]]
             for _ in range(a.syntheses_per_sample):
                 ids, pos, seg = pack_row(s["head"], [s["chunks"][i] for i in s["ctx"]], s["tail"],
@@ -820,6 +908,8 @@ class Pipeline:
                                     critical_text=[tok.decode(s["chunks"][i]) for i in s["critical"]],
                                     chosen=texts[0], chosen_source=s["source"], redraws=s["redraws"],
                                     rejected=[{"kind": k, "text": t} for k, t in zip(s["kinds"][1:], texts[1:])]))
+        # Flat over the shard's rows, row i = [offsets[i], offsets[i+1]). int32 ids and positions
+        # (Llama-3's 128K vocabulary and 80K positions exceed int16), int8 segments (M + 1 <= 127).
         cat = lambda xs, dt: torch.cat(xs).to(dt) if xs else torch.zeros(0, dtype=dt)
         tensors = {"input_ids": cat(ids_l, torch.int32), "position_ids": cat(pos_l, torch.int32),
                    "segment_ids": cat(seg_l, torch.int8), "offsets": torch.tensor(offsets, dtype=torch.int64)}
@@ -848,6 +938,8 @@ def write_shard(path, tensors, header):
 
 
 def read_header(path):
+    """A shard's 'logo' metadata, {config, stats, preview, shard}, read without loading its
+    tensors (safe_open reads the JSON header only)."""
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         return json.loads((f.metadata() or {}).get("logo", "{}"))
@@ -857,6 +949,8 @@ def read_header(path):
 # meta.json: every finished shard in out_dir, summed.
 
 def data_config(args, tok_fp, preset):
+    """What must match to reuse a shard: every flag but NON_DATA_ARGS, the format version,
+    the model path and the tokenizer fingerprint (run() adds tokenizer and vocab_size)."""
     cfg = {k: v for k, v in sorted(vars(args).items()) if k not in NON_DATA_ARGS}
     return dict(cfg, format_version=FORMAT_VERSION, model_path=preset["path"], tokenizer_fingerprint=tok_fp)
 
@@ -887,6 +981,8 @@ def summarize(args, config, num_records, ner):
     from safetensors.torch import load_file
     from positions import distance_coverage
     total = math.ceil(num_records / args.shard_size)
+    # Other workers' shards may still be missing: meta.json then says complete: false, and
+    # train.py refuses to train on it until the last worker's summarize() completes it.
     done = [j for j in range(total) if os.path.exists(shard_path(args.out_dir, j))]
     def add(total, part):             # stats are nested dicts of counts and [hits, n] pairs
         for k, v in part.items():
@@ -903,6 +999,7 @@ def summarize(args, config, num_records, ner):
     for j in done:
         h = read_header(shard_path(args.out_dir, j))
         add(st, h["stats"])
+        # The first --preview samples, in shard order.
         preview += [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]][:max(0, args.preview - len(preview))]
         t = load_file(shard_path(args.out_dir, j))
         off = t["offsets"].tolist()
@@ -915,6 +1012,8 @@ def summarize(args, config, num_records, ner):
         row_positions += [t["position_ids"][a:b].long().unique() for a, b in zip(off[:-1], off[1:])]
     assert rows == st["rows"] == st["kept"] * args.syntheses_per_sample and max_pos < args.target_len, \
         "shards disagree with their stats"
+    # Fraction of the distances 0..K-1 that occur within at least one row (LOGO_SPEC 2): the
+    # synthesis aims at a value near 1.
     coverage = distance_coverage(row_positions, args.target_len) if row_positions else 0.0
     counts = {k: st[k] for k in ("read", "kept", "rows", "skipped")}
     # One fingerprint of the data itself (every finished shard's bytes, in order): results
@@ -925,6 +1024,9 @@ def summarize(args, config, num_records, ner):
         with open(shard_path(args.out_dir, j), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+    # Share of responses of each kind that state the gold answer. The evaluator makes it 0 for
+    # the rejected kinds and, with --chosen verified, 1 for chosen unless an answer_sentence
+    # lacks the answer's exact words; --chosen model shows how often the model itself was right.
     frac = {k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()}
     meta = dict(format_version=FORMAT_VERSION, model=args.model, model_path=config["model_path"],
                 tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
@@ -959,6 +1061,8 @@ def summarize(args, config, num_records, ner):
 
 
 def quality_lines(meta):
+    """The data-quality summary run() prints, from meta.json: how often each kind of response
+    states the gold answer, where the chosen answers came from, how cut answers were handled."""
     frac, src, r = meta["quality"]["contains_gold"], meta["chosen_source"], meta["responses"]
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     rej = ", ".join(f"{k} {show(frac[k])}" for k in QUALITY_KINDS[1:])
@@ -980,6 +1084,7 @@ def run(args):
     records = index_records(args)                      # fails fast on malformed lines
     where_of = (lambda n: f"{args.input}:{n}") if args.input else (lambda n: f"built-in corpus:{n}")
     num_total = math.ceil(len(records) / args.shard_size)
+    # This worker's shards: j with j % num_shards == shard_id.
     mine = [j for j in range(num_total) if j % args.num_shards == args.shard_id]
 
     import torch
@@ -993,12 +1098,13 @@ def run(args):
         raise UserError(f"cannot load the tokenizer: {e}".splitlines()[0], "--model",
                         "give a preset, a local model folder, or a hub id already in your HF cache") from None
     config = data_config(args, models.tokenizer_fingerprint(tok), preset)
+    # len(tok) counts added special tokens too; train.py checks it against the model's vocab_size.
     config.update(tokenizer=tok.name_or_path, vocab_size=len(tok))
     os.makedirs(args.out_dir, exist_ok=True)
-    check_out_dir(args, config)
+    check_out_dir(args, config)  # before any model loads
     for f in os.listdir(args.out_dir):                 # temp files of our own killed runs
         m = re.fullmatch(r"shard_(\d{5})\.safetensors\.tmp\d+", f)
-        if m and int(m.group(1)) in mine:
+        if m and int(m.group(1)) in mine:  # another worker may be writing its own
             os.remove(os.path.join(args.out_dir, f))
     todo = [j for j in mine if not os.path.exists(shard_path(args.out_dir, j))]
     print(f"prepare: {len(records)} records -> {num_total} shards of {args.shard_size} in "
@@ -1007,7 +1113,7 @@ def run(args):
     print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
 
     pipe = None
-    if todo:
+    if todo:  # else (all shards done): no spaCy, no model, just the summary
         try:
             nlp = load_spacy(args.spacy_model, args.score_lemmas)
         except OSError as e:
@@ -1021,12 +1127,13 @@ def run(args):
             except OSError as e:
                 raise UserError(f"cannot load the model: {e}".splitlines()[0], "--model",
                                 "give a preset, a local model folder, or a cached hub id") from None
-        model.to(args.device).eval()
+        model.to(args.device).eval()  # no dropout while generating
         model.generation_config.pad_token_id = tok.pad_token_id
         pipe = Pipeline(args, tok, model, nlp, load_sentencizer())
         for j in tqdm(todo, desc="shards", unit="shard", dynamic_ncols=True):
             items = shard_records(args, records, j)
             tensors, stats, preview = pipe.shard(j, items, where_of)
+            # Written as soon as it is done: a kill loses at most the shard in progress.
             write_shard(shard_path(args.out_dir, j), tensors,
                         dict(config=config, stats=stats, preview=preview, shard=j))
     ner = None
@@ -1041,6 +1148,8 @@ def run(args):
               f"{rate:,.0f} chars/s per process ({args.spacy_procs} process"
               f"{'es' if args.spacy_procs > 1 else ''}, {pipe.nlp.meta['lang']}_{pipe.nlp.meta['name']})"
               + (f"; {cpu_rate:,.0f} chars per CPU-second" if cpu_rate else ""))
+    # Sums every finished shard in out_dir, other workers' too: the worker that finishes last
+    # writes the complete meta.json.
     meta = summarize(args, config, len(records), ner)
     c = meta["counts"]
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(c["skipped"].items())) or "none"

@@ -77,6 +77,9 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------
 # Configuration: flags left at None take the preset's value (models.MODELS).
 
+# Flags that default to the preset's value (None on the command line); the others have plain
+# argparse defaults. Paper presets: beta 10, gamma 3 (Llama-3, Sec. 4.1), lambda 0.1; LoRA
+# r 32, alpha 16, lr 5e-7, 1200 steps of 64 rows, warmup 120 (the released code's, LOGO_SPEC 4).
 PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps", "global_batch",
                "micro_batch", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
                "rope_theta", "dtype"]
@@ -111,6 +114,8 @@ def parse_args(argv=None):
                         "only (the paper's 'Instruct Tuning (Partial)' baseline)")
     g.add_argument("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
     g.add_argument("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
+    # The two conventions: --gamma 3 with --beta 10 equals --gamma_beta_ratio 0.3. Passing 3 as
+    # a ratio means a margin of 30: the preference term never saturates (ERRORS.md).
     g.add_argument("--gamma_beta_ratio", type=float, default=None,
                    help="gamma given as gamma/beta (SimPO's and the released code's convention)")
     g.add_argument("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
@@ -135,6 +140,8 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="delete an existing run in out_dir first")
     g.add_argument("--merge", action="store_true", help="also save the merged model to out_dir/merged")
     g = p.add_argument_group("system")
+    # The paper trains with ZeRO-3 (Sec. 4.1). On CPU the default is 0; ZeRO-3 runs there too
+    # (tests/test_train.py).
     g.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="DeepSpeed ZeRO stage; default 3 on GPU, 0 on CPU")
     g.add_argument("--offload_optimizer", action="store_true", help="ZeRO: optimiser state in CPU memory")
@@ -150,6 +157,8 @@ def parse_args(argv=None):
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
     g.add_argument("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
     g.add_argument("--print_ds_config", action="store_true", help="print the DeepSpeed config and exit")
+    # deepspeed train.py appends --local_rank=N, so argparse must accept it; the rank used is
+    # RANK from the environment (main).
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     g.add_argument("--debug_nan_steps", default="",
                    help="fault injection for tests: make the loss NaN at these steps (comma-separated)")
@@ -165,6 +174,8 @@ def resolve_config(args):
         preset = models.resolve_model(args.model)
     except ValueError as e:
         raise UserError(f"{e}; pick one with --model")
+    # local_rank differs per process and print_ds_config is a mode, not a setting: left out, so
+    # run_config.json is the same on every process and compares equal on --resume.
     cfg = {k: v for k, v in vars(args).items() if k not in ("local_rank", "print_ds_config")}
     for k in PRESET_KEYS:
         if cfg.get(k) is None:
@@ -182,23 +193,29 @@ def resolve_config(args):
     if args.gamma_beta_ratio is not None:
         cfg["gamma"] = args.gamma_beta_ratio * cfg["beta"]  # logged as the absolute margin
     del cfg["gamma_beta_ratio"]
+    # native_len: the window the checkpoint was trained for (check_rope falls back to the
+    # config's max_position_embeddings).
     cfg.update(model=preset["name"], model_path=preset["path"], native_len=preset.get("native_len"))
     cfg["out_dir"] = args.out_dir or os.path.join("runs", args.loss)
-    cfg["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; 1 under python
     cfg["zero_stage"] = args.zero_stage if args.zero_stage is not None else (
         3 if torch.cuda.is_available() else 0)
     rows_per_pass = cfg["micro_batch"] * cfg["world_size"]
     if cfg["global_batch"] % rows_per_pass:
         raise UserError(f"--global_batch {cfg['global_batch']} is not a multiple of micro_batch "
                         f"{cfg['micro_batch']} x world size {cfg['world_size']}; change one of them")
+    # Paper: 64 rows = 1 row x 8 GPUs x 8 accumulation steps; the demo's 2 = 1 x 1 process x 2.
     cfg["grad_accum"] = cfg["global_batch"] // rows_per_pass
-    cfg["adam_betas"] = list(cfg["adam_betas"])
+    cfg["adam_betas"] = list(cfg["adam_betas"])  # as JSON reads it back (--resume)
+    # 1-based step numbers, as logged.
     cfg["debug_nan_steps"] = [int(s) for s in str(args.debug_nan_steps).split(",") if s.strip()]
     return cfg
 
 
 def ds_config(cfg):
     """The DeepSpeed config dict (print it with --print_ds_config)."""
+    # Pinned host memory speeds up the copies of offloaded tensors to and from a GPU; on a
+    # CPU-only machine there is no GPU to copy to.
     zero = {"stage": cfg["zero_stage"]}
     if cfg["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -207,10 +224,11 @@ def ds_config(cfg):
     if cfg["zero_stage"] == 3 and cfg["zero3_persistence_threshold"] is not None:
         zero["stage3_param_persistence_threshold"] = cfg["zero3_persistence_threshold"]
     return {
+        # DeepSpeed checks train_batch_size = micro x accumulation x world size at initialize.
         "train_batch_size": cfg["global_batch"],
         "train_micro_batch_size_per_gpu": cfg["micro_batch"],
         "gradient_accumulation_steps": cfg["grad_accum"],
-        "gradient_clipping": cfg["grad_clip"],
+        "gradient_clipping": cfg["grad_clip"],  # 0: no clipping
         # bf16: weights and activations in bf16, fp32 master weights in the optimiser
         # wrapper (works on CPU too). float32: no wrapper, the AdamW below steps directly.
         "bf16": {"enabled": cfg["dtype"] == "bfloat16"},
@@ -240,6 +258,7 @@ class PackedRows:
         if gone:
             raise UserError(f"meta.json lists shards that are not there: {gone} "
                             f"({os.path.join(data_dir, 'meta.json')}); {prepare_hint(cfg)}")
+        # Exactly the shards meta.json summed: its counts and data_fingerprint describe them.
         names = meta.get("shards", names)
         if not names:
             raise UserError(f"no shards in {data_dir} (expected shard_00000.safetensors, ...); "
@@ -249,7 +268,7 @@ class PackedRows:
         for name in names:
             path = os.path.join(data_dir, name)
             try:
-                f = safe_open(path, framework="np")
+                f = safe_open(path, framework="np")  # memory-mapped, header parsed
                 keys = set(f.keys())
             except Exception as e:                            # truncated or not safetensors
                 raise UserError(f"cannot read shard ({path}): {e}; {prepare_hint(cfg)}")
@@ -258,6 +277,7 @@ class PackedRows:
                 raise UserError(f"shard lacks {sorted(missing)} ({path}); {prepare_hint(cfg)}")
             self._check(f, path, M, K, vocab_size, cfg)
             off = f.get_tensor("offsets")
+            # (file, start, end) per row: ~3 ints per row, the only per-row state held.
             self.index += [(len(self.files), int(a), int(b)) for a, b in zip(off[:-1], off[1:])]
             self.files.append(f)
         if not self.index:
@@ -277,11 +297,15 @@ class PackedRows:
             problem = "offsets do not match the token arrays"
         elif len(off) == 1:
             return                                            # a shard whose samples were all skipped
+        # An id past the embedding table would fail deep inside the forward (an IndexError on CPU,
+        # a device-side assert on CUDA): caught here with the shard named.
         elif ids.min() < 0 or ids.max() >= vocab_size:
             problem = f"token ids outside the model's vocabulary of {vocab_size}"
         elif pos.min() < 0 or pos.max() >= K:
             problem = f"position ids outside [0, target_len={K})"
         else:
+            # Per row: segment 0 first, steps of 0 or +1 only, and M + 1 reached (prefix, chosen and
+            # every rejected response, none missing, in order).
             starts = off[:-1]
             step = np.diff(seg.astype(np.int64))
             step[starts[1:] - 1] = 0                          # row boundaries may step down
@@ -298,9 +322,12 @@ class PackedRows:
     def row(self, i):
         f, a, b = self.index[i]
         f = self.files[f]
+        # Reads only rows [a, b) of the flat arrays; int32 / int8 on disk, int64 (torch.long) here.
         return tuple(f.get_slice(k)[a:b].astype("int64") for k in ("input_ids", "position_ids", "segment_ids"))
 
 
+# Cached: step_rows calls it for every row of a step, and a step's rows lie in one or two
+# epochs (more only when global_batch exceeds the number of rows).
 @functools.lru_cache(maxsize=4)
 def row_order(n, seed, epoch):
     """A fresh permutation of the n rows per epoch, a function of (seed, epoch) only."""
@@ -320,12 +347,14 @@ def micro_batch(data, rows, cfg, micro, rank, pad_id, device):
     """Micro-batch `micro` of process `rank` out of the step's rows, right-padded (pad
     token, position 0, segment -1): three (B, T) int64 tensors."""
     B = cfg["micro_batch"]
+    # The step's rows are dealt micro-batch first: micro-batch m of rank r takes rows
+    # [(m * world + r) * B, ... + B): each process computes its share from the step's row list.
     first = (micro * cfg["world_size"] + rank) * B
     batch = [data.row(i) for i in rows[first:first + B]]
-    T = max(len(r[0]) for r in batch)
-    out = torch.zeros((3, B, T), dtype=torch.long)
+    T = max(len(r[0]) for r in batch)  # padded to the longest row here
+    out = torch.zeros((3, B, T), dtype=torch.long)  # (3, B, T): ids, positions, segments
     out[0].fill_(pad_id)
-    out[2].fill_(-1)
+    out[2].fill_(-1)  # -1: padding, attends only itself, never scored
     for b, r in enumerate(batch):
         for k in range(3):
             out[k, b, :len(r[k])] = torch.from_numpy(r[k])
@@ -353,13 +382,16 @@ def read_meta(cfg):
         raise UserError(f"the data is incomplete, shards {meta.get('missing_shards')} are not written yet "
                         f"({path}); wait for the other prepare.py workers (--num_shards) to finish, "
                         f"or {prepare_hint(cfg)}")
-    need = ["tokenizer_fingerprint", "vocab_size", "num_rejected", "target_len"]
+    need = ["tokenizer_fingerprint", "vocab_size", "num_rejected", "target_len"]  # read below
     if [k for k in need if k not in meta]:
         raise UserError(f"meta.json lacks {[k for k in need if k not in meta]} ({path}); {prepare_hint(cfg)}")
     return meta, path
 
 
 def check_tokenizer(meta, meta_path, tok, config, cfg):
+    """The shards' token ids mean something only under the tokenizer that made them: its
+    fingerprint (a hash of the vocabulary) must match, and the data's vocabulary must fit the
+    model's embedding table (config.vocab_size can be padded larger than len(tok))."""
     fp = models.tokenizer_fingerprint(tok)
     if meta["tokenizer_fingerprint"] != fp:
         raise UserError(
@@ -375,6 +407,8 @@ def rope_coverage(native_len, theta_native, theta, head_dim):
     """Positions the RoPE settings cover (the rule in the docstring at the top)."""
     if theta is None or theta <= theta_native:
         return native_len
+    # Llama-3-8B (theta 5e5, d = 128) with the released code's 2e8: s = 400^(126/128) ~ 364,
+    # capped at 8: 8K -> 64K.
     s = (theta / theta_native) ** ((head_dim - 2) / head_dim)   # NTK-aware stretch
     return int(native_len * min(MAX_ROPE_EXTENSION, s))
 
@@ -382,7 +416,7 @@ def rope_coverage(native_len, theta_native, theta, head_dim):
 def check_rope(meta, meta_path, config, cfg):
     """target_len of the data must be inside what the (possibly raised) RoPE base covers.
     `config` is the checkpoint's, before --rope_theta is applied."""
-    native = cfg["native_len"] or config.max_position_embeddings
+    native = cfg["native_len"] or config.max_position_embeddings  # 81920 = K for llama3-8b-80k
     theta0 = model_patch.get_rope_theta(config)
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     K = int(meta["target_len"])
@@ -393,7 +427,7 @@ def check_rope(meta, meta_path, config, cfg):
         todo = (f"LOGO extends a window at most {MAX_ROPE_EXTENSION}x: re-run prepare.py with "
                 f"--target_len {MAX_ROPE_EXTENSION * native} or less")
     else:
-        need = theta0 * (K / native) ** (d / (d - 2))
+        need = theta0 * (K / native) ** (d / (d - 2))  # s solved for theta
         todo = f"pass --rope_theta {need:.3g} or more, or re-run prepare.py with --target_len {covered}"
     raise UserError(f"the data's positions reach target_len {K} but {cfg['model']}'s RoPE settings "
                     f"(rope_theta {cfg['rope_theta'] or theta0:g}, native window {native}) cover "
@@ -427,6 +461,7 @@ def checkpoints(out_dir):
     for name in os.listdir(d) if os.path.isdir(d) else []:
         path = os.path.join(d, name)
         if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            # trainer_state.json is written last (save_checkpoint): it marks a complete checkpoint.
             found.append((int(name[5:]), path))
     return sorted(found)
 
@@ -439,6 +474,8 @@ def safe_torch_load(path, map_location=None):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+    # The classes torch.load may rebuild besides tensors and plain containers; anything else
+    # raises UnpicklingError, turned into one line below.
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -460,7 +497,10 @@ def save_checkpoint(engine, state, cfg, rank):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    deepspeed.comm.barrier()
+    deepspeed.comm.barrier()  # tmp exists before anyone writes into it
+    # Every process writes its own files. exclude_frozen_parameters: the frozen base is not
+    # saved (resume re-reads it from model_path); save_latest=False: `latest` is written below,
+    # after the rename, so it never names a half-written checkpoint.
     engine.save_checkpoint(tmp, tag=tag, save_latest=False, exclude_frozen_parameters=True)
     deepspeed.comm.barrier()
     if rank == 0:
@@ -489,6 +529,7 @@ class LogoScorer(torch.nn.Module):
         self.attention = attention
 
     def forward(self, input_ids, position_ids, segment_ids):
+        # (B, T) x 3 -> (logps, counts), both (B, 1+M): column 0 chosen, 1..M rejected.
         return model_patch.response_logps(self.peft, input_ids, position_ids, segment_ids,
                                           attention=self.attention)
 
@@ -500,6 +541,8 @@ class SkippableAdamW(torch.optim.AdamW):
     skip = False
 
     def step(self, closure=None):
+        # train_step sets skip on every process alike (after an all_reduce), so no process steps
+        # alone and the ZeRO partitions stay in step.
         return None if self.skip else super().step(closure)
 
 
@@ -507,6 +550,8 @@ def lr_at(step, cfg):
     """Learning rate for optimiser step `step` (0-based): linear warmup to lr, then cosine
     down to lr * min_lr_ratio at max_steps (or constant)."""
     lr, warm, total = cfg["lr"], cfg["warmup_steps"], cfg["max_steps"]
+    # Warmup: lr / warm at step 0, never 0, and lr at step warm - 1. Paper preset: 120 of 1200
+    # steps, then cosine from 5e-7 to 5e-8 (min_lr_ratio 0.1).
     if step < warm:
         return lr * (step + 1) / warm
     if cfg["lr_schedule"] == "constant":
@@ -519,6 +564,8 @@ def compute_loss(logps, cfg):
     """(B, 1+M) mean token log-probs -> (loss, metrics). The LOGO metrics are logged in
     both modes, so an SFT run shows what it does to the reward margin."""
     chosen, rejected = logps[:, 0], logps[:, 1:]              # (B,), (B, M)
+    # When chosen and rejected are equally likely, logo = log(1 + e^gamma): 0.97 for gamma 0.5,
+    # 3.05 for gamma 3. A run that learns drives reward_margin past gamma and logo below that.
     loss, metrics = logo_loss(chosen, rejected, cfg["beta"], gamma=cfg["gamma"],
                               sft_weight=cfg["sft_weight"])
     if cfg["loss"] == "sft":
@@ -535,6 +582,7 @@ def plain_grad_norm(engine, cfg):
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
+# The logged metrics, in the order train_step sums them: the total loss, then logo_loss's.
 METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
 
 
@@ -550,12 +598,17 @@ def build(cfg, tok, rank):
     model = models.load_model(cfg["model_path"], dtype=dtype, rope_theta=cfg["rope_theta"],
                               trust_remote_code=cfg["trust_remote_code"],
                               zero3=ds_config(cfg) if cfg["zero_stage"] == 3 else None)
+    # ds_tensor: this process's partition of a ZeRO-3 parameter; ds_numel: the whole size.
     held = [p for p in model.parameters() if hasattr(p, "ds_tensor")]   # built by zero.Init
     if held and rank == 0:
         print(f"ZeRO-3 load: {len(held)} tensors built partitioned; this process holds "
               f"{sum(p.ds_tensor.numel() for p in held):,} of their {sum(p.ds_numel for p in held):,} elements")
     if cfg["gradient_checkpointing"]:
+        # Non-reentrant: the reentrant variant gives no gradients inside a checkpointed block when
+        # none of its inputs requires grad (a frozen base, no adapter on the embeddings). With
+        # ZeRO-3 it needs deepspeed >= 0.19.3 (GPU.md).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # peft zeroes one factor of each adapter, so B @ A = 0: step 0 scores the base model.
     torch.manual_seed(cfg["seed"])                            # LoRA A init; B starts at 0
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=cfg["lora_targets"], bias="none")
@@ -567,6 +620,8 @@ def build(cfg, tok, rank):
     n_train, n_all = sum(map(numel, trainable)), sum(map(numel, model.parameters()))
     if rank == 0:
         print(f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")
+    # Only the LoRA tensors (~31M for the paper's r = 32 on Llama-3-8B): their two float32
+    # AdamW moments take ~0.25 GB, not the ~64 GB a full fine-tune of 8B would need.
     opt = SkippableAdamW(trainable, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                          weight_decay=cfg["weight_decay"])
     scorer = LogoScorer(model, cfg["attention"])
@@ -587,9 +642,11 @@ def export(engine, scorer, tok, cfg, check, rank):
     the saved adapter is empty."""
     import deepspeed
     peft_model = scorer.peft
+    # Collective under ZeRO-3: every process enters the gather, rank 0 alone copies and saves.
     lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     with deepspeed.zero.GatheredParameters(lora_params, enabled=cfg["zero_stage"] == 3):
         if rank == 0:
+            # Copied inside the gather: outside it a ZeRO-3 parameter is an empty placeholder.
             state = {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters()
                      if "lora_" in n}
     if rank == 0:
@@ -602,6 +659,8 @@ def export(engine, scorer, tok, cfg, check, rank):
         peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True,
                                    save_embedding_layers=False)
         tok.save_pretrained(tmp)
+        # The run config (rope_theta included, which evaluate.py applies to the base before the
+        # adapter) and the log-probs a reload must reproduce.
         write_json(os.path.join(tmp, "logo_config.json"), dict(cfg, check_logps=check))
         replace_dir(tmp, final)
     deepspeed.comm.barrier()
@@ -617,6 +676,7 @@ def merge(cfg, tok):
         # merging into a tied matrix would change the output layer too: untie first.
         base.lm_head.weight = torch.nn.Parameter(base.get_input_embeddings().weight.detach().clone())
         base.config.tie_word_embeddings = False
+    # merge_and_unload folds (alpha / r) * B @ A into the base weights: merged/ loads without peft.
     merged = PeftModel.from_pretrained(base, os.path.join(cfg["out_dir"], "final")).merge_and_unload()
     out = os.path.join(cfg["out_dir"], "merged")
     tmp = f"{out}.tmp{os.getpid()}"
@@ -628,6 +688,10 @@ def merge(cfg, tok):
 # ----------------------------------------------------------------------------------------
 # The run.
 
+# Settings a --resume may change: folders, run length, checkpoint interval, what happens at
+# start and end (--resume, --overwrite, --merge), logging, fault injection, and switches that
+# change memory or speed but not the math (gradient checkpointing, offload, the attention
+# kernel). Anything else must match run_config.json.
 RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge", "wandb",
                      "tensorboard", "max_nonfinite_steps", "debug_nan_steps", "debug_unshared_out_dir", "gradient_checkpointing",
                      "offload_optimizer", "offload_params", "attention"}
@@ -652,7 +716,7 @@ def start_run(cfg, rank):
         if diff:
             raise UserError(f"--resume with settings that differ from the run's ({saved}): "
                             f"{'; '.join(diff)}; resume with the same flags or use a new --out_dir")
-        return found[-1]
+        return found[-1]  # (step, path) of the newest
     if rank != 0:                     # rank 0 alone judges (and may be writing) a fresh folder
         return None
     if os.path.exists(saved) or found:
@@ -672,6 +736,8 @@ def check_shared_out_dir(cfg, rank):
     stops every process with one line (a UserError) before the model loads."""
     import deepspeed
     out = cfg["out_dir"]
+    # Two random 56-bit numbers (os.urandom: a name no earlier run can have left behind) go from
+    # rank 0 to all; each process looks for the file under its own view of out_dir.
     token = torch.zeros(2, dtype=torch.int64)
     if rank == 0:
         token = torch.tensor([int.from_bytes(os.urandom(7), "little") for _ in range(2)])  # not torch's RNG
@@ -682,7 +748,7 @@ def check_shared_out_dir(cfg, rank):
     seen = out + (f".rank{rank}" if cfg["debug_unshared_out_dir"] and rank > 0 else "")
     name = f".shared_check_{token[0].item()}_{token[1].item()}"
     missing = torch.tensor([0 if os.path.exists(os.path.join(seen, name)) else 1], device=device)
-    torch.distributed.all_reduce(missing)
+    torch.distributed.all_reduce(missing)  # sum: processes that see no file
     deepspeed.comm.barrier()
     if rank == 0:
         os.remove(os.path.join(out, name))
@@ -695,6 +761,8 @@ def check_shared_out_dir(cfg, rank):
 def resume(engine, path, log_path, rank):
     """Load checkpoint `path` (weights-only, see safe_torch_load) and cut the log back to it
     (lines of steps after the checkpoint, and a line torn by a kill, are dropped)."""
+    # load_module_strict=False: the checkpoint holds the LoRA weights only (the frozen base is
+    # excluded on save). No lr scheduler state: lr_at(step) sets the rate every step.
     engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
                            load_module_strict=False, load_lr_scheduler_states=False)
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -706,7 +774,7 @@ def resume(engine, path, log_path, rank):
                 try:
                     if json.loads(line)["step"] <= state["step"]:
                         kept.append(line)
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError):  # a line torn by a kill
                     pass
         with open(log_path + ".tmp", "w") as f:
             f.writelines(kept)
@@ -742,6 +810,8 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
     t0 = time.time()
     torch.manual_seed(cfg["seed"] * 1_000_003 + step)         # LoRA dropout: a function of the step
     lr = lr_at(step, cfg)
+    # Set by hand each step (no DeepSpeed scheduler): a resumed run gets the rate from the step
+    # number alone.
     for group in opt.param_groups:
         group["lr"] = lr
     rows = step_rows(step, cfg, len(data))
@@ -752,10 +822,12 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
         ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, engine.device)
         logps, _ = engine(ids, pos, seg)                      # (B, 1+M) mean token log-probs
         loss, metrics = compute_loss(logps, cfg)
-        if step + 1 in cfg["debug_nan_steps"]:
+        if step + 1 in cfg["debug_nan_steps"]:  # fault injection, 1-based
             loss = loss * float("nan")
         engine.backward(loss)                                 # DeepSpeed divides by grad_accum
         vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
+        # The loss as computed, before DeepSpeed's scaling; tokens: prefix + all responses, no
+        # padding.
         sums += torch.tensor(vals + [not math.isfinite(vals[0]), (seg >= 0).sum().item()],
                              dtype=torch.float64)
         if micro == accum - 1:                                # before the update: agree on a skip
@@ -763,17 +835,20 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
                 reduced = sums.to(engine.device)
                 torch.distributed.all_reduce(reduced)
                 sums = reduced.cpu()
-            opt.skip = bool(sums[-2] > 0)
+            opt.skip = bool(sums[-2] > 0)  # the same answer on every process
             grad_norm = plain_grad_norm(engine, cfg)
         engine.step()                                         # updates after the last micro-batch only
     skipped, opt.skip = bool(sums[-2] > 0), False
     seconds = time.time() - t0
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
+    # Each metric is a mean over the micro-batch's rows, then over micro-batches and processes;
+    # rows: the step's global row indices, to audit what a step read.
     rec = {"step": step + 1, **{k: float(sums[i]) / (accum * world) for i, k in enumerate(METRICS)},
            "lr": lr, "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
            "tokens": int(sums[-1]), "tokens_per_s": float(sums[-1]) / seconds,
            "seconds_per_step": seconds, "skipped": skipped, "rows": rows}
+    # NaN and inf -> None: json.dumps would write NaN, which is not JSON.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
 
 
@@ -811,7 +886,7 @@ def summary(log_path):
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
-    if args.print_ds_config:
+    if args.print_ds_config:  # before any rendezvous or model load
         print(json.dumps(ds_config(cfg), indent=2))
         return
 
@@ -823,7 +898,7 @@ def main(argv=None):
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ["RANK"])  # global rank (--local_rank: the GPU on this node)
 
     # Everything that can be wrong with the input is checked before the model loads.
     meta, meta_path = read_meta(cfg)
@@ -846,7 +921,7 @@ def main(argv=None):
     cfg.update(target_len=int(meta["target_len"]), num_rejected=int(meta["num_rejected"]),
                tokenizer_fingerprint=meta["tokenizer_fingerprint"], rows=len(data),
                data_fingerprint=meta.get("data_fingerprint"))
-    resume_from = start_run(cfg, rank)
+    resume_from = start_run(cfg, rank)  # --overwrite: rank 0 deletes the old run here
     out, log_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "log.jsonl")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -863,7 +938,7 @@ def main(argv=None):
     import deepspeed                  # not before the checks above: a bad input fails in seconds
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if cfg["world_size"] > 1:
-        deepspeed.init_distributed()
+        deepspeed.init_distributed()  # now: check_shared_out_dir needs it
         check_shared_out_dir(cfg, rank)
     engine, opt, scorer = build(cfg, tok, rank)
     start, nonfinite = 0, 0
@@ -873,10 +948,12 @@ def main(argv=None):
 
     from tqdm import tqdm
     writers = extra_loggers(cfg) if rank == 0 else []
+    # --stop_after ends the loop early; the lr schedule still spans max_steps.
     end = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])
     bar = tqdm(total=cfg["max_steps"], initial=start, disable=rank != 0, desc="train", unit="step",
                dynamic_ncols=True)
     log = open(log_path, "a") if rank == 0 else None
+    # Any id would do: padding is never attended to by real tokens and never scored.
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     streak = 0                                                # non-finite steps in a row
     engine.train()
@@ -888,7 +965,7 @@ def main(argv=None):
             rec["nonfinite_steps"] = nonfinite
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log.flush()  # a kill loses at most this step's line
                 for w in writers:
                     w(rec)
                 tqdm.write(log_line(rec))
@@ -910,14 +987,15 @@ def main(argv=None):
 
     # The trained model's log-probs on the first micro-batch, saved with the adapter: a
     # reload (PeftModel.from_pretrained) must reproduce them.
-    engine.eval()
+    engine.eval()  # no dropout: a reload must get the same numbers
     rows = step_rows(0, cfg, len(data))
     ids, pos, seg = micro_batch(data, rows, cfg, 0, rank, pad_id, engine.device)
     with torch.no_grad():
         logps, _ = engine(ids, pos, seg)
+    # On every process: the ZeRO-3 gather in export is collective.
     export(engine, scorer, tok, cfg, {"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}, rank)
     if rank == 0:
-        if cfg["merge"]:
+        if cfg["merge"]:  # rank 0 alone: a fresh base, no DeepSpeed
             merge(cfg, tok)
         print(f"summary: {summary(log_path)}; {nonfinite} non-finite steps skipped")
         print(f"saved the adapter to {os.path.join(out, 'final')}")
