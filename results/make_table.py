@@ -16,9 +16,11 @@ over seeds, a 95% interval (accuracies and rates: Wilson on the questions of all
 retrieval score and perplexity: Student's t over seeds) and the number of seeds. Several
 summaries of one (method, seed) at one length (the 12K cells split over evaluation seeds) are
 pooled, never counted twice: a question or perplexity measured twice is an error. Below the
-table: LOGO against SFT on the same questions, an exact sign-flip permutation test of the
-per-question correctness averaged over each method's seeds (with one seed each it is the
-exact McNemar test). Reads results/*.json only; imports the standard library only.
+table: a second one of the four error-pattern rates per QA length (paper Appendix C), then
+LOGO against SFT on the same questions, an exact sign-flip permutation test of the
+per-question correctness (and of the hallucination indicator) averaged over each method's
+seeds (with one seed each it is the exact McNemar test). Reads results/*.json only; imports
+the standard library only.
 """
 
 import argparse
@@ -273,30 +275,57 @@ def cell_text(per_seed, kind, digits):
     return text + f" ({len(values)})"
 
 
-def paired_lines(cells):
-    """LOGO against SFT on the questions both answered, per QA length."""
-    lines = []
-    for L in PAIRED_LENGTHS:
-        per = {}
-        for method in ("logo", "sft"):
+PATTERNS = ("correct", "hallucination", "unfollow", "empty")   # paper Appendix C
+
+
+def pattern_lines(cells, methods):
+    """A second table: per method and QA length the four error-pattern rates, each the mean
+    over training seeds of that seed's share of questions."""
+    lines = ["| method | " + " | ".join(f"QA {L // 1024}K: " + " / ".join(PATTERNS)
+                                        for L in PAIRED_LENGTHS) + " |",
+             "|---|" + "---:|" * len(PAIRED_LENGTHS)]
+    for method in methods:
+        row = [METHODS.get(method, method)]
+        for L in PAIRED_LENGTHS:
             seeds = [c[("qa", L)] for (mt, _), c in cells.items() if mt == method and ("qa", L) in c]
-            ids = {}
-            for pooled in seeds:
-                for qid, (correct, _) in pooled.items():
-                    ids.setdefault(qid, []).append(int(correct))
-            per[method] = (len(seeds), {q: Fraction(sum(v), len(v)) for q, v in ids.items()})
-        common = sorted(set(per["logo"][1]) & set(per["sft"][1]))
-        head = f"- LOGO vs SFT, QA at {L // 1024}K: "
-        if not common:
-            lines.append(head + "n/a (no question answered by both)")
-            continue
-        diffs = [per["logo"][1][q] - per["sft"][1][q] for q in common]
-        a = sum(per["logo"][1][q] for q in common) / len(common)
-        b = sum(per["sft"][1][q] for q in common) / len(common)
-        lines.append(head + f"{len(common)} questions answered by both (seeds: LOGO "
-                     f"{per['logo'][0]}, SFT {per['sft'][0]}), mean accuracy {float(a):.3f} vs "
-                     f"{float(b):.3f} (difference {float(a - b):+.3f}), "
-                     f"two-sided p = {sign_flip_p(diffs):.3g}")
+            if not seeds:
+                row.append("n/a")
+                continue
+            rates = [sum(seed_value(pooled, "qa", p)[0] for pooled in seeds) / len(seeds)
+                     for p in PATTERNS]
+            row.append(" / ".join(f"{r:.2f}" for r in rates) + f" ({len(seeds)})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def paired_lines(cells):
+    """LOGO against SFT on the questions both answered, per QA length: accuracy, and the
+    hallucination rate (the paper's claim is fewer hallucinations for LOGO)."""
+    lines = []
+    for what, hit in (("accuracy", lambda c, p: c), ("hallucination rate",
+                                                     lambda c, p: p == "hallucination")):
+        for L in PAIRED_LENGTHS:
+            per = {}
+            for method in ("logo", "sft"):
+                seeds = [c[("qa", L)] for (mt, _), c in cells.items()
+                         if mt == method and ("qa", L) in c]
+                ids = {}
+                for pooled in seeds:
+                    for qid, (correct, pattern) in pooled.items():
+                        ids.setdefault(qid, []).append(int(hit(correct, pattern)))
+                per[method] = (len(seeds), {q: Fraction(sum(v), len(v)) for q, v in ids.items()})
+            common = sorted(set(per["logo"][1]) & set(per["sft"][1]))
+            head = f"- LOGO vs SFT, QA at {L // 1024}K: "
+            if not common:
+                lines.append(head + "n/a (no question answered by both)")
+                continue
+            diffs = [per["logo"][1][q] - per["sft"][1][q] for q in common]
+            a = sum(per["logo"][1][q] for q in common) / len(common)
+            b = sum(per["sft"][1][q] for q in common) / len(common)
+            lines.append(head + f"{len(common)} questions answered by both (seeds: LOGO "
+                         f"{per['logo'][0]}, SFT {per['sft'][0]}), mean {what} {float(a):.3f} vs "
+                         f"{float(b):.3f} (difference {float(a - b):+.3f}), "
+                         f"two-sided p = {sign_flip_p(diffs):.3g}")
     return lines
 
 
@@ -330,9 +359,14 @@ def make_table(results_dir, ppl_text="pg-essays"):
         "with one seed). n/a: not run. Generated by `python results/make_table.py` from "
         f"{len(summaries)} summaries in results/.",
         "",
-        "Paired test on the same questions: each question's correctness averaged over a "
-        "method's seeds, exact sign-flip permutation test of the differences (the exact "
-        "McNemar test with one seed each):",
+        "Error patterns of the QA answers (paper Appendix C; share of the questions, mean "
+        "over seeds (number of seeds)):",
+        "",
+    ] + pattern_lines(cells, methods) + [
+        "",
+        "Paired tests on the same questions: each question's correctness (or hallucination) "
+        "averaged over a method's seeds, exact sign-flip permutation test of the differences "
+        "(the exact McNemar test with one seed each):",
         "",
     ] + paired_lines(cells)
     return "\n".join([header, rule] + rows + notes)

@@ -146,6 +146,22 @@ def test_table_cells_are_seed_means_with_spread_and_pooled_wilson_intervals(tmp_
     assert "QA at 12K: n/a" in table
 
 
+def test_pattern_table_and_the_paired_hallucination_test(tmp_path):
+    hand_made(str(tmp_path))
+    table = mt.make_table(str(tmp_path))
+    second = table[table.index("| method | QA 2K: correct"):]
+    # LOGO: seed 0 8 correct + 2 hallucination, seed 1 8 + 1 + 1 unfollow -> 0.80 / 0.15 /
+    # 0.05 / 0; SFT: 5 + 5 unfollow and 7 + 3 unfollow -> 0.60 / 0 / 0.40 / 0; no 12K cells
+    assert row_of(second, mt.METHODS["logo"]) == ["0.80 / 0.15 / 0.05 / 0.00 (2)", "n/a"]
+    assert row_of(second, mt.METHODS["sft"]) == ["0.60 / 0.00 / 0.40 / 0.00 (2)", "n/a"]
+    assert row_of(second, mt.METHODS["base"]) == ["0.80 / 0.00 / 0.20 / 0.00 (1)", "n/a"]
+    # per-question hallucination, LOGO minus SFT: q8 +1/2, q9 +1, the rest 0; of the 4 sign
+    # patterns of (1/2, 1) those with |sum| >= 3/2 are the 2 all-same-sign ones: p = 0.5
+    line = next(x for x in table.splitlines() if "QA at 2K" in x and "hallucination" in x)
+    assert "mean hallucination rate 0.150 vs 0.000 (difference +0.150)" in line
+    assert line.endswith("p = 0.5")
+
+
 def test_mvniah_cells_pool_evaluation_seeds_and_ppl_cells_get_a_t_interval(tmp_path):
     # LOGO seed 0 at 12K in two evaluations (2 + 3 samples, 4 values each)
     for name, n, found, heads in (("a", 2, 3, [[0.3, 0.05], [0.2, 0.0]]),
@@ -272,7 +288,9 @@ def test_evaluate_writes_one_summary_per_model_with_config_counts_and_question_i
 
 
 def row_lines(table):
-    return [x for x in table.splitlines()[2:] if x.startswith("| ")]
+    """The main table's rows (it ends at the first blank line; the pattern table follows)."""
+    main = table.split("\n\n")[0]
+    return [x for x in main.splitlines()[2:] if x.startswith("| ")]
 
 
 def test_raised_rope_theta_is_the_rope_method_and_a_clash_is_refused_before_loading(
