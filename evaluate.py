@@ -506,6 +506,15 @@ def stop_token_ids(tok, lm):
     return ids
 
 
+def kv_cache(out):
+    """The KV cache of a forward's output as the keyword for the next forward: transformers
+    5.2x renamed past_key_values to cache (the old keyword warns, and goes in 5.40); 5.0
+    knows only the old one. ModelOutput is a dict of its set fields, so `in` tells which."""
+    if "cache" in out:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out["past_key_values"]}
+
+
 @torch.no_grad()
 def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask=None):
     """Greedy decoding of one prompt with a KV cache. ids: list of prompt token ids.
@@ -536,8 +545,8 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
             # its attentions, (1, H, 1, T) per layer, are those of the step that makes the first
             # answer token.
             lm.set_attn_implementation("eager")
-            out = lm(input_ids=prompt[None, -1:], past_key_values=out.past_key_values,
-                     use_cache=True, output_attentions=True)
+            out = lm(input_ids=prompt[None, -1:], **kv_cache(out), use_cache=True,
+                     output_attentions=True)
             T = len(ids)
             # (L, H, T): the needle positions each head has copied so far (a set per head)
             copies = torch.zeros(lm.config.num_hidden_layers, lm.config.num_attention_heads, T,
@@ -559,7 +568,7 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
                 break
             # (1, 1): the new token against the KV cache; attentions only when tracking
             out = lm(input_ids=torch.tensor([[token]], device=device),
-                     past_key_values=out.past_key_values, use_cache=True, output_attentions=track)
+                     **kv_cache(out), use_cache=True, output_attentions=track)
     finally:
         lm.set_attn_implementation(impl)
     return new, copies
