@@ -217,11 +217,59 @@ def test_check_fails_on_a_stale_readme_and_write_makes_it_pass(tmp_path, capsys)
     assert "No results yet" in mt.make_table(str(empty))
 
 
+def test_per_run_table_counts_each_runs_patterns_values_and_perplexity(tmp_path):
+    hand_made(str(tmp_path))
+    write(str(tmp_path), "logo_s0_mvniah_12K_e1.json",
+          {"method": "logo", "seed": 0, "task": "mvniah", "config": {"haystack": None},
+           "metrics": {"lengths": {"12288": {"values": 8, "values_found": 3, "n": 2,
+                                             "retrieval_score": 0.25}},
+                       "samples": [{"id": f"12288/{i}", "length": 12288} for i in range(2)]}})
+    write(str(tmp_path), "sft_s1_ppl.json",
+          {"method": "sft", "seed": 1, "task": "ppl",
+           "eval_data": ev.eval_data_tag(argparse.Namespace(task="ppl", text="x/pg_essays/")),
+           "config": {}, "metrics": {"lengths": {"8192": {"ppl": 21.234, "tokens": 100}}}})
+    table = mt.per_run_table(str(tmp_path))
+    names = [x.split("|")[1].strip() for x in table.splitlines()[2:7]]
+    assert names == ["base", "sft_s0", "sft_s1", "logo_s0", "logo_s1"]
+    # hand_made: LOGO seed 0 8 right, its 2 misses hallucinations; seed 1 one of each
+    assert row_of(table, "logo_s0") == ["8 / 2 / 0 / 0 of 10", "n/a", "3 of 8", "0.25", "n/a", "n/a"]
+    assert row_of(table, "logo_s1")[:3] == ["8 / 1 / 1 / 0 of 10", "n/a", "n/a"]
+    assert row_of(table, "sft_s1") == ["7 / 0 / 3 / 0 of 10", "n/a", "n/a", "n/a", "n/a", "21.23"]
+    assert row_of(table, "base")[0] == "8 / 0 / 2 / 0 of 10"
+
+
+def test_check_and_write_handle_each_block_the_file_holds(tmp_path, capsys):
+    hand_made(str(tmp_path))
+    argv = ["--results_dir", str(tmp_path)]
+    both = tmp_path / "both.md"
+    both.write_text(f"{mt.BEGIN}\n{mt.make_table(str(tmp_path))}\n{mt.END}\n"
+                    f"mid\n{mt.RUN_BEGIN}\n| stale |\n{mt.RUN_END}\n")
+    assert mt.main(argv + ["--check", str(both)]) == 1           # the main table alone is fresh
+    assert mt.main(argv + ["--write", str(both)]) == 0
+    assert mt.main(argv + ["--check", str(both)]) == 0
+    text = both.read_text()
+    assert mt.per_run_table(str(tmp_path)) in text and mt.make_table(str(tmp_path)) in text
+    assert text.count("mid\n") == 1
+    runs = tmp_path / "runs.md"                                 # per-run markers only
+    runs.write_text(f"# r\n{mt.RUN_BEGIN}\n{mt.RUN_END}\n")
+    assert mt.main(argv + ["--write", str(runs)]) == 0
+    assert mt.BEGIN not in runs.read_text() and "logo_s1" in runs.read_text()
+    broken = tmp_path / "broken.md"                             # an end marker without its begin
+    broken.write_text(f"{mt.RUN_END}\n")
+    with pytest.raises(SystemExit, match="needs one"):
+        mt.main(argv + ["--check", str(broken)])
+
+
 def test_the_readme_table_is_what_make_table_prints_on_the_committed_results():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         _, inside, _ = mt.readme_block(f.read(), "README.md")
     assert inside.strip("\n") == mt.make_table(os.path.join(ROOT, "results")), \
         "README.md's results table is stale: python results/make_table.py --write README.md"
+    with open(os.path.join(ROOT, "results", "README.md"), encoding="utf-8") as f:
+        _, inside, _ = mt.readme_block(f.read(), "results/README.md", mt.RUN_BEGIN, mt.RUN_END)
+    assert inside.strip("\n") == mt.per_run_table(os.path.join(ROOT, "results")), \
+        "results/README.md's table of every run is stale: python results/make_table.py " \
+        "--write results/README.md"
 
 
 # ----------------------------------------------------------------------------------------
