@@ -30,6 +30,7 @@ the standard library only.
 import argparse
 import difflib
 import glob
+import itertools
 import json
 import math
 import os
@@ -165,6 +166,22 @@ def sign_flip_p(diffs):
         dist = nxt
     extreme = sum(c for s, c in dist.items() if abs(s) >= observed)
     return extreme / 2 ** len(ints)
+
+
+def seed_permutation_p(a, b):
+    """Exact two-sided permutation test of two groups of per-seed values (rationals): under H0
+    the seed values are exchangeable between the methods; p = the share of the C(n, len(a))
+    splits whose |difference of means| is at least the observed one. With 3 seeds each the
+    smallest possible p is 2 / 20 = 0.1: three seeds cannot show a seed-level difference."""
+    pooled = [Fraction(v) for v in a + b]
+    k, n = len(a), len(pooled)
+    def gap(idx):
+        chosen = [pooled[i] for i in idx]
+        rest = [pooled[i] for i in range(n) if i not in idx]
+        return abs(sum(chosen) / k - sum(rest) / (n - k))
+    observed = gap(tuple(range(k)))
+    splits = list(itertools.combinations(range(n), k))
+    return sum(gap(idx) >= observed for idx in splits) / len(splits)
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,6 +349,19 @@ def paired_lines(cells):
                          f"{per['logo'][0]}, SFT {per['sft'][0]}), mean {what} {float(a):.3f} vs "
                          f"{float(b):.3f} (difference {float(a - b):+.3f}), "
                          f"two-sided p = {sign_flip_p(diffs):.3g}")
+    # the seed as the unit: each seed's accuracy, and an exact permutation test of them
+    for L in PAIRED_LENGTHS:
+        per = {method: [Fraction(sum(c for c, _ in pooled.values()), len(pooled))
+                        for (mt, seed), cell in sorted(cells.items(), key=lambda x: str(x[0][1]))
+                        if mt == method and (pooled := cell.get(("qa", L)))]
+               for method in ("logo", "sft")}
+        if min(map(len, per.values())) < 2:          # one seed each: p = 1 whatever happens
+            continue
+        show = {m: "/".join(f"{float(v):.2f}" for v in vals) for m, vals in per.items()}
+        lines.append(f"- LOGO vs SFT, QA at {L // 1024}K, the training seed as the unit: "
+                     f"accuracy per seed LOGO {show['logo']}, SFT {show['sft']}, exact "
+                     f"permutation test of the seed values, two-sided p = "
+                     f"{seed_permutation_p(per['logo'], per['sft']):.3g}")
     return lines
 
 
@@ -407,7 +437,8 @@ def make_table(results_dir, ppl_text="pg-essays"):
         "",
         "Paired tests on the same questions: each question's correctness (or hallucination) "
         "averaged over a method's seeds, exact sign-flip permutation test of the differences "
-        "(the exact McNemar test with one seed each):",
+        "(the exact McNemar test with one seed each); then the same comparison with the "
+        "training seed as the unit (per-seed accuracies exchanged between the methods):",
         "",
     ] + paired_lines(cells)
     return "\n".join([header, rule] + rows + notes)

@@ -144,6 +144,22 @@ def test_table_cells_are_seed_means_with_spread_and_pooled_wilson_intervals(tmp_
     assert "10 questions answered by both" in line and "p = 0.25" in line
     assert "mean accuracy 0.800 vs 0.600 (difference +0.200)" in line
     assert "QA at 12K: n/a" in table
+    # the seed as the unit: SFT 0.5 / 0.7 against LOGO 0.8 / 0.8; of the 6 ways to split the
+    # four values in two pairs, {0.8, 0.8} | {0.5, 0.7} and its mirror reach |gap| = 0.2: 1/3
+    line = next(x for x in table.splitlines() if "2K, the training seed as the unit" in x)
+    assert "LOGO 0.80/0.80, SFT 0.50/0.70" in line and line.endswith("p = 0.333")
+    assert "12K, the training seed" not in table                 # no 12K cells
+
+
+def test_seed_permutation_test_against_hand_counted_splits():
+    # 3 seeds each, fully separated: only the observed split and its mirror of C(6, 3) = 20
+    assert mt.seed_permutation_p([0.6, 0.7, 0.8], [0.1, 0.2, 0.3]) == pytest.approx(2 / 20)
+    # identical groups: every split is at least as far apart as the observed 0
+    assert mt.seed_permutation_p([0.5, 0.5], [0.5, 0.5]) == 1.0
+    # [1, 0] vs [0]: splits {1,0}|{0} gap 1/2, {1,0'}|{0} 1/2, {0,0'}|{1} 1: all >= 1/2
+    assert mt.seed_permutation_p([1, 0], [0]) == 1.0
+    # [3] vs [0, 0, 1]: gap 3 - 1/3; splits with 0 or 1 alone are smaller: p = 1/4
+    assert mt.seed_permutation_p([3], [0, 0, 1]) == pytest.approx(1 / 4)
 
 
 def test_pattern_table_and_the_paired_hallucination_test(tmp_path):
