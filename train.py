@@ -994,6 +994,12 @@ def main(argv=None):
         logps, _ = engine(ids, pos, seg)
     # On every process: the ZeRO-3 gather in export is collective.
     export(engine, scorer, tok, cfg, {"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}, rank)
+    # The last collective is done: close the process group on every process, on success only
+    # (a failed rank may leave the others inside a collective). A process that exits with it
+    # open can abort in gloo's threads at shutdown ("terminate called without an active
+    # exception"). Before the merge, which needs no group and can outlast a peer's timeout.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if rank == 0:
         if cfg["merge"]:  # rank 0 alone: a fresh base, no DeepSpeed
             merge(cfg, tok)
