@@ -174,14 +174,12 @@ def seed_permutation_p(a, b):
     splits whose |difference of means| is at least the observed one. With 3 seeds each the
     smallest possible p is 2 / 20 = 0.1: three seeds cannot show a seed-level difference."""
     pooled = [Fraction(v) for v in a + b]
-    k, n = len(a), len(pooled)
-    def gap(idx):
-        chosen = [pooled[i] for i in idx]
-        rest = [pooled[i] for i in range(n) if i not in idx]
-        return abs(sum(chosen) / k - sum(rest) / (n - k))
-    observed = gap(tuple(range(k)))
-    splits = list(itertools.combinations(range(n), k))
-    return sum(gap(idx) >= observed for idx in splits) / len(splits)
+    k, n, total = len(a), len(pooled), sum(pooled)
+    def gap(idx):                                  # |mean of the chosen k - mean of the rest|
+        part = sum(pooled[i] for i in idx)
+        return abs(part / k - (total - part) / (n - k))
+    observed = gap(range(k))
+    return sum(gap(idx) >= observed for idx in itertools.combinations(range(n), k)) / math.comb(n, k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,9 +349,10 @@ def paired_lines(cells):
                          f"two-sided p = {sign_flip_p(diffs):.3g}")
     # the seed as the unit: each seed's accuracy, and an exact permutation test of them
     for L in PAIRED_LENGTHS:
-        per = {method: [Fraction(sum(c for c, _ in pooled.values()), len(pooled))
-                        for (mt, seed), cell in sorted(cells.items(), key=lambda x: str(x[0][1]))
-                        if mt == method and (pooled := cell.get(("qa", L)))]
+        # seed_value's (hits, questions) of each seed, in seed order as the table's cells
+        per = {method: [Fraction(*seed_value(cells[method, s][("qa", L)], "qa", "accuracy")[1:])
+                        for s in sorted((s for mt, s in cells if mt == method
+                                         and ("qa", L) in cells[mt, s]), key=str)]
                for method in ("logo", "sft")}
         if min(map(len, per.values())) < 2:          # one seed each: p = 1 whatever happens
             continue
