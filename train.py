@@ -883,6 +883,19 @@ def summary(log_path):
             + f"; {sum(r['seconds_per_step'] for r in recs) / 60:.1f} min of steps")
 
 
+def import_deepspeed():
+    """deepspeed, quiet, and on CPU without its shared-memory all-reduce op: DeepSpeed would
+    JIT-compile it with g++ on a machine's first run (18 s on a 2-core Xeon), even for one
+    process that never reduces; gloo does the few collectives of a CPU run (the demo, the
+    tests). DeepSpeed reads this dict (probed once, then cached) when it builds its
+    communication backend, in init_distributed or initialize."""
+    import deepspeed
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
@@ -935,8 +948,7 @@ def main(argv=None):
                     path = os.path.join(d, name)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    import deepspeed                  # not before the checks above: a bad input fails in seconds
-    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed = import_deepspeed()    # not before the checks above: a bad input fails in seconds
     if cfg["world_size"] > 1:
         deepspeed.init_distributed()  # now: check_shared_out_dir needs it
         check_shared_out_dir(cfg, rank)

@@ -68,7 +68,8 @@ def test_each_process_holds_only_its_share_of_every_weight_and_that_share_is_the
 
 def worker(args):
     """One process under the launcher: load partitioned, compare with the plain load."""
-    import deepspeed
+    from train import import_deepspeed          # set up as train.py does (no shm op on CPU)
+    deepspeed = import_deepspeed()
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dtype = getattr(torch, args.dtype)
