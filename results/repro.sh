@@ -21,7 +21,7 @@ DATA=data/repro
 LOGS=runs/repro_logs
 mkdir -p "$LOGS"
 
-# Training data: the demo's rows (8 chunks x 128 tokens over 16K positions), 96 records, seed 0.
+# Training data: 8 chunks x 128 tokens over 16K positions (the demo's rows until it moved to 4), 96 records, seed 0.
 data() {
     [ -f "$DATA/meta.json" ] && return 0
     python prepare.py --num_samples 96 --num_chunks 8 --out_dir "$DATA" > "$LOGS/prepare.log" 2>&1
