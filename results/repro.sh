@@ -12,6 +12,8 @@
 #   bash results/repro.sh 12k logo_s0 sft_s0  # with no runs/NAME/final is trained first (and
 #                                    # train_summary.py says whether it is the same run as
 #                                    # the one in results/train/, evaluated before)
+#   bash results/repro.sh m3         # LOGO with M = 3 rejected answers (m1: M = 1), seeds 0-2:
+#                                    # its own data (data/repro_m3), the same training, QA 2K
 #
 # Logs go to runs/repro_logs/. Commit results/*.json as they land; no weights go there.
 set -euo pipefail
@@ -22,18 +24,23 @@ LOGS=runs/repro_logs
 mkdir -p "$LOGS"
 
 # Training data: 8 chunks x 128 tokens over 16K positions (the demo's rows until it moved to 4), 96 records, seed 0.
+# data [DIR PREPARE_ARGS...]: another directory for an M variant (--num_rejected M).
 data() {
-    [ -f "$DATA/meta.json" ] && return 0
-    python prepare.py --num_samples 96 --num_chunks 8 --out_dir "$DATA" > "$LOGS/prepare.log" 2>&1
+    local dir=${1:-$DATA}; [ $# -gt 0 ] && shift
+    [ -f "$dir/meta.json" ] && return 0
+    python prepare.py --num_samples 96 --num_chunks 8 --out_dir "$dir" "$@" \
+        > "$LOGS/prepare_${dir##*/}.log" 2>&1
 }
 
-# One model: METHOD (logo | sft) and SEED; the same steps, lr and LoRA for every one.
+# One model: METHOD (logo | sft | logo_mM) and SEED; the same steps, lr and LoRA for every one
+# (logo_mM: LOGO on data/repro_mM, whose records have M rejected answers).
 train() {
-    local method=$1 seed=$2 out=runs/$1_s$2 how=(--overwrite) loss=()
+    local method=$1 seed=$2 out=runs/$1_s$2 how=(--overwrite) loss=() dir=$DATA
     [ -d "$out/final" ] && return 0
     compgen -G "$out/checkpoints/step_*" > /dev/null && how=(--resume)
     [ "$method" = sft ] && loss=(--loss sft)
-    python train.py --data_dir "$DATA" --max_steps 48 --lr 1e-3 --warmup_steps 2 --save_every 16 \
+    [[ $method == logo_m* ]] && dir=data/repro_${method#logo_}
+    python train.py --data_dir "$dir" --max_steps 48 --lr 1e-3 --warmup_steps 2 --save_every 16 \
         --seed "$seed" --out_dir "$out" "${loss[@]}" "${how[@]}" > "$LOGS/train_$1_s$2.log" 2>&1
     python results/train_summary.py "$out" | tee -a "$LOGS/train_$1_s$2.log"   # results/train/
 }
@@ -89,6 +96,17 @@ lane_12k() {                                       # $1: 0 or 1, which half of t
     done
 }
 
+# An M variant's three seeds in three rounds of two jobs: train s0 and s1; train s2 while s0 is
+# evaluated; evaluate s1 and s2.
+lane_m() {                                         # $1: m1 or m3
+    local v=logo_$1 a b
+    data "data/repro_$1" --num_rejected "${1#m}"
+    train "$v" 0 & a=$!; train "$v" 1 & b=$!; wait $a; wait $b
+    train "$v" 2 & a=$!; qa2k "${v}_s0" --adapter "runs/${v}_s0/final" & b=$!; wait $a; wait $b
+    qa2k "${v}_s1" --adapter "runs/${v}_s1/final" & a=$!
+    qa2k "${v}_s2" --adapter "runs/${v}_s2/final" & b=$!; wait $a; wait $b
+}
+
 case "${1:-both}" in
     a) data && lane_a ;;
     b) data && lane_b ;;
@@ -99,5 +117,6 @@ case "${1:-both}" in
          done
          lane_12k 0 & a=$!; lane_12k 1 & b=$!; wait $a; wait $b ;;
     both) data; lane_a & a=$!; lane_b & b=$!; wait $a; wait $b ;;
-    *) echo "usage: bash results/repro.sh [a|b|12k]" >&2; exit 2 ;;
+    m1|m3) lane_m "$1" ;;
+    *) echo "usage: bash results/repro.sh [a|b|12k|m1|m3]" >&2; exit 2 ;;
 esac
