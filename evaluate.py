@@ -1545,16 +1545,28 @@ def git_state():
     return head.stdout.strip(), bool(status.stdout.strip())
 
 
-def cpu_model():
-    """/proc/cpuinfo's 'model name' (Linux), else what platform knows."""
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """/proc/cpuinfo's 'model name' with its family and model numbers (Linux), e.g. "AMD EPYC
+    (family 25 model 17)", else what platform knows; then the vector kernels torch picked,
+    "torch AVX2" or "torch AVX512" (ATEN_CPU_CAPABILITY can force AVX2). A VM's model name
+    alone ("AMD EPYC") hides CPU generations whose float bits and speeds differ."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:
+                        break                            # the first processor's block only
+                    continue
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return f"{name}, torch {capability}" if capability else name
 
 
 def write_summaries(args, plans, config, adapter_cfg, results, data, walls, thetas, total_s):

@@ -678,3 +678,16 @@ def test_one_answers_file_keeps_two_models_apart(tmp_path, monkeypatch):
         assert again["results"]["base"]["reused_answers"] == 2
     assert not calls
     assert len({json.loads(x)["key"] for x in answers.read_text().splitlines()}) == 4
+
+
+def test_cpu_model_names_family_model_and_kernels(tmp_path):
+    # the summaries' "cpu": a VM's model name alone ("AMD EPYC") hid which generation ran
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: Other\n\n")
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert ev.cpu_model(str(info)) == f"AMD EPYC (family 25 model 17), torch {kernels}"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n")   # no numbers
+    assert ev.cpu_model(str(info)) == f"Intel(R) Xeon(R) Processor, torch {kernels}"
+    assert ev.cpu_model(str(tmp_path / "missing")).endswith(f", torch {kernels}")
