@@ -1565,8 +1565,7 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
-    return f"{name}, torch {capability}" if capability else name
+    return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}"   # torch >= 2.1 has it
 
 
 def write_summaries(args, plans, config, adapter_cfg, results, data, walls, thetas, total_s):
