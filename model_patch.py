@@ -173,9 +173,8 @@ class PackedLayout:
         self.bounds = packed_row_bounds(segment_ids)[1]
         self.resp_masks, self.block_mask = [], None
         if flex:
-            from torch.nn.attention.flex_attention import create_block_mask
             B, T = segment_ids.shape               # compiled: blockwise, never a (T, T) tensor
-            build = _compiled_create_block_mask() if segment_ids.is_cuda else create_block_mask
+            build = flex_function("create_block_mask", segment_ids.device.type)
             self.block_mask = build(packed_mask_mod(segment_ids), B, None, T, T,
                                     device=segment_ids.device)
         for b, (P, E) in enumerate(self.bounds if not flex else []):
@@ -216,27 +215,56 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if packed_layout.block_mask is None:
         return split_attention(query, key, value, packed_layout, scaling, dropout), None
-    from torch.nn.attention.flex_attention import flex_attention
-    flex = flex_attention if query.device.type == "cpu" else _compiled_flex_attention()
+    flex = flex_function("flex_attention", query.device.type)
     out = flex(query, key, value, block_mask=packed_layout.block_mask, scale=scaling,
                enable_gqa=query.shape[1] != key.shape[1])               # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    """torch.compile(create_block_mask): the current API (torch 2.13 deprecates the
-    `_compile=True` flag that did the same)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    return torch.compile(create_block_mask)
+# FlexAttention: compiled once per shape, static shapes. Its kernels work on blocks of
+# FLEX_BLOCK x FLEX_BLOCK tokens; response_logps pads a batch's length to a multiple of it,
+# so one compiled kernel serves every length in a bucket of 128. Dynamic shapes would
+# recompile anyway when the number of blocks changes (counted on CPU: flex compiled 3
+# times over batches of 3 lengths) and then run the slower dynamic-shape kernel.
+FLEX_BLOCK = 128
+# torch.compile backend per device type. On CUDA inductor writes Triton kernels; without a
+# backend for a device flex runs eagerly, materialising the (T, T) scores (and on CPU
+# torch refuses its backward). The tests set FLEX_COMPILE["cpu"] = "aot_eager" to run the
+# CUDA path's compiled graphs (mask, GQA, checkpointed backward) on a CPU.
+FLEX_COMPILE = {"cuda": "inductor"}
+# Static shapes: one compile per (bucket, grad mode) and function. An 8B run's micro-batches
+# span a few buckets (8.2K-9K-token rows: 7 buckets); dynamo's default of 8 recompiles per
+# function would then fall back to eager flex, i.e. dense (T, T) scores, on a GPU an OOM.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def flex_function(name, device_type):
+    """create_block_mask or flex_attention, compiled for `device_type` as FLEX_COMPILE says,
+    or the eager function when it names no backend for it."""
+    from torch.nn.attention import flex_attention as fa
+    backend = FLEX_COMPILE.get(device_type)
+    return getattr(fa, name) if backend is None else _compiled(name, backend)
 
 
 @functools.cache
-def _compiled_flex_attention():
-    """Compiled once, on first use (uncompiled, flex materialises the (T, T) scores; on CPU
-    only the tests run it, forward only, to check the mask)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
+def _compiled(name, backend):
+    """torch.compile(fn, dynamic=False), once per (function, backend). torch.compile of
+    create_block_mask is the current API (torch 2.13 deprecates its `_compile=True`)."""
+    from torch.nn.attention import flex_attention as fa
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * FLEX_RECOMPILE_LIMIT)
+    return torch.compile(getattr(fa, name), backend=backend, dynamic=False)
+
+
+def pad_to_multiple(input_ids, position_ids, segment_ids, multiple):
+    """Right-pad (B, T) packed rows to a length that is a multiple of `multiple`: token 0,
+    position 0, segment -1 (padding attends only to itself and is never scored)."""
+    extra = -input_ids.shape[1] % multiple
+    if extra == 0:
+        return input_ids, position_ids, segment_ids
+    pad = torch.nn.functional.pad
+    return pad(input_ids, (0, extra)), pad(position_ids, (0, extra)), pad(segment_ids, (0, extra), value=-1)
 
 
 def use_packed_attention(model):
@@ -295,6 +323,9 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
             raise ValueError("attention='mask' needs a model loaded with eager or sdpa attention")
         kwargs = dict(attention_mask=packed_attention_mask(segment_ids, dtype))
     elif attention in ("split", "flex"):
+        if attention == "flex":                               # static shapes, see FLEX_BLOCK
+            input_ids, position_ids, segment_ids = pad_to_multiple(input_ids, position_ids,
+                                                                   segment_ids, FLEX_BLOCK)
         use_packed_attention(lm)
         layout = PackedLayout(segment_ids, dtype, flex=attention == "flex")
         kwargs = dict(attention_mask=layout.mask, packed_layout=layout)
