@@ -11,9 +11,11 @@ speed and memory do not depend on the text, and both layouts score the same toke
     python bench.py                                    # SmolLM2-135M, 16 x 128, R=64, M=2 (float32 on CPU)
     python bench.py --chunk_len 512                    # the paper's context shape, 16 x 512
     python bench.py --model tiny                       # seconds: a random 2-layer model
-    python bench.py --device_check                     # one GPU, ~5 min: Llama-3-8B's width, heads and
-                                                       # vocabulary (4 random layers) at the paper's shape
+    python bench.py --device_check                     # one GPU: Llama-3-8B's width, heads and vocabulary
+                                                       # (4 random layers) at the paper's shape; exits 1
+                                                       # on a crash, an OOM or a parity miss
     python bench.py --device_check --device cpu        # the same code path at small shapes, on a CPU
+    (part of tests/device_check.py, the whole GPU check: see GPU.md)
 
 dtype: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16, like this project's AMD
 EPYC, runs a bf16 step many times slower: it had not finished 3 steps in 8 minutes).
@@ -71,9 +73,10 @@ parser.add_argument("--hidden_size", type=int, default=None,
                     help="width of --random_model (default the model's: 4096; smaller for a CPU run)")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
 parser.add_argument("--device_check", action="store_true",
-                    help="the GPU check (one H100/H200, ~5 min): --random_model llama3-8b at the paper's "
-                         "shape (16 x 512 context, 32-token question, 3 x 256 responses), packed flex vs "
-                         "unpacked SDPA, then the CUDA tests the CPU suite skips. With --device cpu: the "
+                    help="the parity part of the GPU check (tests/device_check.py): --random_model "
+                         "llama3-8b at the paper's shape (16 x 512 context, 32-token question, 3 x 256 "
+                         "responses), packed flex vs unpacked SDPA against a float32 unpacked reference, "
+                         "tolerances asserted (exit 1 on a miss, a crash or an OOM). With --device cpu: the "
                          "same code path at small shapes (width 256, 2 layers, 16 x 32 context, 3 x 16)")
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                     help="weights and compute; default bfloat16 on CUDA, float32 on CPU (as train.py: "
@@ -238,26 +241,55 @@ def run_variant():
             say(time=time.perf_counter() - t0, cpu=time.process_time() - c0)
             logps = logps.detach().float().cpu()
             del loss
-            if not cuda:              # hand freed heap back to the OS: the other layout runs next
+            if cuda:                  # the other layout shares the GPU and runs next
+                torch.cuda.empty_cache()
+            else:                     # hand freed heap back to the OS: the other layout runs next
                 ctypes.CDLL(None).malloc_trim(0)
         except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
             if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
                 raise
-            asked = re.search(r"allocate (\d+) bytes", str(e))
+            # CPU: "allocate 123 bytes"; CUDA: "Tried to allocate 2.00 GiB"
+            asked = re.search(r"allocate ([\d.]+) (bytes|[KMG]iB)", str(e))
+            gib = float(asked.group(1)) * 2 ** {"bytes": -30, "KiB": -20, "MiB": -10, "GiB": 0}[asked.group(2)] \
+                if asked else float("nan")
             peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
-            return say(error=f"at {(peak - held) / 2**30:.1f} GiB into the step, an allocation of "
-                             f"{int(asked.group(1)) / 2**30 if asked else float('nan'):.2f} GiB failed")
+            return say(error=f"out of memory: at {(peak - held) / 2**30:.1f} GiB into the step, an "
+                             f"allocation of {gib:.2f} GiB failed")
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
     say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
 
 
-def float32_logps():
-    """The packed log-probs from a float32 forward pass (no grad): the reference for noise.
-    (Packed and unpacked agree to 1e-5 in float32: tests/test_model_patch.py.)"""
+def float32_logps(attention):
+    """float32 forward passes (no grad, no TF32) of the same model and rows: (unpacked, packed)
+    (B, 1+M) log-probs. The unpacked layout runs the model's own SDPA over separate rows,
+    nothing of flex: the independent reference both bf16 layouts are measured against."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, preset = load(torch.float32)
     ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
     with torch.no_grad():
-        return model_patch.response_logps(model, ids, pos, seg)[0].cpu()
+        ref = model_patch.response_logps_unpacked(model, ids, pos, seg)[0].cpu()
+        packed = model_patch.response_logps(model, ids, pos, seg, attention=attention)[0].cpu()
+    return ref, packed
+
+
+def forward_flops(layers, packed):
+    """Forward FLOPs of one sample in a layout (2 per multiply-add): the transformer layers'
+    matmuls over every token, causal attention over the keys each query sees, and the output
+    layer over the positions that get logits (packed: the predictors of response tokens;
+    unpacked: every position, as the authors' code computes). Backward scales all parts
+    about alike, so the ratio of two layouts is the expected speed-up."""
+    c = RANDOM_MODELS[args.random_model] if args.random_model else {}
+    h = args.hidden_size or c.get("hidden_size")
+    i = h * 7 // 2 if args.hidden_size else c["intermediate_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    k, r, m = args.num_chunks * args.chunk_len + args.question_len, args.response_len, args.num_rejected
+    per_token = 2 * (2 * h * h + 2 * h * kv + 3 * h * i)            # q, o; k, v; gate, up, down
+    tri = lambda n: n * (n + 1) / 2                                   # causal query-key pairs
+    if packed:
+        tokens, pairs, scored = k + (m + 1) * r, tri(k) + (m + 1) * (r * k + tri(r)), (m + 1) * r
+    else:
+        tokens, pairs, scored = (m + 1) * (k + r), (m + 1) * tri(k + r), (m + 1) * (k + r)
+    return layers * (per_token * tokens + 4 * h * pairs) + 2 * h * c["vocab_size"] * scored
 
 
 def main():
@@ -315,7 +347,7 @@ def main():
     def row(name, v):
         x = res[v]
         if "error" in x:
-            return f"{name:<24} {tokens[v]:>7,}   does not fit in {args.mem_limit_gib:g} GiB ({x['error']})"
+            return f"{name:<24} {tokens[v]:>7,}   failed: {x['error']}"
         t = x["times"]
         return (f"{name:<24} {tokens[v]:>7,}   {statistics.median(t):>8.2f} s ({min(t):.2f}-{max(t):.2f})"
                 f"   {statistics.median(x['cpu_times']):>8.2f} s   {x['step_mem'] / 2**20:>9,.0f} MiB")
@@ -326,8 +358,11 @@ def main():
     print(row("unpacked (M+1 rows)", "unpacked"))
     print(row(f"packed ({p.get('attention', '?')})", "packed"))
     flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)
-    if "error" in p or "error" in u:
+    failed = [f"{v} layout: {res[v]['error']}" for v in procs if "error" in res[v]]
+    if failed:
         print(f"FLOP bound {flop_bound:.2f}x")
+        if args.device_check:
+            sys.exit("DEVICE CHECK FAILED (parity): " + "; ".join(failed))
         return
     speed = statistics.median(u["times"]) / statistics.median(p["times"])
     cpu = statistics.median(u["cpu_times"]) / statistics.median(p["cpu_times"])
@@ -336,31 +371,50 @@ def main():
     lp, lu = torch.tensor(p["logps"]), torch.tensor(u["logps"])
     print(f"\nmean response log-probs (packed, row 0): {[round(x, 4) for x in p['logps'][0]]}")
     print(f"max |packed - unpacked| = {(lp - lu).abs().max():.2e}")
-    if args.dtype != "float32":
-        ref = float32_logps()
-        print(f"max |packed - float32| = {(lp - ref).abs().max():.2e},  "
-              f"max |unpacked - float32| = {(lu - ref).abs().max():.2e}   ({args.dtype} noise)")
     if args.device == "cuda":
         print(f"peak GPU memory (torch.cuda.max_memory_allocated, model included): packed "
               f"{p['peak_mem'] / 2**30:.1f} GiB, unpacked {u['peak_mem'] / 2**30:.1f} GiB")
     print(f"{args.steps} timed steps after {args.warmup} warm-up; each layout in its own process, "
           f"taking turns step by step; {p['threads']} threads on {p['device']}")
-    if args.device_check:
-        cuda_tests()
+    if args.random_model:
+        L = args.num_layers
+        ratio = {n: forward_flops(n, False) / forward_flops(n, True) for n in (L, 32)}
+        head = 2 * (args.hidden_size or RANDOM_MODELS[args.random_model]["hidden_size"]) * \
+            RANDOM_MODELS[args.random_model]["vocab_size"] * (m + 1) * (k + r) / forward_flops(L, False)
+        print(f"forward FLOPs unpacked / packed: {ratio[L]:.2f}x at the {L} layers run (output layer "
+              f"{100 * head:.0f}% of the unpacked FLOPs), {ratio[32]:.2f}x expected at 32 layers; "
+              f"measured step time ratio {speed:.2f}x")
+    if args.dtype != "float32" or args.device_check:
+        failed = parity(lp, lu, p.get("attention", "?"))
+        if failed:
+            sys.exit("DEVICE CHECK FAILED (parity): " + "; ".join(failed))
 
 
-def cuda_tests():
-    """--device_check: the tests the CPU suite skips (compiled FlexAttention forward and
-    backward against the unpacked layout, LoRA gradients), run where a GPU is."""
-    if args.device != "cuda":
-        print("\nCUDA tests: not run (no GPU; they skip on CPU)")
-        return
-    root = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_model_patch.py", "-k", "cuda"],
-                         cwd=root, capture_output=True, text=True)
-    print("\nCUDA tests (pytest tests/test_model_patch.py -k cuda):\n" + out.stdout[-3000:] + out.stderr[-2000:])
-    if out.returncode != 0:
-        sys.exit(out.returncode)
+# Tolerances of the device check, on mean response log-probs (nats per token).
+# float32 (no TF32): packed and unpacked agree to ~1e-6 on CPU (tests/test_model_patch.py);
+# a response that sees another response moves its log-prob by ~1e-1 (the CPU tests).
+FLOAT32_ATOL = 1e-3
+# bf16: each layout's distance from float32 is rounding noise; the packed layout may be at
+# most twice as far as the unpacked one, plus this much.
+BF16_SLACK = 1e-2
+
+
+def parity(lp, lu, attention):
+    """The log-probs of both layouts against an independent float32 reference; returns
+    what failed (empty: passed)."""
+    ref, packed32 = float32_logps(attention)
+    failed = []
+    d32 = (packed32 - ref).abs().max().item()
+    print(f"float32: max |packed ({attention}) - unpacked (SDPA)| = {d32:.2e} (tolerance {FLOAT32_ATOL:g})")
+    if not d32 <= FLOAT32_ATOL:
+        failed.append(f"float32 packed vs unpacked {d32:.2e} > {FLOAT32_ATOL:g}")
+    if args.dtype != "float32":
+        dp, du = (lp - ref).abs().max().item(), (lu - ref).abs().max().item()
+        print(f"{args.dtype}: max |packed - float32 unpacked| = {dp:.2e}, max |unpacked - float32 "
+              f"unpacked| = {du:.2e} (the {args.dtype} noise; tolerance 2 x {du:.2e} + {BF16_SLACK:g})")
+        if not dp <= 2 * du + BF16_SLACK:
+            failed.append(f"{args.dtype} packed is {dp:.2e} from float32, unpacked {du:.2e}")
+    return failed
 
 
 if __name__ == "__main__":

@@ -175,7 +175,8 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: float32 on CPU, which is faster there; the "
                         "preset's dtype on GPU)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda:N for GPU N (several evaluate.py runs on one node: one each)")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub folder (off: safer)")
     g.add_argument("--threads", type=int, default=None,
@@ -1378,6 +1379,8 @@ def load_for_eval(args, preset, adapter_cfg, with_adapter):
                             "evaluate it with the --model it was trained on") from None
     # causal_lm: the *ForCausalLM under peft's wrapper (LoRA layers stay in), so
     # sliding_nll can call lm.model and lm.lm_head
+    if args.device.startswith("cuda"):   # the current device too (a bare "cuda" is cuda:0)
+        torch.cuda.set_device(torch.device(args.device))
     lm = causal_lm(model).to(args.device).eval()
     print(f"loaded {preset['name']}{' + ' + args.adapter if with_adapter else ''}: "
           f"rope_theta={get_rope_theta(lm.config):g}, dtype={dtype}, device={args.device}")

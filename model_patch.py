@@ -169,8 +169,8 @@ class PackedLayout:
     is the (B, 1, 1, T) integer segment ids, which any attention but ours rejects loudly.
     """
 
-    def __init__(self, segment_ids, dtype, flex=False):
-        self.bounds = packed_row_bounds(segment_ids)[1]
+    def __init__(self, segment_ids, dtype, flex=False, bounds=None):
+        self.bounds = bounds or packed_row_bounds(segment_ids)[1]
         self.resp_masks, self.block_mask = [], None
         if flex:
             B, T = segment_ids.shape               # compiled: blockwise, never a (T, T) tensor
@@ -313,8 +313,9 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
     """
     from torch.utils._triton import has_triton
     lm = causal_lm(model)
-    num_resp, bounds = packed_row_bounds(segment_ids)         # 1 + M, and checks the layout
-    check_packable(lm, max(P + r for (P, _), r in zip(bounds, longest_responses(segment_ids))))
+    seg_cpu = segment_ids.detach().cpu()                      # the forward's one host copy of the layout
+    num_resp, bounds = packed_row_bounds(seg_cpu)             # 1 + M, and checks the layout
+    check_packable(lm, max(P + r for (P, _), r in zip(bounds, longest_responses(seg_cpu))))
     if attention == "auto":
         attention = "flex" if input_ids.is_cuda and has_triton() else "split"
     dtype = next(lm.parameters()).dtype
@@ -327,7 +328,7 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
             input_ids, position_ids, segment_ids = pad_to_multiple(input_ids, position_ids,
                                                                    segment_ids, FLEX_BLOCK)
         use_packed_attention(lm)
-        layout = PackedLayout(segment_ids, dtype, flex=attention == "flex")
+        layout = PackedLayout(segment_ids, dtype, flex=attention == "flex", bounds=bounds)
         kwargs = dict(attention_mask=layout.mask, packed_layout=layout)
     else:
         raise ValueError(f"attention must be auto, split, flex or mask, not {attention!r}")

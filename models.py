@@ -250,12 +250,15 @@ def read_flat(f, entry, start, out):
     memory) straight into `out` when the dtypes agree, else through one buffer of that size."""
     _, src_dtype, _, offset = entry
     size = torch.empty(0, dtype=src_dtype).element_size()
-    buf = out if out.dtype == src_dtype else torch.empty(out.numel(), dtype=src_dtype)
+    # Straight in only for a CPU tensor of the checkpoint's dtype: a ZeRO-3 partition lives
+    # on cuda:LOCAL_RANK (offload_param: on the CPU), and .numpy() of a GPU tensor raises.
+    direct = out.device.type == "cpu" and out.dtype == src_dtype
+    buf = out if direct else torch.empty(out.numel(), dtype=src_dtype)
     f.seek(offset + start * size)
     if f.readinto(buf.view(torch.uint8).numpy()) != out.numel() * size:
         raise OSError(f"{f.name}: checkpoint ends early")
     if buf is not out:
-        out.copy_(buf)                  # e.g. a bf16 checkpoint into a float32 model
+        out.copy_(buf)                  # to the GPU, and/or e.g. bf16 checkpoint -> float32 model
 
 
 def _init_unsynced():
@@ -286,6 +289,7 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
     # zero.Init takes the partitions' dtype from the config's bf16/fp16 flags (float32 when
     # neither); its dtype= argument is ignored on CPU (deepspeed 0.19.8 reads
     # `dtype or fp16 if fp16_supported else bf16 if bf16_supported else fp32`): checked below.
+    device = deepspeed.get_accelerator().current_device_name()    # zero.Init builds there
     with no_init_weights(), _InitUnsynced(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                                  trust_remote_code=trust_remote_code)
@@ -295,7 +299,7 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
     for m in model.modules():
         if isinstance(getattr(m, "inv_freq", None), torch.Tensor):
             for k, b in type(m)(config=model.config).named_buffers(recurse=False):
-                m._buffers[k] = b
+                m._buffers[k] = b.to(device)    # deepspeed.initialize does not move zero.Init models
     got = {p.ds_tensor.dtype for p in model.parameters()}
     if got != {dtype}:
         raise ValueError(f"zero.Init built {sorted(map(str, got))} partitions for a {dtype} model: "

@@ -46,8 +46,8 @@ cannot make a sample (empty question, context under two chunks, no entity shared
 question, ...) is skipped and counted per reason; --strict stops at it instead. Malformed
 input stops with `error: <what> (<file>:<line>); <what to do>` (exit 2), or with --skip_bad
 is counted too. Generation runs in float32 on CPU (bf16 without native support is several
-times slower) and in the preset's dtype on GPU; worker --shard_id i uses GPU LOCAL_RANK
-under a launcher, else i mod the number of GPUs.
+times slower) and in the preset's dtype on GPU; worker --shard_id i uses GPU i mod the
+number of visible GPUs (or --device cuda:N).
 """
 
 import argparse
@@ -113,7 +113,7 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default=None, help="generation dtype (default: the preset's on "
                    "CUDA, float32 on CPU, where bf16 without native support runs several times slower)")
     g.add_argument("--device", default=None, help="generation device (default: cuda when "
-                   "available, else cpu; worker --shard_id i takes GPU LOCAL_RANK, else i mod the GPU count)")
+                   "available, else cpu; worker --shard_id i takes GPU i mod the visible GPUs)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
     # chunking and scoring (paper Sec. 3.2.2)
     g = p.add_argument_group("chunking and scoring (paper Sec. 3.2.2)")
@@ -215,9 +215,10 @@ def resolve(args):
     import torch
     if args.device is None:
         args.device = "cpu"
-        if torch.cuda.is_available():            # one GPU per worker (prepare.py --shard_id i)
-            rank = os.environ.get("LOCAL_RANK")
-            args.device = f"cuda:{int(rank) if rank else args.shard_id % torch.cuda.device_count()}"
+        # One GPU per worker (prepare.py --shard_id i), by the shard alone: a LOCAL_RANK left in
+        # the shell by a launcher would put every worker on one GPU.
+        if torch.cuda.is_available():
+            args.device = f"cuda:{args.shard_id % torch.cuda.device_count()}"
     if args.dtype is None:                       # bf16 without native support: ~30x slower matmuls
         args.dtype = preset["dtype"] if args.device.startswith("cuda") else "float32"
     demo = args.input is None
@@ -1127,6 +1128,8 @@ def run(args):
             except OSError as e:
                 raise UserError(f"cannot load the model: {e}".splitlines()[0], "--model",
                                 "give a preset, a local model folder, or a cached hub id") from None
+        if args.device.startswith("cuda"):   # the current device too (a bare "cuda" is cuda:0)
+            torch.cuda.set_device(torch.device(args.device))
         model.to(args.device).eval()  # no dropout while generating
         model.generation_config.pad_token_id = tok.pad_token_id
         pipe = Pipeline(args, tok, model, nlp, load_sentencizer())

@@ -727,7 +727,25 @@ def start_run(cfg, rank):
     return None
 
 
-def check_shared_out_dir(cfg, rank):
+def select_device():
+    """This process's device, selected before anything uses one: cuda:LOCAL_RANK on a GPU
+    node, else the CPU. Under `deepspeed --num_gpus 8` every process sees all 8 GPUs and
+    starts on cuda:0, while DeepSpeed binds rank k's NCCL group to cuda:LOCAL_RANK: a
+    collective on cuda:0 fails there ("Tensor found on device cuda:0 but backend constrained
+    to cuda:k"), and so would zero.Init's allocations land on GPU 0. Neither DeepSpeed's
+    init_distributed nor torch sets the device; deepspeed.initialize does, but too late."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK is {local} but this process sees {torch.cuda.device_count()} GPUs "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                        "start one process per visible GPU")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def check_shared_out_dir(cfg, rank, device):
     """Several nodes (deepspeed --hostfile): every process must see rank 0's out_dir. Rank 0
     alone writes run_config.json, the log and the exported adapter and renames finished
     checkpoints, while every process writes its own checkpoint shards there and reads
@@ -742,8 +760,7 @@ def check_shared_out_dir(cfg, rank):
     if rank == 0:
         token = torch.tensor([int.from_bytes(os.urandom(7), "little") for _ in range(2)])  # not torch's RNG
         open(os.path.join(out, f".shared_check_{token[0]}_{token[1]}"), "w").close()
-    device = deepspeed.get_accelerator().current_device_name()    # NCCL reduces GPU tensors only
-    token = token.to(device)
+    token = token.to(device)                                      # NCCL reduces GPU tensors only
     torch.distributed.broadcast(token, src=0)
     seen = out + (f".rank{rank}" if cfg["debug_unshared_out_dir"] and rank > 0 else "")
     name = f".shared_check_{token[0].item()}_{token[1].item()}"
@@ -816,7 +833,9 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
         group["lr"] = lr
     rows = step_rows(step, cfg, len(data))
     world, accum = cfg["world_size"], cfg["grad_accum"]
-    sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)  # METRICS..., non-finite, tokens
+    # METRICS..., non-finite, tokens: summed on the device (NCCL reduces GPU tensors only),
+    # read once per step, so the host never waits for a micro-batch's backward.
+    sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=engine.device)
     grad_norm = None
     for micro in range(accum):
         ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, engine.device)
@@ -825,16 +844,14 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
         if step + 1 in cfg["debug_nan_steps"]:  # fault injection, 1-based
             loss = loss * float("nan")
         engine.backward(loss)                                 # DeepSpeed divides by grad_accum
-        vals = [loss.item()] + [metrics[k].item() for k in METRICS[1:]]
         # The loss as computed, before DeepSpeed's scaling; tokens: prefix + all responses, no
         # padding.
-        sums += torch.tensor(vals + [not math.isfinite(vals[0]), (seg >= 0).sum().item()],
-                             dtype=torch.float64)
+        vals = torch.stack([loss.detach()] + [metrics[k].detach() for k in METRICS[1:]]).double()
+        sums += torch.cat([vals, (~vals[:1].isfinite()).double(), (seg >= 0).sum().double()[None]])
         if micro == accum - 1:                                # before the update: agree on a skip
-            if world > 1:                                     # (NCCL reduces GPU tensors only)
-                reduced = sums.to(engine.device)
-                torch.distributed.all_reduce(reduced)
-                sums = reduced.cpu()
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            sums = sums.cpu()                                 # the step's one host sync
             opt.skip = bool(sums[-2] > 0)  # the same answer on every process
             grad_norm = plain_grad_norm(engine, cfg)
         engine.step()                                         # updates after the last micro-batch only
@@ -912,6 +929,7 @@ def main(argv=None):
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
     rank = int(os.environ["RANK"])  # global rank (--local_rank: the GPU on this node)
+    device = select_device()        # before any collective or CUDA allocation
 
     # Everything that can be wrong with the input is checked before the model loads.
     meta, meta_path = read_meta(cfg)
@@ -951,7 +969,7 @@ def main(argv=None):
     deepspeed = import_deepspeed()    # not before the checks above: a bad input fails in seconds
     if cfg["world_size"] > 1:
         deepspeed.init_distributed()  # now: check_shared_out_dir needs it
-        check_shared_out_dir(cfg, rank)
+        check_shared_out_dir(cfg, rank, device)
     engine, opt, scorer = build(cfg, tok, rank)
     start, nonfinite = 0, 0
     if resume_from is not None:

@@ -16,17 +16,19 @@ from positions import pack_position_ids, synthesize_position_ids
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_tiny_data(out_dir, rows=8, num_rejected=2, target_len=4096, rows_per_shard=5, seed=0):
-    """Rows of prefix (random bytes, 64-128 tokens) | chosen | rejected... (6-16 tokens each,
-    so micro-batches need padding). The chosen response copies a piece of the prefix, the
-    rejected ones are random: something to learn. Positions synthesized as prepare.py does."""
+def write_tiny_data(out_dir, rows=8, num_rejected=2, target_len=4096, rows_per_shard=5, seed=0,
+                    prefix_lens=(64, 128)):
+    """Rows of prefix (random bytes, prefix_lens tokens: 64-128) | chosen | rejected... (6-16
+    tokens each, so micro-batches need padding). The chosen response copies a piece of the
+    prefix, the rejected ones are random: something to learn. Positions synthesized as
+    prepare.py does."""
     os.makedirs(out_dir, exist_ok=True)
     tok = models.tiny_tokenizer()
     g = torch.Generator().manual_seed(seed)
     V, Q = len(tok), 8                                        # vocabulary, question tokens
     packed = []
     for _ in range(rows):
-        P = int(torch.randint(64, 129, (1,), generator=g))    # prefix = context + question
+        P = int(torch.randint(prefix_lens[0], prefix_lens[1] + 1, (1,), generator=g))  # context + question
         lens = torch.randint(6, 17, (1 + num_rejected,), generator=g).tolist()
         prefix = torch.randint(5, V, (P,), generator=g)
         start = int(torch.randint(0, P - lens[0], (1,), generator=g))
