@@ -48,6 +48,8 @@ p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
 p.add_argument("--wheels", default=None, help="folder of wheels for packages missing here (deepspeed, ...)")
 p.add_argument("--work", default="/tmp/logo_device_check", help="scratch folder (deleted first)")
 p.add_argument("--logs", default=None, help="where the part logs and summary.json go (default <work>/logs)")
+p.add_argument("--parts", default=None, help="comma-separated subset of the parts (default: all; "
+               "evaluate needs train's adapter)")
 args = p.parse_args()
 GPU = args.device == "cuda"
 shutil.rmtree(args.work, ignore_errors=True)
@@ -111,12 +113,12 @@ def environment():
     low = lambda n: installed(n) is None or Version(installed(n)) < Version(need[n])
     if args.wheels:
         site = os.path.join(args.work, "site")
-        wheels = {}
-        for w in glob.glob(os.path.join(args.wheels, "*.whl")):
-            dist = os.path.basename(w).split("-")[0].lower().replace("_", "-")
-            wheels[dist] = w
-        # deepspeed's own needs (hjson, pydantic, ...) are in no floor: installed when absent
-        take = [w for d, w in sorted(wheels.items()) if installed(d) is None or (d in need and low(d))]
+        take = []
+        for w in sorted(glob.glob(os.path.join(args.wheels, "*.whl"))):
+            dist, version = os.path.basename(w).split("-")[:2]   # name-version-...whl
+            have = installed(dist.lower().replace("_", "-"))
+            if have is None or Version(have) < Version(version):  # missing, or older than given
+                take.append(w)
         if take:
             run("environment", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                 "--no-compile", "--target", site, *take], 300)
@@ -220,7 +222,7 @@ def parity():
 def cuda_tests():
     if not GPU:
         summary["cuda_tests"] = "not run (no GPU)"
-        return
+        return print("  not run (no GPU)")
     out = run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_model_patch.py",
                              "-k", "cuda"], 300)
     summary["cuda_tests"] = out.strip().splitlines()[-1]
@@ -233,7 +235,11 @@ PARTS = {"environment": environment, "train": train, "evaluate": evaluate, "pari
 
 failed = {}
 t_all = time.time()
-for name, fn in PARTS.items():
+chosen = ["environment"] + [x for x in (args.parts or ",".join(PARTS)).split(",") if x and x != "environment"]
+unknown = [x for x in chosen if x not in PARTS]
+if unknown:
+    sys.exit(f"error: unknown part(s) {unknown}; the parts are {', '.join(PARTS)}")
+for name, fn in ((n, PARTS[n]) for n in PARTS if n in chosen):
     if name == "evaluate" and "train" in failed:
         failed[name] = "not run: it needs train's adapter"
         continue
@@ -252,4 +258,4 @@ with open(os.path.join(LOGS, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
 if failed:
     sys.exit(f"DEVICE CHECK FAILED: {', '.join(failed)} ({time.time() - t_all:.0f} s; logs in {LOGS})")
-print(f"DEVICE CHECK PASSED: {', '.join(PARTS)} ({time.time() - t_all:.0f} s on {summary.get('gpu', args.device)})")
+print(f"DEVICE CHECK PASSED: {', '.join(n for n in PARTS if n in chosen)} ({time.time() - t_all:.0f} s on {summary.get('gpu', args.device)})")

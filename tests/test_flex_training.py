@@ -9,6 +9,9 @@ graphs as on a GPU (block mask, GQA, the checkpointed recompute), run by torch's
 implementation. Only the Triton kernel itself needs a GPU (bench.py --device_check).
 """
 
+import json
+import os
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -109,3 +112,31 @@ def test_flex_compiles_once_per_128_token_bucket_and_grad_mode(flex_on_cpu):
     with torch.no_grad():                            # a new grad mode: one more per function
         model_patch.response_logps(model, ids, pos, seg, attention="flex")
     assert counter.frame_count == 2 * len(buckets) + 2
+
+
+def test_train_py_trains_through_compiled_flex_under_zero3_with_checkpointing_as_through_split(
+        flex_on_cpu, tmp_path, monkeypatch):
+    """train.py's own loop (DeepSpeed ZeRO-3, every tensor partitioned, non-reentrant
+    checkpointing) over rows of 1-3 flex blocks: the same losses and log-probs as the split
+    path. flex runs in this process (the guard lifted), split in a plain train.py process
+    (DeepSpeed cannot initialise twice in one process)."""
+    import train
+    from train_helpers import read_log, run_train, write_tiny_data
+    flex_on_cpu()
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    write_tiny_data(tmp_path / "data", rows=4, prefix_lens=(100, 300))
+    argv = ["--model", "tiny", "--data_dir", str(tmp_path / "data"), "--gradient_checkpointing",
+            "--zero_stage", "3", "--zero3_persistence_threshold", "0", "--max_steps", "3", "--global_batch", "2"]
+    r = run_train(*argv, "--out_dir", tmp_path / "split", "--attention", "split")
+    assert r.returncode == 0, r.stderr[-3000:]
+    train.main(argv + ["--out_dir", str(tmp_path / "flex"), "--attention", "flex"])
+    (flex, split) = (read_log(tmp_path / a) for a in ("flex", "split"))
+    assert [r["step"] for r in flex] == [1, 2, 3] and not any(r["skipped"] for r in flex)
+    for a, b in zip(flex, split):
+        for k in ("loss", "reward_margin", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-5), (a["step"], k)
+    check = [json.loads((tmp_path / a / "final" / "logo_config.json").read_text())["check_logps"]["logps"]
+             for a in ("flex", "split")]
+    torch.testing.assert_close(torch.tensor(check[0]), torch.tensor(check[1]), rtol=0, atol=1e-5)
