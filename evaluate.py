@@ -1379,8 +1379,8 @@ def load_for_eval(args, preset, adapter_cfg, with_adapter):
                             "evaluate it with the --model it was trained on") from None
     # causal_lm: the *ForCausalLM under peft's wrapper (LoRA layers stay in), so
     # sliding_nll can call lm.model and lm.lm_head
-    if args.device.startswith("cuda"):   # the current device too (a bare "cuda" is cuda:0)
-        torch.cuda.set_device(torch.device(args.device))
+    if torch.device(args.device).index is not None and args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))   # the current device too ("cuda": as is)
     lm = causal_lm(model).to(args.device).eval()
     print(f"loaded {preset['name']}{' + ' + args.adapter if with_adapter else ''}: "
           f"rope_theta={get_rope_theta(lm.config):g}, dtype={dtype}, device={args.device}")

@@ -1128,8 +1128,8 @@ def run(args):
             except OSError as e:
                 raise UserError(f"cannot load the model: {e}".splitlines()[0], "--model",
                                 "give a preset, a local model folder, or a cached hub id") from None
-        if args.device.startswith("cuda"):   # the current device too (a bare "cuda" is cuda:0)
-            torch.cuda.set_device(torch.device(args.device))
+        if torch.device(args.device).index is not None and args.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(args.device))   # the current device too ("cuda": as is)
         model.to(args.device).eval()  # no dropout while generating
         model.generation_config.pad_token_id = tok.pad_token_id
         pipe = Pipeline(args, tok, model, nlp, load_sentencizer())

@@ -24,7 +24,8 @@ naming every failed part (0 when all passed). Logs: <work>/logs/<part>.log.
                Llama-3-8B's width, heads and vocabulary (4 layers), each against a float32
                unpacked SDPA reference, tolerances asserted; step time and peak memory of
                both layouts, the FLOP ratio at 4 layers and the one expected at 32
-  cuda tests   pytest -k cuda: the tests the CPU suite skips; none may skip here
+  cuda tests   pytest -k cuda: the tests the CPU suite skips (flex forward and backward with
+               the Triton kernel against the unpacked layout); none may skip here
 """
 
 import argparse
@@ -224,7 +225,7 @@ def cuda_tests():
         summary["cuda_tests"] = "not run (no GPU)"
         return print("  not run (no GPU)")
     out = run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_model_patch.py",
-                             "-k", "cuda"], 300)
+                             "tests/test_flex_training.py", "-k", "cuda"], 300)
     summary["cuda_tests"] = out.strip().splitlines()[-1]
     if "skipped" in out or " passed" not in out:
         raise Failed(f"a CUDA test skipped or none ran: {summary['cuda_tests']}")
