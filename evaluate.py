@@ -104,7 +104,7 @@ import corpus
 from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
-from models import (MODELS, load_config, load_model, load_tokenizer, resolve_model,
+from models import (MODELS, generate_batch, load_config, load_model, load_tokenizer, resolve_model,
                     tokenizer_fingerprint)
 
 TASKS = ["longbench", "niah", "mvniah", "ppl", "qa"]
@@ -1193,11 +1193,7 @@ def qa_answers(args, lm, tok, samples, label, cache=None):
     stops, budget = stop_token_ids(tok, lm), new_token_budget(args)
     step, order = max(args.gen_batch, 1), list(range(len(samples)))
     if step > 1:
-        order.sort(key=lambda i: -len(samples[i]["ids"]))       # prepare.generate's order
-    # prepare.py's decoding, so batched qa answers as prepare.py generated; imported only here
-    from prepare import generate as generate_batch
-    # temperature 0: greedy
-    opts = argparse.Namespace(gen_batch=step, temperature=0.0, top_p=1.0, max_new_tokens=budget)
+        order.sort(key=lambda i: -len(samples[i]["ids"]))       # generate_batch's order
     answers = [None] * len(samples)
     with tqdm(total=len(samples), desc=f"{label} qa") as bar:
         for k in range(0, len(order), step):
@@ -1214,9 +1210,9 @@ def qa_answers(args, lm, tok, samples, label, cache=None):
                 new = [generate(lm, samples[batch[0]]["ids"], budget, stops)[0]]
                 bar.update(1)
             else:
-                # seed 0: unused when greedy; prepare's generate advances `bar` itself
+                # prepare.py's batched greedy decoding; it advances `bar` itself
                 new = [toks for toks, _ in generate_batch(
-                    lm, tok, [samples[i]["ids"] for i in batch], opts, sorted(stops), 0, bar)]
+                    lm, tok, [samples[i]["ids"] for i in batch], sorted(stops), budget, step, bar=bar)]
             for i, toks in zip(batch, new):
                 answers[i] = toks
                 if cache:

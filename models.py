@@ -28,6 +28,41 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from model_patch import set_rope_theta
 
 # ----------------------------------------------------------------------------------------
+# Shared by the scripts: one error class, one atomic write.
+
+class UserError(Exception):
+    """Bad input, flags or environment: the scripts print `error: <message>` (one line: what,
+    (file:line), what to do) and exit with status 2, no traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` for a file or folder to be written; renamed to `path`
+    when the block ends without error, deleted when it raises. A kill never leaves anything
+    under the final name that looks finished (the scripts delete stale `.tmp` names)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        if os.path.isdir(tmp) and os.path.exists(path):  # a folder: the old one goes afterwards
+            old = f"{path}.old{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)                         # atomic on one filesystem
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj, indent=1):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+# ----------------------------------------------------------------------------------------
 # Presets (gpt-fast style): --model NAME picks one, explicit flags override its fields.
 # beta / gamma: paper Sec. 4.1 (SimPO's recommendations; gamma absolute). sft_weight is
 # lambda of Eq. 3. target_len: the synthesized window K. native_len: the window the
@@ -325,6 +360,45 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
             read_flat(files[entry[0]], entry, start, p.ds_tensor.data.narrow(0, 0, count))
             p.ds_tensor.data[count:].zero_()                               # the padding
     return model.eval()                 # as from_pretrained returns it
+
+
+def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, temperature=0.0,
+                   top_p=1.0, seed=0, bar=None):
+    """Greedy (temperature 0) or sampled answers to token-id prompts, batch_size at a time with
+    left padding, longest first (prepare.py's responses, evaluate.py --gen_batch). Returns per
+    prompt (tokens without the stop token, finished: the stop token was produced)."""
+    # Longest first: prompts of a batch are of similar length (little padding), and the first
+    # batch is the longest, so a memory limit shows at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    # models.load_tokenizer sets pad = eos where a tokenizer has none; the fallback is for a
+    # tokenizer loaded some other way.
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        T = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)  # (b, T), left-padded
+        mask = torch.zeros((len(idx), T), dtype=torch.long)  # (b, T), 1 on prompt tokens
+        for r, i in enumerate(idx):
+            ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, T - len(prompts[i]):] = 1
+        torch.manual_seed(seed * 7919 + b)             # sampling draws, reproducible per batch
+        sample = temperature > 0
+        kw = dict(temperature=temperature, top_p=top_p) if sample else {}
+        # Left padding: every prompt ends at column T, so the new tokens start at T in every row.
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=sample,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                 pad_token_id=pad, **kw)[:, T:]
+        for r, i in enumerate(idx):
+            toks = gen[r].tolist()
+            # (<= max_new_tokens,) new tokens; after the first stop token comes padding.
+            cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
+            out[i] = (toks[:cut], True) if cut is not None else (toks, False)
+        if bar is not None:
+            bar.update(len(idx))
+    return out
 
 
 def tokenizer_fingerprint(tok):

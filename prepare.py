@@ -518,43 +518,6 @@ def end_of_turn_id(tok):
     return tok.eos_token_id  # a base model, or no special token found
 
 
-def generate(model, tok, prompts, args, stop_ids, seed, bar):
-    """Greedy (or sampled) answers to token-id prompts, batched with left padding, longest
-    first. Returns (tokens without the stop token, finished: the stop token was produced)."""
-    import torch
-    # Longest first: prompts of a batch are of similar length (little padding), and the first
-    # batch is the longest, so a memory limit shows at once.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [None] * len(prompts)
-    # models.load_tokenizer sets pad = eos where a tokenizer has none; the fallback is for a
-    # tokenizer loaded some other way.
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
-    for b in range(0, len(order), args.gen_batch):
-        idx = order[b:b + args.gen_batch]
-        T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)  # (b, T), left-padded
-        mask = torch.zeros((len(idx), T), dtype=torch.long)  # (b, T), 1 on prompt tokens
-        for r, i in enumerate(idx):
-            ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, T - len(prompts[i]):] = 1
-        torch.manual_seed(seed * 7919 + b)             # sampling draws, reproducible per batch
-        sample = args.temperature > 0
-        kw = dict(temperature=args.temperature, top_p=args.top_p) if sample else {}
-        # Left padding: every prompt ends at column T, so the new tokens start at T in every row.
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=sample,
-                                 max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
-                                 pad_token_id=pad, **kw)[:, T:]
-        for r, i in enumerate(idx):
-            toks = gen[r].tolist()
-            # (<= max_new_tokens,) new tokens; after the first stop token comes padding.
-            cut = next((j for j, t in enumerate(toks) if t in stop_ids), None)
-            out[i] = (toks[:cut], True) if cut is not None else (toks, False)
-        bar.update(len(idx))
-    return out
-
-
 def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, generator):
     """One packed row (step 7). Positions (step 6): the context is synthesized into
     K - len(question part) - longest response, so every position stays < K; the head of
@@ -667,9 +630,12 @@ class Pipeline:
         end-of-turn after it: a finished answer, or a cut one trimmed to its last complete
         sentence (--cut_answers)."""
         from tqdm import tqdm
+        import models
         out, how = [], self.args.cut_answers
         with tqdm(total=len(prompts), desc=what, unit="resp", leave=False, dynamic_ncols=True) as bar:
-            for toks, finished in generate(self.model, self.tok, prompts, self.args, self.stop_ids, seed, bar):
+            for toks, finished in models.generate_batch(
+                    self.model, self.tok, prompts, self.stop_ids, self.args.max_new_tokens, self.args.gen_batch,
+                    self.args.temperature, self.args.top_p, seed, bar):
                 stats["responses"]["generated"] += 1
                 if finished:
                     stats["responses"]["finished"] += 1

@@ -610,15 +610,14 @@ def test_resumed_batched_qa_decodes_the_fresh_runs_batches(tmp_path, monkeypatch
     only all together, so a run killed halfway through a batch decodes, when resumed, exactly
     the batches the fresh run decoded after the finished ones (padding can change a greedy
     token, so a batch must never be re-formed)."""
-    import prepare
     tok, lm = tiny_tokenizer(), load_model("tiny").eval()
     args = ev.parse_args(["--task", "qa", "--model", "tiny", "--max_new_tokens", "8",
                           "--gen_batch", "2"])
     samples = [{"ids": tok(" ".join(str(i * n) for i in range(n))).input_ids}
                for n in (9, 2, 20, 5, 14, 5)]             # two prompts of one length: a tie
-    batches, real = [], prepare.generate
-    monkeypatch.setattr(prepare, "generate", lambda lm_, tok_, prompts, *a: batches.append(
-        [len(p) for p in prompts]) or real(lm_, tok_, prompts, *a))
+    batches, real = [], ev.generate_batch
+    monkeypatch.setattr(ev, "generate_batch", lambda lm_, tok_, prompts, *a, **k: batches.append(
+        [len(p) for p in prompts]) or real(lm_, tok_, prompts, *a, **k))
     path = tmp_path / "answers.jsonl"
     fresh = ev.qa_answers(args, lm, tok, samples, "fresh", ev.AnswerCache(str(path), "m"))
     lengths = sorted((len(x["ids"]) for x in samples), reverse=True)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import entities
 import prepare
 from corpus import qa_record
+import models
 from models import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -386,9 +387,10 @@ def test_a_run_killed_after_its_first_shard_resumes_to_identical_bytes(demo_run,
 # ---------------------------------------------------------------------------- the response evaluator
 
 def fake_generate(rule):
-    """A stand-in for prepare.generate: answers each prompt by rule(prompt text) ->
+    """A stand-in for models.generate_batch: answers each prompt by rule(prompt text) ->
     (text, finished), so every path of the response evaluator can be driven exactly."""
-    def generate(model, tok, prompts, args, stop_ids, seed, bar):
+    def generate(model, tok, prompts, stop_ids, max_new_tokens, batch_size, temperature=0.0,
+                 top_p=1.0, seed=0, bar=None):
         out = []
         for p in prompts:
             text, finished = rule(tok.decode(p))
@@ -399,7 +401,7 @@ def fake_generate(rule):
 
 
 def run_evaluator(tmp_path, monkeypatch, rule, recs, *flags):
-    monkeypatch.setattr(prepare, "generate", fake_generate(rule))
+    monkeypatch.setattr(models, "generate_batch", fake_generate(rule))
     os.makedirs(tmp_path, exist_ok=True)
     src = write_jsonl(tmp_path / "in.jsonl", recs)
     out = str(tmp_path / "out")
