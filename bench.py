@@ -11,33 +11,26 @@ speed and memory do not depend on the text, and both layouts score the same toke
     python bench.py                                    # SmolLM2-135M, 16 x 128, R=64, M=2 (float32 on CPU)
     python bench.py --chunk_len 512                    # the paper's context shape, 16 x 512
     python bench.py --model tiny                       # seconds: a random 2-layer model
-    python bench.py --device_check                     # one GPU: Llama-3-8B's width, heads and vocabulary
-                                                       # (4 random layers) at the paper's shape; exits 1
-                                                       # on a crash, an OOM or a parity miss
+    python bench.py --device_check                     # one GPU: Llama-3-8B's width, heads, vocabulary,
+                                                       # 4 random layers, the paper's shape; exit 1 on a
+                                                       # crash, an OOM or a parity miss (tests/device_check.py)
     python bench.py --device_check --device cpu        # the same code path at small shapes, on a CPU
-    (part of tests/device_check.py, the whole GPU check: see GPU.md)
 
 dtype: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16, like this project's AMD
 EPYC, runs a bf16 step many times slower: it had not finished 3 steps in 8 minutes).
 
-Each layout runs in its own fresh subprocess (this script with --variant), so neither sees
-the other's memory, and the two take turns step by step, so that other work on a shared
-machine slows both alike. How each number is measured:
-  step time    median of --steps steps after --warmup untimed ones (min and max shown too:
-               on a shared machine, look at the spread before trusting a ratio). On CPU also
-               the process CPU time per step (all threads), which other processes disturb less.
-  step memory  peak resident set size during the steps minus the resident set once model,
-               LoRA and sample are loaded. The kernel tracks the peak (VmHWM); we reset it
-               (/proc/self/clear_refs) right before the first step, so loading does not count.
-               (torch's CPU allocator keeps no statistics and tracemalloc does not see it;
-               Linux only.) Between steps each process returns freed memory (malloc_trim).
-               On CUDA: torch.cuda.max_memory_allocated minus memory_allocated (and the
-               peak itself, model included, printed as peak GPU memory).
+Each layout runs in its own fresh subprocess (--variant), so neither sees the other's memory,
+and the two take turns step by step, so that other work on a shared machine slows both alike.
+  step time    median of --steps steps after --warmup untimed ones (min-max shown: look at the
+               spread before trusting a ratio); on CPU also the process CPU time (all threads).
+  step memory  peak resident set during the steps minus the resident set once loaded (VmHWM,
+               reset through /proc/self/clear_refs before the first step: torch's CPU allocator
+               keeps no statistics; Linux only); freed memory is returned between steps
+               (malloc_trim). CUDA: max_memory_allocated minus memory_allocated.
   FLOP bound   (M+1)(k+r) / (k+(M+1)r), k = N*C+Q prefix tokens, r = R: the ratio of tokens
                through the transformer layers, i.e. what packing saves outside attention.
   log-probs    max |difference| of the (B, 1+M) mean response log-probs of the two layouts,
-               and of each against a float32 forward pass: in bf16 both layouts should sit
-               at the same distance from float32 (that distance is the bf16 noise).
+               and of each against a float32 unpacked forward pass (in bf16: the bf16 noise).
 """
 
 import argparse
@@ -73,11 +66,8 @@ parser.add_argument("--hidden_size", type=int, default=None,
                     help="width of --random_model (default the model's: 4096; smaller for a CPU run)")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
 parser.add_argument("--device_check", action="store_true",
-                    help="the parity part of the GPU check (tests/device_check.py): --random_model "
-                         "llama3-8b at the paper's shape (16 x 512 context, 32-token question, 3 x 256 "
-                         "responses), packed flex vs unpacked SDPA against a float32 unpacked reference, "
-                         "tolerances asserted (exit 1 on a miss, a crash or an OOM). With --device cpu: the "
-                         "same code path at small shapes (width 256, 2 layers, 16 x 32 context, 3 x 16)")
+                    help="the GPU check's parity part: --random_model llama3-8b, paper shape, flex vs "
+                         "SDPA against float32, tolerances asserted; --device cpu: small shapes")
 parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                     help="weights and compute; default bfloat16 on CUDA, float32 on CPU (as train.py: "
                          "on a CPU without native bf16 a bf16 step is many times slower)")
@@ -127,11 +117,7 @@ warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # 
 
 def proc_status(key):
     """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: peak resident)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 
 
 # --random_model: the shapes of the real model, random weights (nothing to download).

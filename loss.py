@@ -15,6 +15,17 @@ responses y_l^1..y_l^M, the reward of a response is its length-normalised log-li
 The paper prints the SFT term as "+ lambda * log pi(y_w|x)"; as something to minimise it
 must be the negative log-likelihood, which is what we add. M = 1 and lambda = 0 is SimPO.
 
+The reference-based variant (the paper's Fig. 6c comparison; DPO's implicit reward, still
+length-normalised so that beta and gamma keep their scale) measures each response against a
+frozen reference policy pi_ref, e.g. the base model with the LoRA adapter switched off:
+
+    r_ref(y) = beta / |y| * ( log pi(y | x) - log pi_ref(y | x) )       replaces r(y) in Eq. 2
+
+Pass ref_chosen_logps / ref_rejected_logps (the reference's mean token log-probs, no grad)
+to use it. At the first step of LoRA training pi = pi_ref, so every r_ref is exactly 0 and
+the preference term is log(1 + e^gamma). (DPO proper sums the token log-probs and has no
+gamma: pass mean * length as the log-probs and gamma=0.) The SFT term is unchanged.
+
 Shapes: chosen_logps (B,) and rejected_logps (B, M) are *mean per-token* log-probs of
 the response tokens given everything before them (see `sequence_logps` for the shift).
 gamma is an absolute margin (paper: Llama-3-8B beta=10 gamma=3; Mistral-7B beta=2.5
@@ -35,11 +46,13 @@ import torch.nn.functional as F
 
 
 def logo_loss(chosen_logps, rejected_logps, beta, gamma=None, sft_weight=0.0,
-              gamma_beta_ratio=None):
+              gamma_beta_ratio=None, ref_chosen_logps=None, ref_rejected_logps=None):
     """Eq. 2 + lambda * Eq. 3 SFT term, averaged over the batch.
 
     chosen_logps (B,), rejected_logps (B, M): mean per-token log-probs.
     Pass exactly one of gamma (absolute margin) or gamma_beta_ratio (gamma / beta).
+    ref_chosen_logps (B,), ref_rejected_logps (B, M): the reference-based variant (above);
+    both or neither.
     Returns (loss, metrics): a scalar with grad, and a dict of detached scalars, all in
     float32 (float64 for float64 inputs) whatever the input dtype.
     """
@@ -55,8 +68,14 @@ def logo_loss(chosen_logps, rejected_logps, beta, gamma=None, sft_weight=0.0,
     dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
     c = chosen_logps.to(dtype)                                # (B,)
     r = rejected_logps.to(dtype)                              # (B, M)
-    reward_chosen = beta * c                                  # (B,)  r(y_w)
-    reward_rejected = beta * r.mean(dim=1)                    # (B,)  1/M sum_j r(y_l^j)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    c_ref = c if ref_chosen_logps is None else c - ref_chosen_logps.detach().to(dtype)
+    r_ref = r if ref_rejected_logps is None else r - ref_rejected_logps.detach().to(dtype)
+    if c_ref.shape != c.shape or r_ref.shape != r.shape:
+        raise ValueError("reference log-probs must have the shapes of chosen_logps and rejected_logps")
+    reward_chosen = beta * c_ref                              # (B,)  r(y_w)
+    reward_rejected = beta * r_ref.mean(dim=1)                # (B,)  1/M sum_j r(y_l^j)
     margin = reward_chosen - reward_rejected                  # (B,)
     # -log sigmoid(z) computed stably; at step 0 chosen ~ rejected so this is ~ log(1 + e^gamma)
     logo = -F.logsigmoid(margin - gamma)                      # (B,)

@@ -207,3 +207,43 @@ def test_model_patch_and_loss_copied_alone_score_a_packed_row_with_torch_and_tra
                      "pos = torch.tensor([list(range(6)) + [6, 7, 8] + [6, 7, 8, 9]])\n"
                      "lp, n = model_patch.response_logps(m, ids, pos, seg)\n"
                      "assert lp.shape == (1, 2) and n.tolist() == [[3, 4]], (lp, n)\n")
+
+
+def brute_force_reference(chosen, rejected, ref_chosen, ref_rejected, beta, gamma, sft_weight):
+    """The reference-based variant, one Python float at a time: r(y) = beta * (logp - logp_ref)."""
+    total = 0.0
+    for c, rs, c0, rs0 in zip(chosen, rejected, ref_chosen, ref_rejected):
+        z = beta * (c - c0) - beta * sum(r - r0 for r, r0 in zip(rs, rs0)) / len(rs) - gamma
+        total += -log_sigmoid(z) + sft_weight * (-c)
+    return total / len(chosen)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_the_reference_based_variant_matches_a_brute_force_loop(M):
+    g = torch.Generator().manual_seed(M)
+    c, r = -torch.rand(4, generator=g, dtype=torch.float64) * 4, -torch.rand(4, M, generator=g, dtype=torch.float64) * 4
+    c0, r0 = -torch.rand(4, generator=g, dtype=torch.float64) * 4, -torch.rand(4, M, generator=g, dtype=torch.float64) * 4
+    c.requires_grad_(True)                           # float64: the brute force's own precision
+    loss, m = logo_loss(c, r, beta=2.5, gamma=0.25, sft_weight=0.1, ref_chosen_logps=c0,
+                        ref_rejected_logps=r0)
+    expected = brute_force_reference(c.tolist(), r.tolist(), c0.tolist(), r0.tolist(), 2.5, 0.25, 0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert m["reward_margin"].item() == pytest.approx(
+        (2.5 * ((c - c0) - (r - r0).mean(1))).mean().item(), rel=1e-12)
+    assert m["sft"].item() == pytest.approx(-c.mean().item(), rel=1e-6)   # SFT term as without
+    loss.backward()
+    assert torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0
+
+
+def test_the_reference_based_variant_starts_at_log_one_plus_e_gamma_when_policy_is_reference():
+    c, r = torch.tensor([-1.3, -2.0]), torch.tensor([[-2.5, -0.7], [-1.0, -3.0]])
+    loss, m = logo_loss(c, r, beta=10.0, gamma=3.0, ref_chosen_logps=c.clone(), ref_rejected_logps=r.clone())
+    assert m["logo"].item() == pytest.approx(math.log1p(math.exp(3.0)), rel=1e-6)
+    assert m["reward_margin"].item() == 0.0
+    free, _ = logo_loss(c, r, beta=10.0, gamma=3.0)
+    assert free.item() != pytest.approx(loss.item())        # reference-free differs here
+
+
+def test_the_reference_based_variant_refuses_half_a_reference():
+    with pytest.raises(ValueError, match="both"):
+        logo_loss(torch.zeros(2), torch.zeros(2, 2), beta=1.0, gamma=0.0, ref_chosen_logps=torch.zeros(2))
