@@ -77,6 +77,9 @@ parser.add_argument("--attention", default="auto", choices=["auto", "split", "fl
                     help="packed attention, see model_patch.response_logps (auto: split on CPU)")
 parser.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: the preset's)")
 parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing, both layouts")
+parser.add_argument("--reference", action="store_true",
+                    help="also the reference-based loss (loss.py): packed, plus a no-grad forward of the "
+                         "same rows with the LoRA adapter off (the reference policy), in a third process")
 # sample shape
 parser.add_argument("--num_chunks", type=int, default=16, help="N: context chunks (paper: 16)")
 parser.add_argument("--chunk_len", type=int, default=128, help="C: tokens per chunk (paper: 512)")
@@ -94,7 +97,7 @@ parser.add_argument("--mem_limit_gib", type=float, default=18.0,
                          "reported as not fitting, instead of waking the kernel's OOM killer")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--variant", choices=["packed", "unpacked"], default=None,
+parser.add_argument("--variant", choices=["packed", "unpacked", "reference"], default=None,
                     help="internal: run one layout in this process, driven by the main one")
 args = parser.parse_args()
 if args.device == "auto":
@@ -189,12 +192,20 @@ def run_variant():
     cuda = model.device.type == "cuda"
     ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
     attention = args.attention if args.attention != "auto" else "flex" if cuda and has_triton() else "split"
-    if args.variant == "packed":
+    if args.variant in ("packed", "reference"):
         def score():
             return model_patch.response_logps(model, ids, pos, seg, attention=attention)
     else:
         def score():
             return model_patch.response_logps_unpacked(model, ids, pos, seg)
+
+    def reference():
+        """reference: the same packed rows through the base model (adapter off), no grad."""
+        if args.variant != "reference":
+            return {}
+        with model.disable_adapter(), torch.no_grad():
+            ref = score()[0]
+        return dict(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1:])
 
     def say(**kw):
         print(json.dumps(kw), flush=True)
@@ -217,9 +228,10 @@ def run_variant():
             break
         try:
             t0, c0 = time.perf_counter(), time.process_time()
+            ref = reference()
             logps, counts = score()                              # (B, 1+M) mean log-probs
             loss, _ = logo_loss(logps[:, 0], logps[:, 1:], beta=preset["beta"], gamma=preset["gamma"],
-                                sft_weight=preset["sft_weight"])
+                                sft_weight=preset["sft_weight"], **ref)
             loss.backward()
             model.zero_grad(set_to_none=True)
             if cuda:
@@ -284,6 +296,7 @@ def main():
                         args.response_len, args.num_rejected)
     k = n * c + q                                                # prefix: context + question
     tokens = dict(packed=B * (k + (m + 1) * r), unpacked=B * (m + 1) * (k + r))
+    tokens["reference"] = tokens["packed"]
     name = (f"random {args.random_model} shape ({args.hidden_size or 'full'} wide, {args.num_layers} layers)"
             if args.random_model else args.model)
     print(f"LOGO packing benchmark: {name} {args.dtype} on {args.device}, B={B} x [{n} x {c} context + {q} question, "
@@ -294,7 +307,7 @@ def main():
     # so that whatever else runs on the machine slows both alike.
     procs = {v: subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", v],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for v in ("packed", "unpacked")}
+             for v in ("packed", "unpacked") + (("reference",) if args.reference else ())}
 
     def ask(v, command):
         """Send a command to layout v's process; its JSON answer (or an error if it died)."""
@@ -343,6 +356,8 @@ def main():
           f"   {'step memory':>13}")
     print(row("unpacked (M+1 rows)", "unpacked"))
     print(row(f"packed ({p.get('attention', '?')})", "packed"))
+    if args.reference:
+        print(row("packed, reference-based", "reference"))
     flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)
     failed = [f"{v} layout: {res[v]['error']}" for v in procs if "error" in res[v]]
     if failed:
@@ -354,6 +369,11 @@ def main():
     cpu = statistics.median(u["cpu_times"]) / statistics.median(p["cpu_times"])
     print(f"{'unpacked / packed':<24} {tokens['unpacked'] / tokens['packed']:>6.2f}x   {speed:>8.2f}x{'':<17}"
           f"   {cpu:>9.2f}x   {u['step_mem'] / p['step_mem']:>12.2f}x   (FLOP bound {flop_bound:.2f}x)")
+    if args.reference and "error" not in res["reference"]:
+        x = res["reference"]
+        print(f"{'reference / free':<24} {'':>7}   {statistics.median(x['times']) / statistics.median(p['times']):>8.2f}x"
+              f"{'':<17}   {statistics.median(x['cpu_times']) / statistics.median(p['cpu_times']):>9.2f}x"
+              f"   {x['step_mem'] / p['step_mem']:>12.2f}x   (reference-based vs reference-free, packed)")
     lp, lu = torch.tensor(p["logps"]), torch.tensor(u["logps"])
     print(f"\nmean response log-probs (packed, row 0): {[round(x, 4) for x in p['logps'][0]]}")
     print(f"max |packed - unpacked| = {(lp - lu).abs().max():.2e}")
