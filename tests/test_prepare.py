@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -545,17 +546,17 @@ def planted_fact_rate(recs, tok, flags):
     shared context C' holds the whole planted sentence, and whose critical chunks do."""
     args = prepare.parse_args(flags)
     prepare.resolve(args)
-    pipe = prepare.Pipeline(args, tok, None, entities.load_spacy(), entities.load_sentencizer())
-    stats = prepare.new_stats()
-    items = [(i, i + 1, r, None) for i, r in enumerate(recs)]
-    samples = pipe.contexts(pipe.chunk(items, stats, lambda n: f"planted:{n}"), stats)
+    counts = Counter()
+    items = [(i, f"planted:{i + 1}", r, None) for i, r in enumerate(recs)]
+    samples = prepare.build_contexts(args, tok, prepare.chunk_and_score(args, tok, entities.load_spacy(), items,
+                                                                        counts, Counter()), counts)
     squash = lambda s: re.sub(r"\s+", " ", s)
     in_ctx = in_crit = 0
     for s in samples:
-        fact = squash(s["rec"]["fact"])
-        in_ctx += fact in squash(tok.decode([t for i in s["ctx"] for t in s["chunks"][i]]))
-        in_crit += fact in squash(tok.decode([t for i in s["critical"] for t in s["chunks"][i]]))
-    return in_ctx / len(recs), in_crit / len(recs), stats
+        fact = squash(s.rec["fact"])
+        in_ctx += fact in squash(tok.decode([t for i in s.ctx for t in s.chunks[i]]))
+        in_crit += fact in squash(tok.decode([t for i in s.critical for t in s.chunks[i]]))
+    return in_ctx / len(recs), in_crit / len(recs), prepare.nest(counts)
 
 
 def test_a_planted_fact_is_never_cut_at_a_chunk_border(tmp_path):
@@ -620,10 +621,12 @@ def test_generation_runs_in_float32_on_cpu_and_each_worker_takes_its_own_gpu(mon
         args = prepare.parse_args(["--num_shards", "8", "--shard_id", str(shard_id)])
         prepare.resolve(args)
         assert (args.device, args.dtype) == (device, "bfloat16")      # the preset's dtype on GPU
-    monkeypatch.setenv("LOCAL_RANK", "2")                              # under a launcher
+    # A LOCAL_RANK left in the shell by a launcher is ignored: it would put every worker on
+    # one GPU; the shard alone picks it (5 mod 4).
+    monkeypatch.setenv("LOCAL_RANK", "2")
     args = prepare.parse_args(["--num_shards", "8", "--shard_id", "5"])
     prepare.resolve(args)
-    assert args.device == "cuda:2"
+    assert args.device == "cuda:1"
     args = prepare.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
     prepare.resolve(args)
     assert (args.device, args.dtype) == ("cpu", "bfloat16")            # explicit flags win
