@@ -180,12 +180,10 @@ def _convert_gguf(spec):
     del config.quantization_config     # a GGUF-loaded model refuses save_pretrained
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)                 # atomic: a crash never leaves a half cache
+    with atomic_path(out) as tmp:       # a crash never leaves a half cache
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
