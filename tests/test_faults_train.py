@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from train_helpers import ROOT, baseline, read_log, run_train, write_tiny_data
+from train_helpers import ROOT, baseline, nan_at_steps, read_log, run_train, write_tiny_data
 
 TOL = 1e-5
 
@@ -139,7 +139,7 @@ def test_a_target_length_beyond_the_rope_window_stops_and_the_suggested_rope_the
 def test_a_non_finite_loss_skips_that_step_counts_it_and_training_goes_on(base_run, tmp_path):
     data, out = base_run
     run = tmp_path / "run"
-    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", run, "--debug_nan_steps", 3)
+    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", run, env=nan_at_steps(tmp_path, [3]))
     assert r.returncode == 0, r.stderr[-3000:]
     log, ref = read_log(run), read_log(out)
     assert log[2]["skipped"] is True and log[2]["loss"] is None
@@ -157,7 +157,7 @@ def test_a_non_finite_loss_skips_that_step_counts_it_and_training_goes_on(base_r
 def test_non_finite_losses_in_a_row_stop_the_run_with_a_clear_message(base_run, tmp_path):
     data, _ = base_run
     run = tmp_path / "run"
-    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", run, "--debug_nan_steps", "2,3,4")
+    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", run, env=nan_at_steps(tmp_path, [2, 3, 4]))
     assert_user_error(r, r"non-finite for 3 steps in a row \(steps 2-4", r"log\.jsonl", r"lower --lr")
     assert [g["skipped"] for g in read_log(run)] == [False, True, True, True]
     assert not (run / "final").exists() and not leftovers(run)

@@ -84,7 +84,7 @@ def test_train_refuses_a_local_rank_beyond_the_visible_gpus(tmp_path, monkeypatc
     for name in ("is_available", "device_count", "set_device"):
         monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
     monkeypatch.setenv("LOCAL_RANK", "8")
-    with pytest.raises(train.UserError, match="LOCAL_RANK is 8 but this process sees 8 GPUs"):
+    with pytest.raises(models.UserError, match="LOCAL_RANK is 8 but this process sees 8 GPUs"):
         train.select_device()
     assert cuda.calls == []
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import models
-from train_helpers import baseline, read_log, read_rows, reference_logps, run_train
+from train_helpers import baseline, planted, read_log, read_rows, reference_logps, run_train
 
 TOL = 1e-5
 
@@ -237,10 +237,19 @@ def test_two_processes_with_zero_and_gradient_checkpointing_train_to_the_end_lik
 
 
 def test_processes_that_do_not_see_rank_0s_out_dir_stop_with_one_line(base_run, tmp_path):
-    # several nodes without a shared filesystem, simulated: rank 1 looks at another folder
+    # several nodes without a shared filesystem, simulated: rank 1 does not see rank 0's files
     data, _ = base_run
+    unshared = planted(tmp_path, """
+import os
+_exists = os.path.exists
+def exists(path):
+    if int(os.environ.get("RANK", "0")) > 0 and ".shared_check_" in str(path):
+        return False
+    return _exists(path)
+os.path.exists = exists
+""")
     r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", tmp_path / "run", "--zero_stage", 0,
-                  "--debug_unshared_out_dir", launcher=launcher(2))
+                  launcher=launcher(2), env=unshared)
     assert r.returncode != 0
     assert "1 of 2 processes do not see rank 0's out_dir" in r.stderr
     assert "on a filesystem every node shares" in r.stderr

@@ -1,5 +1,7 @@
 """Shared by test_train.py and test_faults_train.py: a small prepared data set for the tiny
-preset written the way prepare.py writes it (shards + meta.json), and a train.py runner."""
+preset written the way prepare.py writes it (shards + meta.json), a train.py runner, and
+faults planted in a train.py process (and each process under the deepspeed launcher) by a
+sitecustomize.py that patches a function at interpreter start."""
 
 import json
 import os
@@ -67,6 +69,34 @@ def run_script(name, *args, launcher=None, env=None, timeout=600):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def planted(tmp_path, code):
+    """env for run_train: PYTHONPATH with a sitecustomize.py holding `code`, which every
+    Python process started with it runs before anything else (the repo root follows, so
+    the code can import the repo's modules and patch their functions)."""
+    folder = os.path.join(str(tmp_path), "faults")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(code)
+    return {"PYTHONPATH": os.pathsep.join([folder, ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def nan_at_steps(tmp_path, steps, micro_batches_per_step=2):
+    """A planted fault: the loss is NaN at these optimiser steps (1-based). train.py calls
+    loss.logo_loss once per micro-batch, so call k (0-based) belongs to step
+    k // micro_batches_per_step + 1 (the tiny preset: 2 rows of 1 per step)."""
+    return planted(tmp_path, f"""
+import loss
+_logo_loss, calls = loss.logo_loss, []
+def logo_loss(*a, **k):
+    value, metrics = _logo_loss(*a, **k)
+    calls.append(1)
+    if (len(calls) - 1) // {micro_batches_per_step} + 1 in {sorted(steps)!r}:
+        value = value * float("nan")
+    return value, metrics
+loss.logo_loss = logo_loss
+""")
 
 
 def read_log(out_dir):
