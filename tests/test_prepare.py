@@ -277,6 +277,17 @@ def test_rows_are_prefix_then_chosen_then_rejected_with_synthesized_positions(de
         assert int(pos.max()) < 4096
 
 
+def test_counts_nest_into_the_shard_header_layout_and_flatten_back():
+    c = Counter({"read": 3, "kept": 2, "skipped/short_context": 1, "states_gold/chosen": 1, "checked/chosen": 2,
+                 "responses/generated": 6, "chosen_source/model": 2, "chunking/sentence": 2})
+    n = prepare.nest(c)
+    assert n["skipped"] == {"short_context": 1} and n["read"] == 3 and n["rows"] == 0
+    assert n["quality"] == {"chosen": [1, 2], "irrelevant": [0, 0], "partial": [0, 0]}
+    assert n["responses"]["generated"] == 6 and n["chosen_source"] == dict(
+        model=2, gold_sentence=0, model_hinted=0, gold=0, model_unchecked=0)
+    assert +prepare.flatten(json.loads(json.dumps(n))) == +c          # + drops the zeros
+
+
 def test_shards_read_back_equal_to_what_was_built(tmp_path):
     tensors = {"input_ids": torch.arange(10, dtype=torch.int32),
                "position_ids": torch.arange(0, 30, 3, dtype=torch.int32),
@@ -329,7 +340,7 @@ def test_skip_bad_counts_every_skipped_record_by_reason(tmp_path):
     assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--skip_bad", "--delta", "2",
                                 "--shard_size", "3", "--chosen", "model"]) == 0
     c = json.load(open(os.path.join(out, "meta.json")))["counts"]
-    # (with the corpus before issue 15's calibration, the random tiny model also repeated its
+    # (with the corpus before its calibration, the random tiny model also repeated its
     # chosen answer in every rejected one for one record: rejected_same_as_chosen, tested on
     # its own in test_rejected_answers_identical_to_the_chosen_one_are_never_kept; not here)
     assert c["skipped"] == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1,
@@ -508,7 +519,7 @@ def test_cut_answers_end_at_their_last_sentence_and_are_never_stored_as_finished
 # ---------------------------------------------------------------------------- planted facts
 
 # One fact per essay, planted between two of its sentences; the question names three of
-# the fact's entities and asks for a fourth. Facts of real essays (the issue's check) were
+# the fact's entities and asks for a fourth. Facts of real essays were
 # cut in two at fixed 128-token chunk borders in 2 of 6 samples.
 FACTS = [("In {year}, the novelist {person} published {title} with {org} in {city}.",
           "Which novel did {person} publish with {org} in {year}?", "title"),
@@ -562,7 +573,7 @@ def planted_fact_rate(recs, tok, flags):
 def test_a_planted_fact_is_never_cut_at_a_chunk_border(tmp_path):
     """On 24 essays of the built-in prose (512-byte chunks, about the characters of one
     128-token chunk of SmolLM2) with one planted fact each. The same check on the Paul
-    Graham essays, outside CI: LOGO_ESSAYS=../shared/data/pg_essays python -m pytest -k planted"""
+    Graham essays, outside CI: LOGO_ESSAYS=<folder of .txt essays> python -m pytest -k planted"""
     from corpus import haystack
     folder = os.environ.get("LOGO_ESSAYS")
     if folder:
