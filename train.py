@@ -15,24 +15,18 @@ Writes  <out_dir>/run_config.json      the resolved configuration (written at st
     deepspeed --num_gpus 8 train.py --model llama3-8b-80k --data_dir data/llama3 --gradient_checkpointing
     python train.py --model tiny --data_dir data/tiny --resume      # continue runs/logo exactly
 
-The preset's defaults (after a plain python prepare.py) run 48 steps of 2 rows (~2.1K tokens
-each, float32 on CPU) in 17-19 minutes on 2 cores; demo.sh runs 12 steps of 1K-token rows in
-~2-3 minutes. One line per step, then the first quarter of the steps against the last
-(demo.sh, measured: loss 2.01 -> 0.50, reward_margin -0.37 -> 4.13, reward_accuracy 0.50 -> 0.83).
-
-One optimiser step = global_batch packed rows (prefix | chosen | rejected 1..M, model_patch.py)
-in micro-batches of micro_batch rows per process. Row order, learning rate and dropout RNG are
-functions of (seed, step) alone, so --resume replays exactly what an uninterrupted run does.
-Bad input stops with one `error: <what> (<file>); <what to do>` line, exit status 2, before
-the model loads. A non-finite loss drops its whole step (no update, AdamW moments untouched)
-and is counted; --max_nonfinite_steps in a row stop the run. Checkpoints and the adapter are
-renamed into place only when complete (models.atomic_path): a kill leaves nothing that looks
-finished.
+Defaults (after a plain python prepare.py): 48 steps of 2 rows of ~2.1K tokens, float32, in
+17-19 minutes on 2 CPU cores; demo.sh: 12 steps of 1K-token rows in ~2-3 minutes, then the
+first quarter of the steps against the last (measured: loss 2.01 -> 0.50, reward_margin
+-0.37 -> 4.13, reward_accuracy 0.50 -> 0.83). Row order, learning rate and dropout are
+functions of (seed, step) alone: --resume replays exactly what an uninterrupted run does.
+Bad input stops with one `error: <what> (<file>); <what to do>` line (exit status 2) before
+the model loads; a non-finite loss skips its whole step; nothing is renamed into place
+before it is complete (models.atomic_path).
 """
 
 import argparse
 import json
-import logging
 import math
 import os
 import pickle
@@ -70,8 +64,7 @@ def parse_args(argv=None):
     a = p.add_argument_group("model").add_argument
     a("--model", default="smollm2-135m", help=f"preset ({', '.join(models.MODELS)}), local folder or hub id")
     a("--rope_theta", type=float, default=None, help="RoPE base; default the preset's (None keeps the checkpoint's)")
-    a("--dtype", choices=["float32", "bfloat16"], default=None, help="weights and compute; default the preset's "
-      "on GPU, float32 on CPU (bf16: DeepSpeed bf16 with fp32 master weights)")
+    a("--dtype", choices=["float32", "bfloat16"], default=None, help="default the preset's on GPU, float32 on CPU")
     a("--attention", choices=["auto", "split", "flex", "mask"], default="auto", help="packed attention kernel")
     a("--trust_remote_code", action="store_true", help="allow model code from the hub")
     a = p.add_argument_group("LoRA (peft)").add_argument
@@ -80,12 +73,11 @@ def parse_args(argv=None):
     a("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
     a("--lora_targets", default=None, help="comma-separated modules (paper: attention projections + embed_tokens)")
     a = p.add_argument_group("LOGO loss (paper Eq. 2-3)").add_argument
-    a("--loss", choices=["logo", "sft"], default="logo", help="logo: Eq. 2 + lambda * SFT (Eq. 3); sft: mean NLL "
-      "of the chosen response only (the paper's 'Instruct Tuning (Partial)' baseline)")
+    a("--loss", choices=["logo", "sft"], default="logo", help="sft: the chosen response's NLL only (paper: "
+      "'Instruct Tuning (Partial)')")
     a("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
     a("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
-    # --gamma 3 with --beta 10 is --gamma_beta_ratio 0.3. Passing 3 as a ratio means a margin
-    # of 30: the preference term never saturates (ERRORS.md).
+    # --gamma 3 with --beta 10 is --gamma_beta_ratio 0.3; 3 as a ratio never saturates (ERRORS.md)
     a("--gamma_beta_ratio", type=float, default=None, help="gamma as gamma/beta (SimPO's and the released code's)")
     a("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
     a = p.add_argument_group("optimisation").add_argument
@@ -111,8 +103,7 @@ def parse_args(argv=None):
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None, help="DeepSpeed ZeRO; default 3 on GPU, 0 on CPU")
     a("--offload_optimizer", action="store_true", help="ZeRO: optimiser state in CPU memory")
     a("--offload_params", action="store_true", help="ZeRO-3: parameters in CPU memory")
-    a("--zero3_persistence_threshold", type=int, default=None, help="ZeRO-3: tensors with fewer elements stay whole "
-      "on every process (DeepSpeed's stage3_param_persistence_threshold, default 1e5; 0 partitions every tensor)")
+    a("--zero3_persistence_threshold", type=int, default=None, help="ZeRO-3: smaller tensors stay whole (0: none)")
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward (8K+ rows on a GPU)")
     a("--max_nonfinite_steps", type=int, default=3, help="stop after this many non-finite (skipped) steps in a row")
     a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
@@ -182,8 +173,7 @@ def ds_config(cfg):
 # Data: meta.json and the shards prepare.py wrote, checked against the model before it loads.
 
 def load_data(cfg):
-    """Every check of the input, before anything heavy, each naming the file and the command
-    to re-run. Returns (tokenizer, PackedRows)."""
+    """Every check of the input, before anything heavy -> (tokenizer, PackedRows)."""
     d, hint = cfg["data_dir"], f"run: python prepare.py --model {cfg['model']} --out_dir {cfg['data_dir']}"
     path = os.path.join(d, "meta.json")
     need(os.path.isdir(d), f"data folder {d} does not exist; {hint} (or pass --data_dir)")
@@ -206,11 +196,11 @@ def load_data(cfg):
     except OSError as e:              # FileNotFoundError included: a missing package or folder
         raise UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it names, or pass "
                         "a local model folder / a hub id already in your HF cache") from None
-    # model_patch would refuse another architecture at the first step: say it now.
     archs = [a for a in getattr(config, "architectures", None) or [] if a not in model_patch.PACKED_ARCHITECTURES]
-    need(not archs, f"--model {cfg['model']} is a {archs[0] if archs else ''}: packed log-probs are tested for "
-         f"{', '.join(model_patch.PACKED_ARCHITECTURES)} only; train one of those (or add it to "
-         "tests/test_model_patch.py's parity tests and model_patch.PACKED_ARCHITECTURES)")
+    if archs:                         # model_patch would refuse it at the first step: say it now
+        raise UserError(f"--model {cfg['model']} is a {archs[0]}: packed log-probs are tested for "
+                        f"{', '.join(model_patch.PACKED_ARCHITECTURES)} only; train one of those (or add it to "
+                        "tests/test_model_patch.py's parity tests and model_patch.PACKED_ARCHITECTURES)")
     # Token ids mean something only under the tokenizer that made them (its fingerprint hashes
     # the vocabulary); PackedRows checks that they fit the embedding table.
     fp = models.tokenizer_fingerprint(tok)
@@ -230,26 +220,22 @@ def check_rope(K, meta_path, config, cfg):
     """Data synthesized for K = target_len positions needs RoPE settings that cover K: the
     native window, stretched by a raised base by the NTK-aware factor s = (theta /
     theta_native)^((d-2)/d) (d = head dim: the longest wavelength grows by exactly s), capped
-    at the paper's 8x; else name the smallest rope_theta that covers K. Llama-3-8B (theta 5e5,
-    d = 128) with the released code's 2e8: s = 400^(126/128) ~ 364, capped: 8K -> 64K."""
+    at the paper's 8x. Llama-3-8B (theta 5e5, d = 128) with 2e8: s ~ 364, capped: 8K -> 64K."""
     native = cfg["native_len"] or config.max_position_embeddings  # 81920 = K for llama3-8b-80k
     theta0, theta = model_patch.get_rope_theta(config), cfg["rope_theta"]   # the checkpoint's; the flag's
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     covered = native if theta is None or theta <= theta0 else \
         int(native * min(MAX_ROPE_EXTENSION, (theta / theta0) ** ((d - 2) / d)))
-    if K > MAX_ROPE_EXTENSION * native:
-        todo = f"LOGO extends a window at most {MAX_ROPE_EXTENSION}x: re-run prepare.py with --target_len " \
-               f"{MAX_ROPE_EXTENSION * native} or less"
-    else:                             # s solved for theta
-        todo = f"pass --rope_theta {theta0 * (K / native) ** (d / (d - 2)):.3g} or more, or re-run prepare.py " \
-               f"with --target_len {covered}"
+    todo = f"LOGO extends a window at most {MAX_ROPE_EXTENSION}x: re-run prepare.py with --target_len " \
+           f"{MAX_ROPE_EXTENSION * native} or less" if K > MAX_ROPE_EXTENSION * native else \
+           f"pass --rope_theta {theta0 * (K / native) ** (d / (d - 2)):.3g} or more, or re-run prepare.py " \
+           f"with --target_len {covered}"    # s solved for theta
     need(K <= covered, f"the data's positions reach target_len {K} but {cfg['model']}'s RoPE settings (rope_theta "
          f"{theta or theta0:g}, native window {native}) cover {covered} ({meta_path}); {todo}")
 
 
 class PackedRows:
-    """The rows of the shards meta.json lists, memory-mapped. row(i) -> (input_ids,
-    position_ids, segment_ids) as int64 numpy arrays; only each row's (file, start, end) is held."""
+    """The shards' rows, memory-mapped: row(i) -> (input_ids, position_ids, segment_ids), int64."""
 
     def __init__(self, data_dir, meta, vocab_size, hint):
         names = meta.get("shards") or sorted(f for f in os.listdir(data_dir) if f.startswith("shard_")
@@ -275,7 +261,8 @@ class PackedRows:
             if len(off) > 1:          # else every sample of the shard was skipped
                 # An id past the embedding table fails deep inside the forward (an IndexError on
                 # CPU, a device-side assert on CUDA): caught here, with the shard named.
-                bad(ids.min() >= 0 and ids.max() < vocab_size, f"token ids outside the model's vocabulary of {vocab_size}")
+                bad(ids.min() >= 0 and ids.max() < vocab_size, f"token ids outside the model's vocabulary of "
+                    f"{vocab_size}")
                 bad(pos.min() >= 0 and pos.max() < K, f"position ids outside [0, target_len={K})")
                 # Per row: segment 0 first, steps of 0 or +1, M + 1 reached (prefix, chosen, every rejected).
                 step = np.diff(seg.astype(np.int64))
@@ -290,8 +277,8 @@ class PackedRows:
     def __len__(self):
         return len(self.index)
 
-    def row(self, i):
-        f, a, b = self.index[i]           # reads rows [a, b) only; int32 / int8 on disk, int64 here
+    def row(self, i):                     # reads rows [a, b) only; int32 / int8 on disk, int64 here
+        f, a, b = self.index[i]
         return tuple(self.files[f].get_slice(k)[a:b].astype("int64") for k in ("input_ids", "position_ids",
                                                                                  "segment_ids"))
 
@@ -325,8 +312,8 @@ def micro_batch(data, rows, cfg, micro, rank, pad_id, device):
 # Model: a frozen base + LoRA inside a DeepSpeed engine; the loss, the schedule, the export.
 
 class LogoScorer(torch.nn.Module):
-    """What DeepSpeed wraps (so ZeRO-3's hooks gather the sharded weights): packed rows
-    (B, T) x 3 in, (logps, counts) out, both (B, 1+M): column 0 chosen, 1..M rejected."""
+    """What DeepSpeed wraps (its ZeRO-3 hooks gather the weights): packed (B, T) x 3 in,
+    (logps, counts) out, both (B, 1+M): column 0 chosen, 1..M rejected."""
 
     def __init__(self, peft_model, attention):
         super().__init__()
@@ -390,9 +377,8 @@ def build(cfg, rank):
 
 
 def lr_at(step, cfg):
-    """Learning rate of step `step` (0-based): linear warmup to lr (lr / warm at step 0, never
-    0), then cosine down to lr * min_lr_ratio at max_steps, or constant. Paper preset: 120 of
-    1200 steps, then 5e-7 -> 5e-8."""
+    """Step `step` (0-based): linear warmup to lr (lr / warm at step 0, never 0), then cosine to
+    lr * min_lr_ratio at max_steps, or constant. Paper preset: 120 of 1200 steps, 5e-7 -> 5e-8."""
     lr, warm, low = cfg["lr"], cfg["warmup_steps"], cfg["min_lr_ratio"]
     if step < warm:
         return lr * (step + 1) / warm
@@ -480,7 +466,8 @@ def start_run(cfg, rank):
              "check --out_dir; with several nodes it must be on a filesystem every node shares)")
         with open(saved) as f:
             old = json.load(f)
-        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in cfg.items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in cfg.items()
+                if k not in RESUME_MAY_CHANGE and old.get(k) != v]
         need(not diff, f"--resume with settings that differ from the run's ({saved}): {'; '.join(diff)}; "
              "resume with the same flags or use a new --out_dir")
     elif rank == 0 and (os.path.exists(saved) or found):
@@ -542,16 +529,15 @@ def safe_torch_load(path, map_location=None):
 
 
 def resume(engine, path, log_path, rank):
-    """Load checkpoint `path`, cut log.jsonl back to it; returns its {"step", "nonfinite_total"}."""
+    """Load checkpoint `path`, cut log.jsonl back to it -> {"step", "nonfinite_total"}."""
     # Not strict: the checkpoint holds LoRA only. No scheduler state: lr_at(step) sets the rate.
     engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
                            load_module_strict=False, load_lr_scheduler_states=False)
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     if rank == 0:
-        # Line i is step i + 1: each step appends one line (flushed before its checkpoint is
-        # saved), and a resume cuts the log back to its checkpoint. What follows was replayed
-        # or torn by a kill.
+        # Line i is step i + 1 (each step appends one, flushed before its checkpoint; a resume
+        # cuts the log back): what follows was replayed or torn by a kill.
         with open(log_path) as f:
             kept = f.readlines()[:state["step"]]
         with models.atomic_path(log_path) as tmp, open(tmp, "w") as f:
@@ -571,8 +557,8 @@ def select_device():
     if not torch.cuda.is_available():
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    need(local < torch.cuda.device_count(), f"LOCAL_RANK is {local} but this process sees "
-         f"{torch.cuda.device_count()} GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+    need(local < torch.cuda.device_count(), f"LOCAL_RANK is {local} but this process sees {torch.cuda.device_count()} "
+         f"GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
          "start one process per visible GPU")
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
@@ -583,7 +569,7 @@ def import_deepspeed():
     JIT-compile with g++ on a machine's first run (18 s on a 2-core Xeon), even for one
     process; gloo does a CPU run's few collectives. Read when DeepSpeed builds its backend."""
     import deepspeed
-    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel("WARNING")
     if deepspeed.get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
@@ -676,16 +662,14 @@ def loggers(cfg, log_path):
         wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
         writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
     log = open(log_path, "a")
-    return [lambda rec: (log.write(json.dumps(rec) + "\n"), log.flush()), lambda rec: tqdm.write(log_line(rec))] \
+    f = lambda rec, k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
+    line = lambda rec: " | ".join(                                   # METRICS, shortened
+        [f"step {rec['step']:5d}"] + [f"{n} {f(rec, k)}" for n, k in zip(
+            ["loss", "logo", "sft", "r_chosen", "r_rejected", "margin", "acc"], METRICS)]
+        + [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"{rec['seconds_per_step']:.2f} s/step"]
+        + (["SKIPPED: non-finite loss"] if rec["skipped"] else []))
+    return [lambda rec: (log.write(json.dumps(rec) + "\n"), log.flush()), lambda rec: tqdm.write(line(rec))] \
         + writers, log
-
-
-def log_line(rec):
-    f = lambda k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
-    names = ["loss", "logo", "sft", "r_chosen", "r_rejected", "margin", "acc"]    # of METRICS
-    return " | ".join([f"step {rec['step']:5d}", *(f"{n} {f(k)}" for n, k in zip(names, METRICS)),
-                       f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"{rec['seconds_per_step']:.2f} s/step"]
-                      + (["SKIPPED: non-finite loss"] if rec["skipped"] else []))
 
 
 def quarters(recs):
@@ -706,7 +690,8 @@ def summary(log_path):
         return "no step finished with a finite loss"
     a, b = quarters(recs)
     return (f"steps {a[0]['step']}-{a[-1]['step']} vs {b[0]['step']}-{b[-1]['step']}: "
-            + ", ".join(f"{k} {mean(a, k):.3f} -> {mean(b, k):.3f}" for k in ("loss", "reward_margin", "reward_accuracy"))
+            + ", ".join(f"{k} {mean(a, k):.3f} -> {mean(b, k):.3f}"
+                        for k in ("loss", "reward_margin", "reward_accuracy"))
             + f"; {sum(r['seconds_per_step'] for r in recs) / 60:.1f} min of steps")
 
 
