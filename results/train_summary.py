@@ -21,16 +21,39 @@ not read this folder.
 import argparse
 import json
 import os
+import platform
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
 KEYS = ("loss", "logo", "sft", "reward_margin", "reward_accuracy")
 
 
+def git_state():
+    """(commit, dirty) of this checkout (results/ left out: summaries are data), as
+    evaluate.py records it; (None, None) outside git."""
+    run = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                    capture_output=True, text=True)
+    head, status = run("rev-parse", "HEAD"), run("status", "--porcelain", "--untracked-files=no",
+                                                 "--", "..", ":(exclude)../results")
+    return (None, None) if head.returncode or status.returncode else \
+        (head.stdout.strip(), bool(status.stdout.strip()))
+
+
+def cpu():
+    """/proc/cpuinfo's first model name with its family and model numbers, then the kernels
+    torch picks: a VM's bare "AMD EPYC" hides CPU generations whose float bits differ."""
+    info = {}
+    if os.path.exists("/proc/cpuinfo"):
+        for key, _, value in (x.partition(":") for x in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()):
+            info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    family = f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info else ""
+    return f"{name}{family}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
 def summarize(run_dir, git_commit=None):
-    from evaluate import cpu_model, git_state, method_of   # one definition of each, in evaluate.py
-    from train import mean, quarters                         # train.py's end-of-run summary
     with open(os.path.join(run_dir, "run_config.json")) as f:
         cfg = json.load(f)
     steps = {}
@@ -46,9 +69,14 @@ def summarize(run_dir, git_commit=None):
                  f"final/ {'present' if os.path.isdir(os.path.join(run_dir, 'final')) else 'missing'})")
     rows = [steps[s] for s in sorted(steps)]
     kept = [r for r in rows if not r.get("skipped")]         # as train.py: non-finite steps out
-    first, last = quarters(kept)
+    q = max(1, len(kept) // 4)                               # train.py's quarters, >= 1 step
+    first, last = kept[:q], kept[-q:]
+    mean = lambda recs, k: sum(r[k] for r in recs) / len(recs)
+    # evaluate.py's method names: sft, logo (M = 2 rejected), logo_mM
+    M = int(cfg.get("num_rejected") or 2)
+    method = "sft" if cfg.get("loss") == "sft" else "logo" if M == 2 else f"logo_m{M}"
     commit, dirty = git_state()
-    return {"format_version": 1, "kind": "train", "method": method_of(None, cfg, True, None), "seed": cfg["seed"],
+    return {"format_version": 1, "kind": "train", "method": method, "seed": cfg["seed"],
             "out_dir": cfg.get("out_dir", run_dir), "data_fingerprint": cfg.get("data_fingerprint"),
             "git_commit": git_commit or commit, "git_dirty": None if git_commit else dirty,
             "metrics": {"steps": len(rows), "tokens": sum(r["tokens"] for r in rows),
@@ -56,7 +84,7 @@ def summarize(run_dir, git_commit=None):
                         "quarter_steps": len(first),
                         "first_quarter": {k: mean(first, k) for k in KEYS},
                         "last_quarter": {k: mean(last, k) for k in KEYS}},
-            "step_seconds": sum(r["seconds_per_step"] for r in rows), "cpu": cpu_model(),
+            "step_seconds": sum(r["seconds_per_step"] for r in rows), "cpu": cpu(),
             "config": cfg}
 
 
@@ -83,7 +111,6 @@ def differences(old, new, keys=("data_fingerprint", "config", "metrics"), where=
 
 def main(argv=None):
     args = parse_args(argv)
-    from evaluate import write_text
     for run in args.run_dirs:
         s = summarize(run.rstrip("/"), args.git_commit)
         path = os.path.join(args.results_dir, "train", f"{s['method']}_s{s['seed']}.json")
@@ -100,7 +127,9 @@ def main(argv=None):
                   f"{' ...' if len(diff) > 8 else ''}; writing the new summary (cells "
                   "evaluated with the earlier adapter are not this run's)")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text(path, json.dumps(s, indent=1) + "\n")
+        with open(path + ".tmp", "w") as f:                   # renamed when whole
+            f.write(json.dumps(s, indent=1) + "\n")
+        os.replace(path + ".tmp", path)
         m = s["metrics"]
         print(f"wrote {path}: {m['steps']} steps, loss {m['first_quarter']['loss']:.3f} -> "
               f"{m['last_quarter']['loss']:.3f}, margin {m['first_quarter']['reward_margin']:.2f} "

@@ -12,27 +12,29 @@ content comes from:
     python results/wrong_answers.py runs/logo/eval_qa/qa.json
     python results/wrong_answers.py runs/eval/logo_s{0,1,2}_qa_2K/qa.json   # + a total, seeds pooled
 
-The records are rebuilt from the run's config (corpus.qa_records, same seed and lengths) and
-checked against the stored questions, so the counts need no stored contexts. Prints a line per
-model and two examples per kind.
+The records are rebuilt from the run's config by `evaluate.py --dry_run` (corpus.qa_records, the
+same seed, lengths and tokenizer) and checked against the stored questions, so the counts need no
+stored contexts. Prints a line per model and two examples per kind.
 """
 
 import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import corpus  # noqa: E402
-
-# The biography template with its facts as groups: corpus.BIOGRAPHY, a pronoun for {He}.
+# The biography template of corpus.py (BIOGRAPHY), its facts as groups, a pronoun for {He};
+# tests/test_results.py checks that it finds every biography corpus.py writes.
+BIOGRAPHY = ["{name} was born in {born_city} in {born_year}.",
+             "{He} joined {employer} in {joined_year} as {a_role}."]
 _FIELDS = re.compile(r"\{(\w+)\}")
 _BIO = re.compile(r"\s".join(
     _FIELDS.sub(lambda m: {"He": "(?:He|She|They)", "a_role": r"an? [\w -]+?",
                            "name": r"(?P<name>[A-Z][\w'-]*(?: [A-Z][\w'-]*)*)"}.get(m[1], rf"(?P<{m[1]}>[^.\n]+?)"),
-                re.escape(s).replace(r"\{", "{").replace(r"\}", "}")) for s in corpus.BIOGRAPHY))
+                re.escape(s).replace(r"\{", "{").replace(r"\}", "}")) for s in BIOGRAPHY))
 FACTS = ("born_city", "born_year", "employer", "joined_year")
 
 
@@ -50,25 +52,37 @@ def source_of(context, question, prediction, answers):
     return "another person" if any(v in prediction for v in others) else "no other's fact"
 
 
-def classify(path, tokenizers):
+def rebuild(cfg):
+    """The records of a qa run, from `evaluate.py --dry_run` with the run's settings."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = (cfg.get("resolved_model") or {}).get("name") or cfg.get("model") or "smollm2-135m"
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--task", "qa", "--dry_run", "--out_dir", tmp, "--model", model, "--seed", cfg["seed"],
+                "--prompt", cfg["prompt"], "--lengths", ",".join(map(str, cfg["lengths"]))]
+        argv += ["--max_samples", cfg["max_samples"]] if cfg.get("max_samples") else []
+        argv += ["--no_chat_template"] if cfg.get("no_chat_template") else []
+        proc = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), *map(str, argv)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"evaluate.py --dry_run failed: {proc.stderr.strip()}")
+        return [json.loads(x) for x in open(os.path.join(tmp, "qa_samples.jsonl"))]
+
+
+def classify(path):
     """{label: (Counter {(pattern, source): n}, {(pattern, source): [predictions]}, questions)}
     of one evaluate.py qa output."""
     run = json.load(open(path))
     cfg = run["config"]
     if run.get("task") != "qa" or cfg.get("data"):
         sys.exit(f"{path}: not a qa evaluation of the built-in corpus")
-    import evaluate
-    from models import load_tokenizer, resolve_model
-    name = cfg.get("model") or "smollm2-135m"
-    if name not in tokenizers:
-        tokenizers[name] = load_tokenizer(resolve_model(name)["path"])
-    eargs = evaluate.parse_args(["--task", "qa", "--seed", str(cfg["seed"]), "--prompt", cfg["prompt"]]
-                                + ["--no_chat_template"] * bool(cfg["no_chat_template"]))
-    samples = evaluate.qa_samples(eargs, tokenizers[name], cfg["lengths"], cfg["max_samples"])
-    unparsed = sum(len(biography_facts(s["record"]["context"])) != corpus.PEOPLE for s in samples)
+    samples = rebuild(cfg)
+    # the asked-about person's paragraph holds the gold answer: a context that does not
+    # parse into biographies, one of them that person's, would be misclassified
+    unparsed = sum(sum(s["record"]["answer"] in f.values() and f["name"] in s["question"]
+                       for f in biography_facts(s["record"]["context"])) != 1 for s in samples)
     if unparsed:
         print(f"warning: {path}: {unparsed} of {len(samples)} contexts do not parse into "
-              f"{corpus.PEOPLE} biographies: their answers may be misclassified")
+              "biographies with the asked-about person's: their answers may be misclassified")
     out = {}
     for label, res in run["results"].items():
         if len(res["samples"]) != len(samples):
@@ -102,9 +116,9 @@ def main(argv=None):
     p.add_argument("qa_json", nargs="+", help="evaluate.py --task qa outputs (TASK.json) on the "
                    "built-in corpus; with several, also a total per label, seeds pooled")
     args = p.parse_args(argv)
-    tokenizers, totals = {}, {}
+    totals = {}
     for path in args.qa_json:
-        for label, (kinds, examples, questions) in classify(path, tokenizers).items():
+        for label, (kinds, examples, questions) in classify(path).items():
             print(line(label, kinds, questions))
             for key in sorted(kinds):
                 print(f"    {key[0]} / {key[1]}: " + " | ".join(map(repr, examples[key][:2])))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import longbench
 from models import load_model, tiny_tokenizer, tokenizer_fingerprint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "longbench")
@@ -21,18 +22,18 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "longbench")
 
 def test_qa_f1_ignores_case_punctuation_and_articles():
     # pred tokens {eiffel, tower, paris}, gold {eiffel, tower, in, paris}: P = 1, R = 3/4
-    assert ev.qa_f1_score("The Eiffel Tower, Paris.", "Eiffel tower in Paris") == \
+    assert longbench.qa_f1_score("The Eiffel Tower, Paris.", "Eiffel tower in Paris") == \
         pytest.approx(2 * 1 * 0.75 / 1.75)
-    assert ev.qa_f1_score("Berlin", "Paris") == 0
+    assert longbench.qa_f1_score("Berlin", "Paris") == 0
 
 
 def test_rouge_score_is_rouge_l_f_over_distinct_words_as_the_rouge_package():
     # ref [a cat lay on a red mat], hyp [the cat sat on the mat]: LCS = cat on mat = 3;
     # the package divides by *distinct* words: 6 in the reference, 5 in the hypothesis.
     r, p = 3 / 6, 3 / 5
-    assert ev.rouge_score("the cat sat on the mat", "a cat lay on a red mat") == \
+    assert longbench.rouge_score("the cat sat on the mat", "a cat lay on a red mat") == \
         pytest.approx(2 * p * r / (p + r), abs=1e-7)
-    assert ev.rouge_score("", "a cat") == 0.0                  # the package refuses; LongBench: 0
+    assert longbench.rouge_score("", "a cat") == 0.0                  # the package refuses; LongBench: 0
 
 
 def test_classification_score_keeps_longbench_list_removal_quirk():
@@ -40,54 +41,54 @@ def test_classification_score_keeps_longbench_list_removal_quirk():
     # Found in the prediction: all four. "Sport" is a substring of the gold class and is
     # removed while iterating, so "Sports" (next in the list) is skipped and stays:
     # [Sports, Sports news, Weather] -> 1/3 (a correct removal would leave 2 -> 1/2).
-    assert ev.classification_score("Sports news or Weather", "Sports news",
+    assert longbench.classification_score("Sports news or Weather", "Sports news",
                                    all_classes=classes) == pytest.approx(1 / 3)
-    assert ev.classification_score("Weather", "Weather", all_classes=classes) == 1.0
-    assert ev.classification_score("Weather", "Sports news", all_classes=classes) == 0.0
+    assert longbench.classification_score("Weather", "Weather", all_classes=classes) == 1.0
+    assert longbench.classification_score("Weather", "Sports news", all_classes=classes) == 0.0
 
 
 def test_count_and_retrieval_scores_are_the_share_of_numbers_that_are_right():
-    assert ev.count_score("There are 3 unique paragraphs, not 4.", 3) == 0.5
-    assert ev.count_score("no idea", "3") == 0.0
-    assert ev.retrieval_score("Paragraph 12, or maybe Paragraph 2", "Paragraph 12") == 0.5
-    assert ev.retrieval_zh_score("段落7", "段落7") == 1.0
+    assert longbench.count_score("There are 3 unique paragraphs, not 4.", 3) == 0.5
+    assert longbench.count_score("no idea", "3") == 0.0
+    assert longbench.retrieval_score("Paragraph 12, or maybe Paragraph 2", "Paragraph 12") == 0.5
+    assert longbench.retrieval_zh_score("段落7", "段落7") == 1.0
 
 
 def test_code_sim_score_uses_the_first_line_without_backtick_hash_or_slashes():
     pred = "\n```python\n# the call\nx = foo(1)\ny = 2"
     # line "x = foo(1)" vs "x = foo(2)": 9 of 10 characters match -> ratio 2*9/20 = 0.9
-    assert ev.code_sim_score(pred, "x = foo(2)") == pytest.approx(0.9)
+    assert longbench.code_sim_score(pred, "x = foo(2)") == pytest.approx(0.9)
 
 
 def test_scorer_keeps_only_the_first_line_for_the_few_shot_datasets():
     pred = "\nParis\nThe capital of France is Paris"
-    assert ev.scorer("triviaqa", [pred], [["Paris"]], None) == 100.0
+    assert longbench.scorer("triviaqa", [pred], [["Paris"]], None) == 100.0
     # hotpotqa scores the whole reply: {paris x2, capital, of, france, is} vs {paris}:
     # one common token, P = 1/6, R = 1 -> F1 = 2/7
-    assert ev.scorer("hotpotqa", [pred], [["Paris"]], None) == round(100 * 2 / 7, 2)
+    assert longbench.scorer("hotpotqa", [pred], [["Paris"]], None) == round(100 * 2 / 7, 2)
 
 
 def test_scorer_takes_the_max_over_gold_answers_and_the_mean_over_samples():
     # "Barack Obama" vs "Obama": F1 2/3; vs "Barack Hussein Obama": P = 1, R = 2/3, F1 0.8
-    assert ev.scorer("hotpotqa", ["Barack Obama"], [["Obama", "Barack Hussein Obama"]],
+    assert longbench.scorer("hotpotqa", ["Barack Obama"], [["Obama", "Barack Hussein Obama"]],
                      None) == 80.0
-    assert ev.scorer("hotpotqa", ["Barack Obama", "Paris"],
+    assert longbench.scorer("hotpotqa", ["Barack Obama", "Paris"],
                      [["Obama", "Barack Hussein Obama"], ["Paris"]], None) == 90.0
 
 
 def test_chinese_metrics_segment_with_jieba_as_longbench():
     pytest.importorskip("jieba")
     # jieba: 我|爱|北京 and 我|爱|上海 -> two of three words in common
-    assert ev.qa_f1_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3)
-    assert ev.qa_f1_zh_score("北京。", "北京") == 1.0           # punctuation dropped
-    assert ev.rouge_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3, abs=1e-7)
+    assert longbench.qa_f1_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3)
+    assert longbench.qa_f1_zh_score("北京。", "北京") == 1.0           # punctuation dropped
+    assert longbench.rouge_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3, abs=1e-7)
 
 
 def test_category_scores_average_datasets_then_the_five_categories_without_code():
     # the paper's Table 1 row for Llama-3-8B-Instruct-8K: 39.3 36.2 24.8 63.5 39.9 -> 40.7
     scores = {"narrativeqa": 39.3, "hotpotqa": 30.0, "2wikimqa": 42.4, "gov_report": 24.8,
               "trec": 63.5, "passage_count": 39.9, "lcc": 99.0}
-    cats = ev.category_scores(scores)
+    cats = longbench.category_scores(scores)
     assert cats["M-Doc QA"] == 36.2
     assert cats["Code"] == 99.0
     assert round(cats["Avg"], 1) == 40.7
@@ -103,9 +104,9 @@ def tiny():
 
 def test_truncate_middle_keeps_half_the_budget_from_each_end():
     tok = tiny_tokenizer()                                   # one character = one token
-    assert ev.truncate_middle(tok, "abcdefghij", 4) == "abij"
-    assert ev.truncate_middle(tok, "abcdefghij", 5) == "abij"   # int(5 / 2) = 2 per side
-    assert ev.truncate_middle(tok, "abcd", 4) == "abcd"
+    assert longbench.truncate_middle(tok, "abcdefghij", 4) == "abij"
+    assert longbench.truncate_middle(tok, "abcdefghij", 5) == "abij"   # int(5 / 2) = 2 per side
+    assert longbench.truncate_middle(tok, "abcd", 4) == "abcd"
 
 
 def test_insert_at_depth_puts_the_needle_after_a_sentence_end():
@@ -317,10 +318,10 @@ def test_pattern_summary_has_every_pattern_and_rates_summing_to_one():
 
 
 def test_the_question_of_a_longbench_record_is_its_input_after_the_last_question_marker():
-    assert ev.question_of({"input": "Where was the writer born?"}) == "Where was the writer born?"
+    assert longbench.question_of({"input": "Where was the writer born?"}) == "Where was the writer born?"
     trivia = ("Passage: Maria Lopez moved to Chicago.\nQuestion: Where was Maria Lopez born?"
               "\nAnswer:")
-    assert ev.question_of({"input": trivia}) == "Where was Maria Lopez born?"
+    assert longbench.question_of({"input": trivia}) == "Where was Maria Lopez born?"
 
 
 QA_REPLIES = ["Maria Lopez was born in Boston.", "Maria Lopez was born in Chicago.",
@@ -383,7 +384,7 @@ def test_longbench_runs_end_to_end_and_its_scores_match_the_saved_predictions(tm
     assert res["samples"] == {"hotpotqa": 2, "trec": 2, "passage_count": 1}
     for d in res["datasets"]:
         preds = [json.loads(x) for x in (out / "pred" / "base" / f"{d}.jsonl").open()]
-        assert res["datasets"][d] == ev.scorer(d, [p["pred"] for p in preds],
+        assert res["datasets"][d] == longbench.scorer(d, [p["pred"] for p in preds],
                                               [p["answers"] for p in preds],
                                               preds[0]["all_classes"])
 
@@ -473,7 +474,7 @@ def test_chinese_datasets_are_skipped_with_a_message_without_jieba(tmp_path, mon
         table = json.loads((lb / "config" / name).read_text())
         table["multifieldqa_zh"] = value
         (lb / "config" / name).write_text(json.dumps(table))
-    monkeypatch.setattr(ev, "jieba", None)
+    monkeypatch.setattr(longbench, "jieba", None)
     saved, _ = run(tmp_path, "--task", "longbench", "--data_dir", str(lb / "data"),
                    "--config_dir", str(lb / "config"), "--datasets", "multifieldqa_zh,trec",
                    "--max_new_tokens", "2")
@@ -563,9 +564,9 @@ def test_batched_qa_decoding_gives_the_one_by_one_answers():
     args = ev.parse_args(["--task", "qa", "--model", "tiny", "--max_new_tokens", "12",
                           "--gen_batch", "3"])
     samples = [{"ids": tok(" ".join(str(i * n) for i in range(n))).input_ids} for n in (9, 2, 20, 5, 14)]
-    batched = ev.qa_answers(args, lm, tok, samples, "batched")
+    batched = ev.answers(args, lm, tok, samples, "batched")
     args.gen_batch = 1
-    assert batched == ev.qa_answers(args, lm, tok, samples, "one by one")
+    assert batched == ev.answers(args, lm, tok, samples, "one by one")
     assert len({tuple(a) for a in batched}) > 1 and all(batched)
 
 
@@ -619,19 +620,19 @@ def test_resumed_batched_qa_decodes_the_fresh_runs_batches(tmp_path, monkeypatch
     monkeypatch.setattr(ev, "generate_batch", lambda lm_, tok_, prompts, *a, **k: batches.append(
         [len(p) for p in prompts]) or real(lm_, tok_, prompts, *a, **k))
     path = tmp_path / "answers.jsonl"
-    fresh = ev.qa_answers(args, lm, tok, samples, "fresh", ev.AnswerCache(str(path), "m"))
+    fresh = ev.answers(args, lm, tok, samples, "fresh", ev.AnswerCache(str(path), "m"))
     lengths = sorted((len(x["ids"]) for x in samples), reverse=True)
     assert batches == [lengths[0:2], lengths[2:4], lengths[4:6]]
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:3]))           # killed after the first answer of batch 2
     batches.clear()
     cache = ev.AnswerCache(str(path), "m")
-    assert ev.qa_answers(args, lm, tok, samples, "resumed", cache) == fresh
+    assert ev.answers(args, lm, tok, samples, "resumed", cache) == fresh
     assert batches == [lengths[2:4], lengths[4:6]] and cache.reused == 2
     batches.clear()
     other = ev.AnswerCache(str(path), "m")
     args.gen_batch = 3                            # other batches: nothing is reused
-    ev.qa_answers(args, lm, tok, samples, "other", other)
+    ev.answers(args, lm, tok, samples, "other", other)
     assert batches == [lengths[0:3], lengths[3:6]] and other.reused == 0
 
 

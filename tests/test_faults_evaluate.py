@@ -14,6 +14,7 @@ import sys
 import pytest
 
 import evaluate as ev
+import longbench as lb_module
 from test_evaluate import FIXTURES, make_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +122,7 @@ def test_a_malformed_longbench_line_names_file_and_line(tmp_path, capsys):
 def test_a_longbench_record_without_answers_names_file_and_line(tmp_path, capsys):
     lb = longbench(tmp_path)
     with open(lb / "data" / "passage_count.jsonl", "w") as f:
-        f.write(json.dumps({k: "" for k in ev.LONGBENCH_FIELDS if k != "answers"}) + "\n")
+        f.write(json.dumps({k: "" for k in lb_module.FIELDS if k != "answers"}) + "\n")
     msg = inproc(tmp_path, capsys, "--task", "longbench", "--model", "tiny",
                  "--data_dir", str(lb / "data"), "--config_dir", str(lb / "config"),
                  "--datasets", "passage_count")
