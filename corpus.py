@@ -151,12 +151,15 @@ def qa_record(index, context_tokens_approx_chars, seed=0):
     paragraphs = haystack(filler_chars, seed=f"{seed}-{index}").split("\n\n") if filler_chars else []
     for b in bios:                           # each biography at a random paragraph boundary
         paragraphs.insert(rng.randint(0, len(paragraphs)), b)
+    # distractors: the other people's values of the asked field, the wrong answers a model
+    # copies from the wrong paragraph (evaluate.py's distractor-fact rate); never the answer.
     return {"context": "\n\n".join(paragraphs), "question": template.format(**target),
-            "answer": target[field], "answer_sentence": ANSWER_SENTENCES[field].format(**target)}
+            "answer": target[field], "answer_sentence": ANSWER_SENTENCES[field].format(**target),
+            "distractors": [p[field] for p in people if p is not target and p[field] != target[field]]}
 
 
 def qa_records(num_samples, context_tokens_approx_chars, seed=0):
-    """num_samples records {"context", "question", "answer", "answer_sentence"}, each context about
+    """num_samples records {"context", "question", "answer", "answer_sentence", "distractors"}, each context about
     context_tokens_approx_chars characters long. Deterministic in (index, seed); a gold answer
     occurs only in its own paragraph."""
     return [qa_record(i, context_tokens_approx_chars, seed) for i in range(num_samples)]

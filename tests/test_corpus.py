@@ -7,6 +7,7 @@ import pytest
 
 import entities
 import prepare
+import corpus
 from corpus import haystack, qa_record, qa_records
 
 
@@ -19,7 +20,7 @@ def test_records_are_deterministic_and_independent_of_how_many_are_asked():
 @pytest.mark.parametrize("chars", [3000, 11000, 40000])
 def test_contexts_have_about_the_requested_length(chars):
     for rec in qa_records(5, chars, seed=0):
-        assert set(rec) == {"context", "question", "answer", "answer_sentence"}
+        assert set(rec) == {"context", "question", "answer", "answer_sentence", "distractors"}
         assert chars <= len(rec["context"]) + 700 and len(rec["context"]) < chars + 700
 
 
@@ -65,3 +66,12 @@ def test_haystack_is_plain_prose_without_numbers_or_names():
     labels = {e.label_ for e in nlp(text).ents}     # "spring", "evening" are DATE/TIME to spaCy
     assert not labels & {"PERSON", "ORG", "GPE", "LOC", "FAC"}, labels
     assert haystack(5000, seed=1) == haystack(5000, seed=1) != haystack(5000, seed=2)
+
+
+def test_distractors_are_the_other_peoples_values_of_the_asked_field_and_never_the_answer():
+    for i in range(30):
+        rec = corpus.qa_record(i, 4000, seed=3)
+        assert 1 <= len(rec["distractors"]) <= corpus.PEOPLE - 1
+        assert rec["answer"] not in rec["distractors"]
+        for d in rec["distractors"]:
+            assert d in rec["context"] and d not in rec["question"]
