@@ -316,8 +316,8 @@ def answer_cache(args, lm, label, with_adapter, preset):
     return AnswerCache(args.answers or os.path.join(args.out_dir, f"answers_{label}.jsonl"), ident)
 
 
-def decode(tok, answers):
-    return [tok.decode(t, skip_special_tokens=True) for t in answers]   # a stop token dropped
+def decode(tok, new_ids):
+    return [tok.decode(t, skip_special_tokens=True) for t in new_ids]   # a stop token dropped
 
 
 def new_token_budget(args):

@@ -1,6 +1,6 @@
 """
-The results/ summary of a finished training run (issue 15: every run, trained or evaluated,
-leaves one small JSON in results/). Read from the run's own files, run_config.json and
+The results/ summary of a finished training run (every run, trained or evaluated, leaves one
+small JSON in results/). Read from the run's own files, run_config.json and
 log.jsonl (train.py writes both), so it can be written right after training or later:
 
     python results/train_summary.py runs/logo_s0 [runs/sft_s0 ...]   # -> results/train/logo_s0.json

@@ -1,7 +1,7 @@
-"""evaluate.py on bad input (issue 8): one line `error: <what> (<where>); <what to do>` on
+"""evaluate.py on bad input: one line `error: <what> (<where>); <what to do>` on
 stderr, exit status 2, no traceback, and no output file left behind.
 
-The two cases issue 8 lists (a missing LongBench file or config entry; an adapter for another
+The two commonest cases (a missing LongBench file or config entry; an adapter for another
 base model) run as real subprocesses; the others call main() in-process, which takes the
 same path (UserError -> message -> SystemExit(2)) without paying for a Python start-up."""
 
