@@ -66,10 +66,15 @@ def user_error(what, where, todo):
     return UserError(f"{what} ({where}); {todo}")    # main() prints 'error: ' before it
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):     # '(default: X)' only where X says something
+        quiet = action.default is None or action.default is False
+        return action.help if quiet else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     # Flags left at None are filled in by resolve(): the preset's value or a derived default.
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     arg = p.add_argument
     # data
     arg("--input", help="JSONL of {context, question[, answer]} or LongBench {context, input, answers}")
