@@ -221,20 +221,17 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
-# FlexAttention: compiled once per shape, static shapes. Its kernels work on blocks of
-# FLEX_BLOCK x FLEX_BLOCK tokens; response_logps pads a batch's length to a multiple of it,
-# so one compiled kernel serves every length in a bucket of 128. Dynamic shapes would
-# recompile anyway when the number of blocks changes (counted on CPU: flex compiled 3
-# times over batches of 3 lengths) and then run the slower dynamic-shape kernel.
+# FlexAttention with static shapes. Its kernels work on FLEX_BLOCK x FLEX_BLOCK tiles;
+# response_logps pads a batch to a multiple of it, so one compiled kernel serves every length
+# of a 128-token bucket (tests/test_flex_training.py, 8 lengths in 3 buckets: 6 compiles;
+# unpadded 16; dynamic shapes 4, then every length runs the slower dynamic-shape kernel).
 FLEX_BLOCK = 128
-# torch.compile backend per device type. On CUDA inductor writes Triton kernels; without a
-# backend for a device flex runs eagerly, materialising the (T, T) scores (and on CPU
-# torch refuses its backward). The tests set FLEX_COMPILE["cpu"] = "aot_eager" to run the
-# CUDA path's compiled graphs (mask, GQA, checkpointed backward) on a CPU.
+# torch.compile backend per device type: inductor writes Triton kernels on CUDA; a device with
+# none runs flex eagerly, materialising the (T, T) scores (on CPU forward only). The tests set
+# "cpu": "aot_eager" to run the CUDA path's graphs (mask, GQA, checkpointed backward) on a CPU.
 FLEX_COMPILE = {"cuda": "inductor"}
-# Static shapes: one compile per (bucket, grad mode) and function. An 8B run's micro-batches
-# span a few buckets (8.2K-9K-token rows: 7 buckets); dynamo's default of 8 recompiles per
-# function would then fall back to eager flex, i.e. dense (T, T) scores, on a GPU an OOM.
+# One compile per (bucket, grad mode): an 8B run's 8.2K-9K-token rows span ~7 buckets, and past
+# dynamo's default of 8 recompiles flex would fall back to eager, dense scores: an OOM on a GPU.
 FLEX_RECOMPILE_LIMIT = 64
 
 
