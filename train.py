@@ -80,6 +80,8 @@ def parse_args(argv=None):
     # --gamma 3 with --beta 10 is --gamma_beta_ratio 0.3; 3 as a ratio never saturates (ERRORS.md)
     a("--gamma_beta_ratio", type=float, default=None, help="gamma as gamma/beta (SimPO's and the released code's)")
     a("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
+    a("--reference", action="store_true", help="reference-based rewards (loss.py; the paper's Fig. 6c): "
+      "against the base model, the LoRA adapter off, one extra no-grad forward per micro-batch")
     a = p.add_argument_group("optimisation").add_argument
     a("--max_steps", type=int, default=None, help="optimiser steps")
     a("--lr", type=float, default=None, help="peak learning rate (AdamW)")
@@ -390,12 +392,15 @@ def lr_at(step, cfg):
 METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
 
 
-def compute_loss(logps, cfg):
-    """(B, 1+M) mean token log-probs -> (loss, metrics). The LOGO metrics are logged for
-    --loss sft too, to show what SFT does to the reward margin."""
-    # Chosen as likely as rejected: logo = log(1 + e^gamma), 0.97 for gamma 0.5, 3.05 for gamma 3.
+def compute_loss(logps, cfg, ref=None):
+    """(B, 1+M) mean token log-probs (ref: the reference's, --reference) -> (loss, metrics).
+    The LOGO metrics are logged for --loss sft too, to show what SFT does to the reward margin."""
+    # Chosen as likely as rejected: logo = log(1 + e^gamma), 0.97 for gamma 0.5, 3.05 for gamma 3
+    # (--reference: exactly that at step 1, where the adapter is zero and the policy is the reference).
     # A run that learns drives reward_margin past gamma and logo below that.
-    loss, metrics = logo_loss(logps[:, 0], logps[:, 1:], cfg["beta"], gamma=cfg["gamma"], sft_weight=cfg["sft_weight"])
+    refs = {} if ref is None else dict(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1:])
+    loss, metrics = logo_loss(logps[:, 0], logps[:, 1:], cfg["beta"], gamma=cfg["gamma"],
+                              sft_weight=cfg["sft_weight"], **refs)
     return (-logps[:, 0].mean() if cfg["loss"] == "sft" else loss), metrics   # sft: = metrics["sft"], with grad
 
 
@@ -615,8 +620,12 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
     grad_norm = None
     for micro in range(accum):
         ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, engine.device)
+        ref = None
+        if cfg["reference"]:                                 # the base model: adapter off, no grad
+            with engine.module.peft.disable_adapter(), torch.no_grad():
+                ref, _ = engine(ids, pos, seg)
         logps, _ = engine(ids, pos, seg)                     # (B, 1+M) mean token log-probs
-        loss, metrics = compute_loss(logps, cfg)
+        loss, metrics = compute_loss(logps, cfg, ref)
         engine.backward(loss)                                # DeepSpeed divides by grad_accum
         # The loss before DeepSpeed's scaling; tokens: prefix + all responses, no padding.
         vals = torch.stack([loss.detach()] + [metrics[k].detach() for k in METRICS[1:]]).double()

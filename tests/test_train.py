@@ -164,6 +164,27 @@ def test_sft_loss_trains_on_the_chosen_response_only_and_gamma_beta_ratio_sets_g
     assert got[1]["sft"] != pytest.approx(read_log(out)[1]["sft"], abs=TOL)
 
 
+def test_reference_based_training_starts_at_margin_zero_and_then_differs_from_reference_free(base_run, tmp_path):
+    """--reference: step 1 scores the base model against itself (the adapter starts at zero), so
+    every reward is exactly 0: logo = log(1 + e^gamma), margin 0; the SFT term is the base
+    model's chosen NLL, as computed by hand. From step 2 the rewards move off zero."""
+    data, out = base_run
+    run = tmp_path / "ref"
+    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", run, "--reference", "--stop_after", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, free = read_log(run), read_log(out)
+    cfg = json.load(open(run / "run_config.json"))
+    assert cfg["reference"] is True
+    assert got[0]["reward_margin"] == 0.0 and got[0]["reward_chosen"] == 0.0 and got[0]["reward_accuracy"] == 0.0
+    assert got[0]["logo"] == pytest.approx(math.log1p(math.exp(cfg["gamma"])), abs=1e-6)
+    model = models.load_model("tiny").eval()
+    lps = [reference_logps(model, *row) for row in read_rows(data, got[0]["rows"])]
+    assert got[0]["sft"] == pytest.approx(-sum(float(lp[0]) for lp in lps) / 2, abs=TOL)
+    assert got[0]["sft"] == pytest.approx(free[0]["sft"], abs=TOL)   # same model, same rows
+    assert got[0]["logo"] != pytest.approx(free[0]["logo"], abs=1e-3)
+    assert got[2]["reward_margin"] != 0.0 and all(math.isfinite(g["loss"]) for g in got)
+
+
 def launcher(procs):
     exe = shutil.which("deepspeed")
     return ([exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]) + ["--num_gpus", str(procs)]
