@@ -599,22 +599,39 @@ def qa_samples(args, tok, lengths, num):
     return samples
 
 
+def answer_rates(rows):
+    """What accuracy alone hides: the share of empty answers, accuracy among the non-empty
+    ones (a model that says nothing is not a model that answers right), and for the built-in
+    task the distractor-fact rate: wrong answers that state another in-context person's value
+    of the asked fact (corpus ground truth), the hallucination LOGO's rejected answers target."""
+    said = [r for r in rows if r["pattern"] != "empty"]
+    known = [r for r in rows if r["distractor"] is not None]
+    return {"empty_rate": (len(rows) - len(said)) / max(len(rows), 1),
+            "accuracy_nonempty": sum(r["correct"] for r in said) / len(said) if said else None,
+            "distractor_rate": sum(r["distractor"] for r in known) / len(known) if known else None}
+
+
 def run_qa(args, lm, tok, samples, label, cache):
     preds = decode(tok, answers(args, lm, tok, samples, label, cache))
     correct = [states_answer(p, s["answers"]) for s, p in zip(samples, preds)]
     patterns = error_patterns(args.nlp, [s["question"] for s in samples], preds, correct)
     rows = [{"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": c,
-             "answers": s["answers"], "question": s["question"], "prediction": p, "pattern": pat}
+             "answers": s["answers"], "question": s["question"], "prediction": p, "pattern": pat,
+             # None: no ground truth of the distractors (--data)
+             "distractor": None if "record" not in s else
+             not c and states_answer(p, s["record"].get("distractors", []))}
             for s, p, c, pat in zip(samples, preds, correct, patterns)]
     lengths = {}
     for L in dict.fromkeys(r["length"] for r in rows):       # first-seen order
         got = [r for r in rows if r["length"] == L]
         lengths[str(L)] = {"accuracy": sum(r["correct"] for r in got) / len(got),
                            "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got),
-                           "samples": len(got), **pattern_summary([r["pattern"] for r in got])}
+                           "samples": len(got), **pattern_summary([r["pattern"] for r in got]),
+                           **answer_rates(got)}
     overall = pattern_summary(patterns)
     print(f"{label} patterns: " + ", ".join(f"{k} {v:.2f}" for k, v in overall["patterns"].items()))
-    return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **overall, "samples": rows}
+    return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **overall, **answer_rates(rows),
+            "samples": rows}
 
 
 def ppl_samples(args, tok, lengths, num):
@@ -735,11 +752,13 @@ def summary_samples(res, samples, **fields):
 
 def qa_summary(res, samples):
     qs = summary_samples(res, samples, correct=lambda r: bool(r["correct"]),
-                         pattern=lambda r: r["pattern"])
-    return {"accuracy": res["accuracy"], "n": len(qs), "questions": qs, "lengths": {
-        L: {"accuracy": v["accuracy"], "n": v["samples"], "patterns": v["patterns"],
-            "correct": sum(q["correct"] for q in qs if str(q["length"]) == L),
-            "pattern_counts": v["pattern_counts"]} for L, v in res["lengths"].items()}}
+                         pattern=lambda r: r["pattern"], distractor=lambda r: r["distractor"])
+    rates = ("empty_rate", "accuracy_nonempty", "distractor_rate")
+    return {"accuracy": res["accuracy"], "n": len(qs), "questions": qs, **{k: res[k] for k in rates},
+            "lengths": {L: {"accuracy": v["accuracy"], "n": v["samples"], "patterns": v["patterns"],
+                            "correct": sum(q["correct"] for q in qs if str(q["length"]) == L),
+                            "pattern_counts": v["pattern_counts"], **{k: v[k] for k in rates}}
+                        for L, v in res["lengths"].items()}}
 
 
 def mvniah_summary(res, samples):

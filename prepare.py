@@ -57,7 +57,7 @@ from models import UserError
 from positions import distance_coverage, draw_mode, pack_position_ids, synthesize_position_ids
 
 FORMAT_VERSION = 1  # train.py reads only this version (meta.json format_version)
-QUALITY_KINDS = ["chosen", "irrelevant", "partial"]   # rejected kinds alternate after chosen
+QUALITY_KINDS = ["chosen", "irrelevant", "partial", "similar"]   # default: rejected alternate irrelevant, partial
 PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redraws", "rejected", "critical",
                 "critical_text", "fallback", "scores", "context_chunks"]    # preview.jsonl, in this order
 
@@ -109,6 +109,9 @@ def parse_args(argv=None):
     arg("--redraws", type=int, default=2, help="times a rejected answer that states the gold answer, repeats "
         "the chosen one or has no sentence is drawn again from fresh chunks before the sample is skipped")
     arg("--num_rejected", type=int, help="M: rejected per sample (paper 2; default: the preset's)")
+    arg("--rejected_kinds", help="the kind of each rejected slot, comma-separated (sets M): irrelevant, "
+        "partial or similar (hard: the chunks most like the critical ones, these left out; answers in the "
+        "chosen form with a wrong fact). Default: M slots alternating irrelevant, partial (Sec. 3.2.2)")
     arg("--rejected_context", choices=["matched", "all"], default="matched", help="matched: as many chunks "
         "as the chosen prompt (same length, other facts); all: every irrelevant chunk of C'")
     arg("--max_new_tokens", type=int, default=32, help="generation budget per response, tokens")
@@ -144,7 +147,7 @@ def resolve(args):
     except ValueError as e:
         raise user_error(str(e), "--model", "pick a preset or give a model folder") from None
     for key in ("chunk_len", "num_chunks", "num_rejected", "target_len"):   # paper: 512, 16, 2, 80K
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "num_rejected" and args.rejected_kinds):
             setattr(args, key, preset[key])
     if args.device is None:        # by the shard alone: a LOCAL_RANK left by a launcher is ignored
         args.device = f"cuda:{args.shard_id % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
@@ -161,6 +164,12 @@ def resolve(args):
         args.delta = 2.0 if demo else 6.0
     if args.demo_context_chars is None and demo:   # ~1.25 N chunks at ~4 chars per token: C' is a draw
         args.demo_context_chars = 5 * args.chunk_len * args.num_chunks
+    if args.rejected_kinds:        # one kind per slot: M is their number
+        kinds = args.rejected_kinds.split(",")
+        if set(kinds) - set(QUALITY_KINDS[1:]) or args.num_rejected not in (None, preset["num_rejected"], len(kinds)):
+            raise user_error(f"--rejected_kinds {args.rejected_kinds}", "--rejected_kinds",
+                             f"name M kinds of {', '.join(QUALITY_KINDS[1:])} (M = --num_rejected)")
+        args.num_rejected = len(kinds)
     if args.max_critical is None:  # N // 2: C' keeps as many irrelevant chunks as critical ones
         args.max_critical = max(1, args.num_chunks // 2)
     checks = [(args.target_len, "--target_len", "the preset has no window: pass --target_len"),
@@ -275,10 +284,12 @@ class Sample:
     chunks: list = None         # step 1: token id lists, <= chunk_len each, sentence-aligned
     question_feats: set = None  # step 2: the question's entities (+ the answer's, --score_answer)
     scores: list = None         # step 2: per chunk, the entities it shares with the question
+    chunk_feats: list = None    # step 2: per chunk, its entities (the 'similar' rejected kind)
     critical: list = None       # step 3: critical chunk indices, in text order
     fallback: bool = False      # step 3: taken in rank order, too few reached --delta
     ctx: list = None            # step 4: C', chunk indices in text order
     irrelevant: list = None     # step 4: the chunks of C' that are not critical
+    similar: list = None        # step 4: non-critical chunks of the record, most like the critical first
     g: torch.Generator = None   # the sample's draws, in a fixed order (C', rejected contexts,
                                 # redraws, positions): a rerun draws the same
     head: list = None           # prompt tokens before the context (chat template)
@@ -305,7 +316,8 @@ TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "resp
 
 def nest(c):
     out = {k: c[k] for k in TOTALS}
-    out["skipped"] = {k.split("/", 1)[1]: n for k, n in c.items() if k.startswith("skipped/")}
+    for group in ("skipped", "slot_named", "slot_n", "slot_base_correct"):   # keys seen in the counts
+        out[group] = {k.split("/", 1)[1]: n for k, n in c.items() if k.startswith(group + "/")}
     out["quality"] = {k: [c["states_gold/" + k], c["checked/" + k]] for k in QUALITY_KINDS}
     return dict(out, **{group: {k: c[f"{group}/{k}"] for k in keys} for group, keys in GROUPS.items()})
 
@@ -405,7 +417,7 @@ def chunk_and_score(args, tok, nlp, items, counts, ner_time):
     ner_time.update(seconds=time.time() - t0, cpu=time.process_time() - cpu0, chars=sum(map(len, texts)))
     feats = iter([doc_features(d, args.score_lemmas) for d in docs])
     for s in kept:
-        chunk_feats = [next(feats) for _ in s.chunks]
+        s.chunk_feats = chunk_feats = [next(feats) for _ in s.chunks]
         # --score_answer: the answer's entities count as the question's (the released code's variant).
         s.question_feats = next(feats) | (next(feats) if args.score_answer else set())
         s.scores = score_chunks(s.question_feats, chunk_feats)
@@ -449,8 +461,13 @@ def build_contexts(args, tok, samples, counts):
         s.g = torch.Generator().manual_seed(args.seed * 1_000_003 + s.index)
         s.ctx = shared_context(len(s.chunks), s.critical, args.num_chunks, s.g)
         s.irrelevant = [i for i in s.ctx if i not in s.critical]
-        contexts, s.kinds = response_contexts(s.critical, s.irrelevant, s.chunks, args.num_rejected,
-                                              args.rejected_context == "matched", s.g)
+        # Most like the critical chunks: sharing their entities, then dense in entities (the facts
+        # of other people, places, firms: what a wrong answer in the chosen form is made of).
+        crit = set().union(*(s.chunk_feats[i] for i in s.critical))
+        s.similar = sorted((i for i in range(len(s.chunks)) if i not in s.critical),
+                           key=lambda i: (-len(s.chunk_feats[i] & crit), -len(s.chunk_feats[i]), i))
+        contexts, s.kinds = response_contexts(s, args.num_rejected, args.rejected_kinds,
+                                              args.rejected_context == "matched")
         s.head, s.tail = prompt_parts(tok, args.prompt, s.rec["question"])
         s.prompts = [s.head + c + s.tail for c in contexts]
         kept.append(s)
@@ -573,20 +590,30 @@ def check_chosen(args, tok, model, samples, counts, seed):
 # The rejected responses (the paper's dis-preference), all here: the chunks each kind sees,
 # what makes one unusable, and the redraws.
 
-def response_contexts(critical, irrelevant, chunks, num_rejected, matched, generator):
+def slot_kinds(rejected_kinds, num_rejected):
+    """['chosen', kind of rejected slot 1, ..., M]: --rejected_kinds, else irrelevant and partial alternating."""
+    return ["chosen"] + (rejected_kinds.split(",") if rejected_kinds else
+                         ["irrelevant" if m % 2 == 0 else "partial" for m in range(num_rejected)])
+
+
+def response_contexts(s, num_rejected, rejected_kinds, matched):
     """Tokens behind each response, [chosen, rejected 1..M], and their kinds. Sec. 3.2.2:
     chosen pi(Q, C_>delta); rejected alternate P' = pi(Q, C_<delta) ('irrelevant') and
-    P'' = pi(Q, C_<delta, part of C_>delta) ('partial'); M = 2 takes one of each."""
-    kinds = ["chosen"] + ["irrelevant" if m % 2 == 0 else "partial" for m in range(num_rejected)]
-    return [[t for i in critical for t in chunks[i]]] + [
-        rejected_context(kind, critical, irrelevant, chunks, matched, generator) for kind in kinds[1:]], kinds
+    P'' = pi(Q, C_<delta, part of C_>delta) ('partial'); M = 2 takes one of each.
+    --rejected_kinds names each slot's kind instead ('similar' included)."""
+    kinds = slot_kinds(rejected_kinds, num_rejected)
+    return [[t for i in s.critical for t in s.chunks[i]]] + [
+        rejected_context(kind, s, matched) for kind in kinds[1:]], kinds
 
 
-def rejected_context(kind, critical, irrelevant, chunks, matched, generator):
-    """The tokens behind one rejected response (a fresh draw each call), in text order.
-    partial: a random half of the critical chunks (one critical chunk: its first or second
-    half of tokens). matched: pieces as many as the chosen context's chunks ("same length,
-    other facts"), filled with irrelevant chunks; else every irrelevant chunk of C'."""
+def rejected_context(kind, s, matched):
+    """The tokens behind one rejected response of sample s (a fresh draw each call), in text
+    order. partial: a random half of the critical chunks (one critical chunk: its first or
+    second half of tokens). matched: pieces as many as the chosen context's chunks ("same
+    length, other facts"), filled with irrelevant chunks; else every irrelevant chunk of C'.
+    similar: no critical chunk; k drawn from the 2k non-critical chunks most like them."""
+    critical, chunks, generator = s.critical, s.chunks, s.g
+
     def draw(pool, k):
         return [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
 
@@ -596,8 +623,9 @@ def rejected_context(kind, critical, irrelevant, chunks, matched, generator):
     elif kind == "partial":
         c, half = chunks[critical[0]], int(torch.randint(2, (), generator=generator))
         part = [(critical[0], c[:len(c) // 2] if half == 0 else c[len(c) // 2:])]
-    k = max(1, len(critical) - len(part)) if matched else len(irrelevant)
-    pieces = part + [(i, chunks[i]) for i in draw(irrelevant, k)]
+    k = max(1, len(critical) - len(part)) if matched else len(s.irrelevant)
+    pool = s.similar[:2 * k] if kind == "similar" else s.irrelevant
+    pieces = part + [(i, chunks[i]) for i in draw(pool, k)]
     return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
 
 
@@ -619,8 +647,8 @@ def check_rejected(args, tok, model, samples, counts, seed):
         bad = [(s, m) for s in samples for m in range(1, len(s.kinds)) if rejected_fault(tok, s, s.responses[m])]
         if not bad:
             break
-        prompts = [s.head + rejected_context(s.kinds[m], s.critical, s.irrelevant, s.chunks,
-                                             args.rejected_context == "matched", s.g) + s.tail for s, m in bad]
+        prompts = [s.head + rejected_context(s.kinds[m], s, args.rejected_context == "matched") + s.tail
+                   for s, m in bad]
         for (s, m), out in zip(bad, generate(args, tok, model, prompts, counts, seed + 2 + r, f"rejected, redraw {r + 1}")):
             s.responses[m] = out
             s.redraws += 1
@@ -700,7 +728,29 @@ def make_shard(args, tok, model, nlp, j, items, ner_time):
     for s in samples:
         s.responses = [None] * first + [next(answers) for _ in s.prompts[first:]]
     samples = check_rejected(args, tok, model, check_chosen(args, tok, model, samples, counts, seed), counts, seed)
-    return (*synthesize_and_pack(args, tok, samples, counts), counts)
+    # Per rejected slot m: does the answer name an entity of the question (the paper's
+    # hallucination type, App. C), or talk past it (instruction unfollow)?
+    docs = nlp.pipe([tok.decode(s.responses[m][0]) for s in samples for m in range(1, len(s.kinds))])
+    for s in samples:
+        for m in range(1, len(s.kinds)):
+            counts.update({f"slot_named/{m}": int(bool(doc_features(next(docs)) & s.question_feats)), f"slot_n/{m}": 1})
+    tensors, preview = synthesize_and_pack(args, tok, samples, counts)
+    base_reward_accuracy(model, tensors, counts)
+    return tensors, preview, counts
+
+
+def base_reward_accuracy(model, tensors, counts):
+    """The generating model's reward accuracy on the rows as built, what train.py logs at step 1
+    (with the checkpoint's RoPE, not --rope_theta): per row chosen > mean of the rejected ('all')
+    and chosen > rejected m per slot. Near 1: the rejected answers are easy, little to learn."""
+    import model_patch
+    off = tensors["offsets"].tolist()
+    for a, b in zip(off[:-1], off[1:]):
+        row = [tensors[k][a:b].long()[None].to(model.device) for k in ("input_ids", "position_ids", "segment_ids")]
+        with torch.no_grad():
+            lp = model_patch.response_logps(model, *row)[0][0].float().cpu()     # (1 + M,)
+        counts.update({"slot_base_correct/all": int(lp[0] > lp[1:].mean()),
+                       **{f"slot_base_correct/{m}": int(lp[0] > lp[m]) for m in range(1, len(lp))}})
 
 
 # ----------------------------------------------------------------------------------------
@@ -786,6 +836,7 @@ def summarize(args, config, num_records, ner):
     # rejected kinds and, with --chosen verified, 1 for chosen (unless an answer_sentence lacks
     # the answer's exact words); --chosen model shows how often the model itself was right.
     frac = {k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()}
+    kinds = slot_kinds(args.rejected_kinds, args.num_rejected)
     counts = {k: st[k] for k in ("read", "kept", "rows", "skipped")}
     meta = dict(format_version=FORMAT_VERSION, model=args.model, model_path=config["model_path"],
                 tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
@@ -803,7 +854,12 @@ def summarize(args, config, num_records, ner):
                 distance_coverage=distance_coverage(row_positions, args.target_len) if row_positions else 0.0,
                 syntheses_per_sample=args.syntheses_per_sample,
                 quality=dict(contains_gold=frac, counts=st["quality"]), chosen_source=st["chosen_source"],
-                responses=st["responses"], chunking=st["chunking"], ner=ner, args=vars(args), config=config)
+                responses=st["responses"], chunking=st["chunking"],
+                rejected_slots={m: dict(kind=kinds[int(m)], names_question_entity=st["slot_named"][m] / n,
+                                        base_reward_accuracy=st["slot_base_correct"].get(m, 0) / max(1, st["rows"]))
+                                for m, n in st["slot_n"].items() if n},
+                base_reward_accuracy=st["slot_base_correct"].get("all", 0) / st["rows"] if st["rows"] else None,
+                ner=ner, args=vars(args), config=config)
     for name, body in (("meta.json", json.dumps(meta, indent=1) + "\n"),
                        ("preview.jsonl", "".join(json.dumps(p) + "\n" for p in preview))):
         def write(tmp):
@@ -829,6 +885,11 @@ def print_summary(meta, target_len):
     print(f"responses: {r['generated']} generated, {r['finished']} finished, cut by --max_new_tokens: "
           f"{r['cut_trimmed']} trimmed to their last sentence, {r['cut_dropped']} dropped, {r['cut_open']} kept "
           f"open (no end-of-turn); {r['redrawn']} rejected redrawn")
+    slots = meta["rejected_slots"]
+    if meta["base_reward_accuracy"] is not None:
+        print(f"base model's reward accuracy on these rows (train.py's step 1): {meta['base_reward_accuracy']:.2f}; "
+              "per rejected slot: " + ", ".join(f"{m} {v['kind']} {v['base_reward_accuracy']:.2f} (names a question "
+                                                f"entity: {v['names_question_entity']:.2f})" for m, v in slots.items()))
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import corpus
 import evaluate as ev
 import longbench
 from models import load_model, tiny_tokenizer, tokenizer_fingerprint
@@ -279,6 +280,32 @@ def test_qa_accuracy_is_the_normalised_gold_answer_inside_the_reply(tmp_path, mo
     assert [r["correct"] for r in res["samples"]] == [True, True, False]
     assert res["accuracy"] == pytest.approx(2 / 3)
     assert res["lengths"]["4096"]["samples"] == 3
+
+
+def test_qa_counts_empty_answers_accuracy_among_the_rest_and_answers_with_a_distractors_fact(
+        tmp_path, monkeypatch):
+    """Built-in task: replies made by hand from each record's ground truth (the corpus's
+    distractors are the other people's values of the asked fact)."""
+    tok = tiny_tokenizer()
+    recs = corpus.qa_records(4, 1200, seed=7)
+    replies = iter([f"It is {recs[0]['answer']}.", f"It is {recs[1]['distractors'][0]}.", " ",
+                    "I do not know."])
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: (tok(next(replies)).input_ids, None))
+    saved, _ = run(tmp_path, "--task", "qa", "--lengths", "1K", "--max_samples", "4", "--seed", "7",
+                   "--gen_batch", "1")
+    res = saved["results"]["base"]
+    assert [r["question"] for r in res["samples"]] == [r["question"] for r in recs]   # same records
+    assert [r["correct"] for r in res["samples"]] == [True, False, False, False]
+    assert [r["distractor"] for r in res["samples"]] == [False, True, False, False]
+    assert res["empty_rate"] == 0.25 and res["accuracy_nonempty"] == pytest.approx(1 / 3)
+    assert res["distractor_rate"] == 0.25
+    assert res["lengths"]["1024"]["distractor_rate"] == 0.25
+
+
+def test_answer_rates_have_no_distractor_rate_without_ground_truth():
+    rows = [{"pattern": "empty", "correct": False, "distractor": None},
+            {"pattern": "correct", "correct": True, "distractor": None}]
+    assert ev.answer_rates(rows) == {"empty_rate": 0.5, "accuracy_nonempty": 1.0, "distractor_rate": None}
 
 
 # ----------------------------------------------------------------------------------------

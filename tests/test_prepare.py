@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 import entities
+import model_patch
+import models
 import prepare
 from corpus import qa_record
-import models
-from models import tiny_tokenizer
+from models import UserError, tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --threads 1: float sums may round differently across thread counts, and byte-for-byte
@@ -161,8 +162,10 @@ def test_shared_context_keeps_every_critical_chunk_and_the_original_order():
 def test_rejected_contexts_hold_irrelevant_chunks_or_half_the_critical_ones():
     chunks = [[10 * i + j for j in range(4)] for i in range(10)]       # chunk i = tokens 10i..10i+3
     g = torch.Generator().manual_seed(0)
+    sample = lambda critical: prepare.Sample(0, "t:1", {}, chunks=chunks, critical=critical,
+                                             irrelevant=[0, 1, 6, 7, 9], g=g)
     critical, irrelevant = [2, 5], [0, 1, 6, 7, 9]
-    contexts, kinds = prepare.response_contexts(critical, irrelevant, chunks, 4, True, g)
+    contexts, kinds = prepare.response_contexts(sample(critical), 4, None, True)
     assert kinds == ["chosen", "irrelevant", "partial", "irrelevant", "partial"]
     assert contexts[0] == chunks[2] + chunks[5]
     chunk_of = lambda ctx: sorted({t // 10 for t in ctx})
@@ -171,14 +174,17 @@ def test_rejected_contexts_hold_irrelevant_chunks_or_half_the_critical_ones():
         assert len(used) == 2 and used == sorted(used)                # matched: as many chunks
         assert len(set(used) & set(critical)) == (1 if kind == "partial" else 0)
     # one critical chunk: 'partial' takes one half of its tokens
-    contexts, _ = prepare.response_contexts([5], irrelevant, chunks, 2, True, g)
+    contexts, _ = prepare.response_contexts(sample([5]), 2, None, True)
     part = [t for t in contexts[2] if t // 10 == 5]
     assert part in ([50, 51], [52, 53])
     # --rejected_context all: every irrelevant chunk of C' behind each rejected response
-    contexts, _ = prepare.response_contexts(critical, irrelevant, chunks, 2, False, g)
+    contexts, _ = prepare.response_contexts(sample(critical), 2, None, False)
     assert chunk_of(contexts[1]) == irrelevant
     assert len(set(chunk_of(contexts[2])) & set(critical)) == 1
     assert set(irrelevant) <= set(chunk_of(contexts[2]))
+    # --rejected_kinds names each slot's kind, M included
+    assert prepare.response_contexts(sample(critical), 2, "partial,irrelevant,partial", True)[1] == \
+        ["chosen", "partial", "irrelevant", "partial"]
 
 
 # ---------------------------------------------------------------------------- steps 6-7
@@ -282,7 +288,7 @@ def test_counts_nest_into_the_shard_header_layout_and_flatten_back():
                  "responses/generated": 6, "chosen_source/model": 2, "chunking/sentence": 2})
     n = prepare.nest(c)
     assert n["skipped"] == {"short_context": 1} and n["read"] == 3 and n["rows"] == 0
-    assert n["quality"] == {"chosen": [1, 2], "irrelevant": [0, 0], "partial": [0, 0]}
+    assert n["quality"] == {"chosen": [1, 2], "irrelevant": [0, 0], "partial": [0, 0], "similar": [0, 0]}
     assert n["responses"]["generated"] == 6 and n["chosen_source"] == dict(
         model=2, gold_sentence=0, model_hinted=0, gold=0, model_unchecked=0)
     assert +prepare.flatten(json.loads(json.dumps(n))) == +c          # + drops the zeros
@@ -314,7 +320,7 @@ def test_meta_json_describes_the_data_and_its_counts_add_up(demo_run):
     assert meta["tokens"]["total"] == sum(len(r[0]) for r in all_rows)
     assert meta["tokens"]["response"] == sum(int((r[2] > 0).sum()) for r in all_rows)
     assert 0 < meta["distance_coverage"] <= 1
-    assert set(meta["quality"]["contains_gold"]) == {"chosen", "irrelevant", "partial"}
+    assert set(meta["quality"]["contains_gold"]) == {"chosen", "irrelevant", "partial", "similar"}
     assert meta["args"]["shard_size"] == 2 and len(meta["tokenizer_fingerprint"]) == 16
     import hashlib
     digest = hashlib.sha256(b"".join(open(os.path.join(demo_run, f), "rb").read() for f in shards(demo_run)))
@@ -641,3 +647,53 @@ def test_generation_runs_in_float32_on_cpu_and_each_worker_takes_its_own_gpu(mon
     args = prepare.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
     prepare.resolve(args)
     assert (args.device, args.dtype) == ("cpu", "bfloat16")            # explicit flags win
+
+
+# ---------------------------------------------------------------------------- hard rejected answers
+
+def test_similar_rejected_context_leaves_out_the_critical_chunks_and_draws_the_most_alike():
+    """Chunks 0-5; critical: 2. Alike: shares the critical chunk's entities (4), then has
+    the most entities (1, 5); 0 and 3 hold none. matched, one critical chunk: k = 1 drawn
+    from the 2k = 2 most alike (4 and 1), never the critical one."""
+    feats = [set(), {"a", "b", "c"}, {"ann", "oslo"}, set(), {"oslo"}, {"x"}]
+    s = prepare.Sample(0, "t:1", {}, chunks=[[10 * i + t for t in range(3)] for i in range(6)],
+                       chunk_feats=feats, critical=[2], irrelevant=[0, 3])
+    crit = set().union(*(s.chunk_feats[i] for i in s.critical))
+    s.similar = sorted((i for i in range(6) if i not in s.critical),
+                       key=lambda i: (-len(feats[i] & crit), -len(feats[i]), i))
+    assert s.similar == [4, 1, 5, 0, 3]
+    drawn = set()
+    for seed in range(20):
+        s.g = torch.Generator().manual_seed(seed)
+        toks = prepare.rejected_context("similar", s, matched=True)
+        drawn.add(toks[0] // 10)
+        assert len(toks) == 3 and 20 not in toks
+    assert drawn == {4, 1}
+
+
+def test_meta_reports_each_rejected_slot_and_the_base_models_reward_accuracy_on_the_rows(tmp_path):
+    out = tmp_path / "hard"
+    meta = prepare.run(prepare.parse_args(TINY + ["--num_samples", "6", "--chosen", "model", "--out_dir", str(out),
+                                                 "--rejected_kinds", "similar,irrelevant,similar"]))
+    assert meta["num_rejected"] == 3 and [v["kind"] for v in meta["rejected_slots"].values()] == \
+        ["similar", "irrelevant", "similar"]
+    # An independent reference: every row through the tiny model in the authors' layout.
+    model, rows = models.load_model("tiny", seed=0).eval(), []
+    t = load_file(out / "shard_00000.safetensors")
+    off = t["offsets"].tolist()
+    for a, b in zip(off[:-1], off[1:]):
+        ids, pos, seg = (t[k][a:b].long()[None] for k in ("input_ids", "position_ids", "segment_ids"))
+        with torch.no_grad():
+            rows.append(model_patch.response_logps_unpacked(model, ids, pos, seg)[0][0])
+    assert len(rows) == meta["counts"]["rows"] > 0
+    assert 0 < meta["base_reward_accuracy"] < 1              # --chosen model: the model's own answers, mixed
+    assert meta["base_reward_accuracy"] == pytest.approx(sum(float(r[0] > r[1:].mean()) for r in rows) / len(rows))
+    for m, v in meta["rejected_slots"].items():
+        assert v["base_reward_accuracy"] == pytest.approx(sum(float(r[0] > r[int(m)]) for r in rows) / len(rows))
+        assert 0 <= v["names_question_entity"] <= 1
+
+
+def test_rejected_kinds_refuse_an_unknown_kind_or_a_conflicting_m():
+    for flags in (["--rejected_kinds", "irrelevant,wrong"], ["--rejected_kinds", "similar", "--num_rejected", "3"]):
+        with pytest.raises(UserError, match="--rejected_kinds"):
+            prepare.resolve(prepare.parse_args(TINY + flags))
