@@ -116,7 +116,7 @@ def fmt(x):
     return f"{x:.2f}"
 
 
-def test_table_cells_are_seed_means_with_spread_and_pooled_wilson_intervals(tmp_path):
+def test_table_cells_are_seed_means_with_spread_and_seed_level_t_intervals(tmp_path):
     hand_made(str(tmp_path))
     table = mt.make_table(str(tmp_path))
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
@@ -124,16 +124,16 @@ def test_table_cells_are_seed_means_with_spread_and_pooled_wilson_intervals(tmp_
     acc2k, acc12k = header.index("QA accuracy, 2K") - 1, header.index("QA accuracy, 12K") - 1
     hall = header.index("hallucination, 2K") - 1
     sft = row_of(table, mt.METHODS["sft"])
-    # mean (0.5 + 0.7) / 2 = 0.6, sample std sqrt(0.01 + 0.01) = 0.1414; Wilson on 12 of 20
-    lo, hi = wilson_by_bisection(12, 20)
-    assert sft[acc2k] == f"0.60 ± 0.14 [{fmt(lo)}, {fmt(hi)}] (2)"
+    # The training seed as the unit: Student's t with 1 degree of freedom, t_0.975 = 12.7062
+    # (tables), half-width t * std / sqrt(2); a rate clipped to [0, 1].
+    t975 = 12.706204736
+    # mean (0.5 + 0.7) / 2 = 0.6, sample std sqrt(0.01 + 0.01) = 0.1414: 0.6 -+ 1.27 -> [0, 1]
+    assert sft[acc2k] == "0.60 ± 0.14 [0.00, 1.00] (2)"
     assert sft[acc12k] == "n/a"
     logo = row_of(table, mt.METHODS["logo"])
-    lo, hi = wilson_by_bisection(16, 20)
-    assert logo[acc2k] == f"0.80 ± 0.00 [{fmt(lo)}, {fmt(hi)}] (2)"
-    # hallucination 2 of 10 and 1 of 10: mean 0.15, std 0.0707, Wilson on 3 of 20
-    lo, hi = wilson_by_bisection(3, 20)
-    assert logo[hall] == f"0.15 ± 0.07 [{fmt(lo)}, {fmt(hi)}] (2)"
+    assert logo[acc2k] == "0.80 ± 0.00 [0.80, 0.80] (2)"      # no spread over seeds
+    # hallucination 2 of 10 and 1 of 10: mean 0.15, std 0.0707, half-width 12.706 * 0.05 = 0.635
+    assert logo[hall] == f"0.15 ± 0.07 [0.00, {fmt(0.15 + t975 * 0.05)}] (2)"
     assert row_of(table, mt.METHODS["base"])[acc2k] == "0.80 [0.49, 0.94] (1)"   # no spread
     # row order: base, then SFT, then LOGO; no rope row without a rope summary
     names = [x.split("|")[1].strip() for x in table.splitlines()[2:5]]
