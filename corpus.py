@@ -41,7 +41,7 @@ ROLES = ["engineer", "accountant", "chemist", "designer", "lawyer", "analyst", "
          "architect", "geologist", "pilot", "surveyor", "economist", "programmer",
          "pharmacist", "translator", "statistician"]
 
-# The calibrated task (issue 15; results/README.md "Calibration"): PEOPLE short biographies,
+# The calibrated task (results/README.md "Calibration"): PEOPLE short biographies,
 # two sentences each, at random places in entity-free filler prose. With 4 people at ~1K
 # tokens SmolLM2-135M-Instruct answers 30% from the full context and 90% from the answer's
 # paragraph alone: it can read the fact, but the other people's cities, organisations and

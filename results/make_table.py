@@ -1,5 +1,5 @@
 """
-The README's results table, regenerated from the summaries in results/*.json alone (issue 15),
+The README's results table, regenerated from the summaries in results/*.json alone,
 so that no number in it is typed by hand. evaluate.py --results_dir results writes one summary
 per evaluated model and task (schema: evaluate.py's docstring and results/README.md).
 

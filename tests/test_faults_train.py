@@ -1,4 +1,4 @@
-"""train.py's share of issue 8: bad input and faults end in one `error:` line (exit status 2,
+"""train.py: bad input and faults end in one `error:` line (exit status 2,
 no traceback, nothing half-written), and a killed run resumes to the same losses."""
 
 import json

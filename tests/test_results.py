@@ -1,7 +1,7 @@
 """results/make_table.py on hand-made summaries (means, spreads, Wilson and t intervals, the
 paired sign-flip test, each against hand-computed values or an independent brute force),
 evaluate.py --results_dir on the tiny model, and the README's table against the script's
-output on the committed results/ folder (issue 15: no number in it typed by hand)."""
+output on the committed results/ folder (no number in it typed by hand)."""
 
 import importlib.util
 import argparse

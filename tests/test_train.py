@@ -1,4 +1,4 @@
-"""train.py end to end on the tiny preset, one process on CPU (issue 5's "done when").
+"""train.py end to end on the tiny preset, one process on CPU.
 
 Every run here is compared with one uninterrupted 20-step ZeRO-0 run (train_helpers.baseline)
 or with an independent computation: plain per-response forward passes and the loss formula
