@@ -50,6 +50,7 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
+import model_patch
 import models
 from corpus import qa_record
 from entities import doc_features, load_sentencizer, load_spacy, sentence_starts
@@ -743,7 +744,6 @@ def base_reward_accuracy(model, tensors, counts):
     """The generating model's reward accuracy on the rows as built, what train.py logs at step 1
     (with the checkpoint's RoPE, not --rope_theta): per row chosen > mean of the rejected ('all')
     and chosen > rejected m per slot. Near 1: the rejected answers are easy, little to learn."""
-    import model_patch
     off = tensors["offsets"].tolist()
     for a, b in zip(off[:-1], off[1:]):
         row = [tensors[k][a:b].long()[None].to(model.device) for k in ("input_ids", "position_ids", "segment_ids")]
