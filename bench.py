@@ -1,36 +1,30 @@
 """
 Benchmark of LOGO's packing: one LoRA training step (forward + backward) on LOGO-shaped
 samples, packed (model_patch.response_logps: the shared context once, logits only where a
-response token is predicted) against the authors' layout (model_patch.response_logps_unpacked:
-M+1 rows of context + response, full-vocabulary logits for every token).
+response token is predicted) against the authors' layout (response_logps_unpacked: M+1 rows
+of context + response, full-vocabulary logits for every token). A sample: N chunks x C
+tokens of context, a Q-token question, M+1 responses of R tokens, positions synthesized over
+the preset's window. Token ids are random: speed and memory do not depend on the text.
 
-A sample: N chunks x C tokens of context, a question of Q tokens, M+1 responses of R tokens,
-positions synthesized over the preset's target window (positions.py). Token ids are random:
-speed and memory do not depend on the text, and both layouts score the same tokens.
+    python bench.py                        # SmolLM2-135M, 16 x 128, R=64, M=2 (float32 on CPU)
+    python bench.py --chunk_len 512        # the paper's context shape, 16 x 512
+    python bench.py --model tiny           # seconds: a random 2-layer model
+    python bench.py --device_check         # one GPU: Llama-3-8B's width, heads and vocabulary,
+                                           # 4 random layers, the paper's shape; exit 1 on a crash,
+                                           # an OOM or a parity miss (tests/device_check.py)
 
-    python bench.py                                    # SmolLM2-135M, 16 x 128, R=64, M=2 (float32 on CPU)
-    python bench.py --chunk_len 512                    # the paper's context shape, 16 x 512
-    python bench.py --model tiny                       # seconds: a random 2-layer model
-    python bench.py --device_check                     # one GPU: Llama-3-8B's width, heads, vocabulary,
-                                                       # 4 random layers, the paper's shape; exit 1 on a
-                                                       # crash, an OOM or a parity miss (tests/device_check.py)
-    python bench.py --device_check --device cpu        # the same code path at small shapes, on a CPU
-
-dtype: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16, like this project's AMD
-EPYC, runs a bf16 step many times slower: it had not finished 3 steps in 8 minutes).
-
-Each layout runs in its own fresh subprocess (--variant), so neither sees the other's memory,
-and the two take turns step by step, so that other work on a shared machine slows both alike.
-  step time    median of --steps steps after --warmup untimed ones (min-max shown: look at the
-               spread before trusting a ratio); on CPU also the process CPU time (all threads).
+dtype: bfloat16 on CUDA, float32 on CPU (a CPU without native bf16, like an AVX2 EPYC, runs a
+bf16 step many times slower). Each layout runs in its own process (--variant), the layouts
+taking turns step by step, so that other work on a shared machine slows both alike.
+  step time    median of --steps steps after --warmup ones (min-max: check the spread); on CPU
+               also the process CPU time (all threads).
   step memory  peak resident set during the steps minus the resident set once loaded (VmHWM,
-               reset through /proc/self/clear_refs before the first step: torch's CPU allocator
-               keeps no statistics; Linux only); freed memory is returned between steps
+               reset through /proc/self/clear_refs; Linux), freed memory returned between steps
                (malloc_trim). CUDA: max_memory_allocated minus memory_allocated.
-  FLOP bound   (M+1)(k+r) / (k+(M+1)r), k = N*C+Q prefix tokens, r = R: the ratio of tokens
-               through the transformer layers, i.e. what packing saves outside attention.
+  FLOP bound   (M+1)(k+r) / (k+(M+1)r), k = N*C+Q, r = R: the ratio of tokens through the
+               layers, what packing saves outside attention.
   log-probs    max |difference| of the (B, 1+M) mean response log-probs of the two layouts,
-               and of each against a float32 unpacked forward pass (in bf16: the bf16 noise).
+               and of each against a float32 unpacked forward (in bf16: the bf16 noise).
 """
 
 import argparse
@@ -55,50 +49,43 @@ from positions import pack_position_ids, synthesize_position_ids
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+a = parser.add_argument
 # model
-parser.add_argument("--model", default="smollm2-135m", help="preset: smollm2-135m (the CPU demo) or tiny")
-parser.add_argument("--random_model", choices=["llama3-8b"], default=None,
-                    help="instead of --model: a random-initialised Llama with this model's width, heads "
-                         "and vocabulary (no download) and --num_layers layers; LoRA and loss settings "
-                         "from the llama3-8b-80k preset")
-parser.add_argument("--num_layers", type=int, default=4, help="layers of --random_model")
-parser.add_argument("--hidden_size", type=int, default=None,
-                    help="width of --random_model (default the model's: 4096; smaller for a CPU run)")
-parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-parser.add_argument("--device_check", action="store_true",
-                    help="the GPU check's parity part: --random_model llama3-8b, paper shape, flex vs "
-                         "SDPA against float32, tolerances asserted; --device cpu: small shapes")
-parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
-                    help="weights and compute; default bfloat16 on CUDA, float32 on CPU (as train.py: "
-                         "on a CPU without native bf16 a bf16 step is many times slower)")
-parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
-                    help="the model's own attention (used by the unpacked layout)")
-parser.add_argument("--attention", default="auto", choices=["auto", "split", "flex", "mask"],
-                    help="packed attention, see model_patch.response_logps (auto: split on CPU)")
-parser.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: the preset's)")
-parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing, both layouts")
-parser.add_argument("--reference", action="store_true",
-                    help="also the reference-based loss (loss.py): packed, plus a no-grad forward of the "
-                         "same rows with the LoRA adapter off (the reference policy), in a third process")
+a("--model", default="smollm2-135m", help="preset: smollm2-135m (the CPU demo) or tiny")
+a("--random_model", choices=["llama3-8b"], default=None, help="instead of --model: random "
+  "weights in this model's width, heads and vocabulary, --num_layers layers (no download)")
+a("--num_layers", type=int, default=4, help="layers of --random_model")
+a("--hidden_size", type=int, default=None, help="width of --random_model (default its own)")
+a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+a("--device_check", action="store_true", help="the GPU check's parity part: --random_model "
+  "llama3-8b, paper shape, flex vs SDPA against float32 (--device cpu: small shapes)")
+a("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+  help="default bfloat16 on CUDA, float32 on CPU (as train.py)")
+a("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
+  help="the model's own attention (the unpacked layout's)")
+a("--attention", default="auto", choices=["auto", "split", "flex", "mask"],
+  help="packed attention, see model_patch.response_logps (auto: split on CPU)")
+a("--lora_r", type=int, default=None, help="LoRA rank (default: the preset's)")
+a("--grad_ckpt", action="store_true", help="gradient checkpointing, both layouts")
+a("--reference", action="store_true", help="also the reference-based loss: packed plus a "
+  "no-grad forward with the LoRA adapter off (the reference policy), in a third process")
 # sample shape
-parser.add_argument("--num_chunks", type=int, default=16, help="N: context chunks (paper: 16)")
-parser.add_argument("--chunk_len", type=int, default=128, help="C: tokens per chunk (paper: 512)")
-parser.add_argument("--question_len", type=int, default=32, help="Q: question tokens")
-parser.add_argument("--response_len", type=int, default=64, help="R: tokens per response")
-parser.add_argument("--num_rejected", type=int, default=2, help="M: rejected responses (paper: 2)")
-parser.add_argument("--batch_size", type=int, default=1, help="B: samples per step")
-parser.add_argument("--target_len", type=int, default=None,
-                    help="K: synthesized position window (default: the preset's)")
+a("--num_chunks", type=int, default=16, help="N: context chunks (paper: 16)")
+a("--chunk_len", type=int, default=128, help="C: tokens per chunk (paper: 512)")
+a("--question_len", type=int, default=32, help="Q: question tokens")
+a("--response_len", type=int, default=64, help="R: tokens per response")
+a("--num_rejected", type=int, default=2, help="M: rejected responses (paper: 2)")
+a("--batch_size", type=int, default=1, help="B: samples per step")
+a("--target_len", type=int, default=None, help="K: position window (default: the preset's)")
 # measurement
-parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-parser.add_argument("--mem_limit_gib", type=float, default=18.0,
-                    help="address space a layout may add once loaded (CPU): beyond it, it is "
-                         "reported as not fitting, instead of waking the kernel's OOM killer")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--variant", choices=["packed", "unpacked", "reference"], default=None,
-                    help="internal: run one layout in this process, driven by the main one")
+a("--warmup", type=int, default=1, help="untimed steps first")
+a("--steps", type=int, default=3, help="timed steps (median reported)")
+a("--mem_limit_gib", type=float, default=18.0, help="CPU: address space a layout may add once "
+  "loaded; beyond it the layout is reported as not fitting (not the kernel's OOM killer)")
+a("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+a("--seed", type=int, default=0)
+a("--variant", choices=["packed", "unpacked", "reference"], default=None,
+  help="internal: run one layout in this process, driven by the main one")
 args = parser.parse_args()
 if args.device == "auto":
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,25 +122,21 @@ def bench_preset():
     return models.resolve_model(name)
 
 
-def random_model(dtype):
-    """--random_model, built on the device directly (an 8B-wide layer is 0.9 GB in bf16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    kw = {k: v for k, v in RANDOM_MODELS[args.random_model].items() if k != "preset"}
-    if args.hidden_size:            # keep the heads (32 q / 8 kv), shrink the head dim
-        kw.update(hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 7 // 2)
-    config = LlamaConfig(num_hidden_layers=args.num_layers, tie_word_embeddings=False, **kw)
-    config._attn_implementation = args.attn_implementation
-    torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        return LlamaForCausalLM(config).to(dtype)
-
-
 def load(dtype):
-    """The preset's model with a LoRA on its preset targets (seeded: same adapters each time)."""
+    """The model with a LoRA on its preset targets (seeded: the same adapters each time).
+    --random_model is built on the device directly (an 8B-wide layer is 0.9 GB in bf16)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
     preset = bench_preset()
     if args.random_model:
-        model = random_model(dtype)
+        kw = {k: v for k, v in RANDOM_MODELS[args.random_model].items() if k != "preset"}
+        if args.hidden_size:            # keep the heads (32 q / 8 kv), shrink the head dim
+            kw.update(hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 7 // 2)
+        config = LlamaConfig(num_hidden_layers=args.num_layers, tie_word_embeddings=False, **kw)
+        config._attn_implementation = args.attn_implementation
+        torch.manual_seed(args.seed)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config).to(dtype)
     else:
         model = models.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
     torch.manual_seed(args.seed)
@@ -192,12 +175,9 @@ def run_variant():
     cuda = model.device.type == "cuda"
     ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
     attention = args.attention if args.attention != "auto" else "flex" if cuda and has_triton() else "split"
-    if args.variant in ("packed", "reference"):
-        def score():
-            return model_patch.response_logps(model, ids, pos, seg, attention=attention)
-    else:
-        def score():
-            return model_patch.response_logps_unpacked(model, ids, pos, seg)
+    score = (lambda: model_patch.response_logps_unpacked(model, ids, pos, seg)) if \
+        args.variant == "unpacked" else \
+        (lambda: model_patch.response_logps(model, ids, pos, seg, attention=attention))
 
     def reference():
         """reference: the same packed rows through the base model (adapter off), no grad."""
@@ -207,8 +187,7 @@ def run_variant():
             ref = score()[0]
         return dict(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1:])
 
-    def say(**kw):
-        print(json.dumps(kw), flush=True)
+    say = lambda **kw: print(json.dumps(kw), flush=True)
 
     # Everything allocated from here on is the step's. On CPU, a limit on the address space
     # turns "does not fit" into a clean allocation error instead of the OOM killer.
@@ -238,11 +217,8 @@ def run_variant():
                 torch.cuda.synchronize()
             say(time=time.perf_counter() - t0, cpu=time.process_time() - c0)
             logps = logps.detach().float().cpu()
-            del loss
-            if cuda:                  # the other layout shares the GPU and runs next
-                torch.cuda.empty_cache()
-            else:                     # hand freed heap back to the OS: the other layout runs next
-                ctypes.CDLL(None).malloc_trim(0)
+            del loss                  # free it all: the other layout runs next, on the same GPU
+            torch.cuda.empty_cache() if cuda else ctypes.CDLL(None).malloc_trim(0)
         except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
             if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
                 raise
@@ -303,31 +279,26 @@ def main():
           f"{m + 1} responses x {r} (M={m})], positions over {args.target_len or preset['target_len']}, "
           f"LoRA r={args.lora_r or preset['lora_r']} on {'/'.join(preset['lora_targets'])}, "
           f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}", flush=True)
-    # The two layouts run in two fresh processes (memory apart), taking turns step by step,
-    # so that whatever else runs on the machine slows both alike.
+    # Each layout in a fresh process (memory apart), taking turns step by step, so that
+    # whatever else runs on the machine slows all alike.
     procs = {v: subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", v],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for v in ("packed", "unpacked") + (("reference",) if args.reference else ())}
 
     def ask(v, command):
         """Send a command to layout v's process; its JSON answer (or an error if it died)."""
-        proc = procs[v]
         if command:
-            proc.stdin.write(command + "\n")
-            proc.stdin.flush()
-        for line in proc.stdout:
+            procs[v].stdin.write(command + "\n")
+            procs[v].stdin.flush()
+        for line in procs[v].stdout:
             if line.startswith("{"):
                 return json.loads(line)
             sys.stderr.write(line)                               # stray output of a library
-        return dict(error=f"the process died (exit status {proc.wait()})")
+        return dict(error=f"the process died (exit status {procs[v].wait()})")
 
-    res = {v: ask(v, None) for v in procs}                       # wait until both are loaded
-    for v in res:
-        res[v].update(times=[], cpu_times=[])
+    res = {v: dict(ask(v, None), times=[], cpu_times=[]) for v in procs}   # all loaded
     for step in range(args.warmup + args.steps):
-        for v in procs:
-            if "error" in res[v]:
-                continue
+        for v in [v for v in procs if "error" not in res[v]]:
             out = ask(v, "step")
             if "error" in out:
                 res[v].update(out)
@@ -343,21 +314,15 @@ def main():
         procs[v].stdin.close()
         procs[v].wait()
 
-    def row(name, v):
-        x = res[v]
-        if "error" in x:
-            return f"{name:<24} {tokens[v]:>7,}   failed: {x['error']}"
-        t = x["times"]
-        return (f"{name:<24} {tokens[v]:>7,}   {statistics.median(t):>8.2f} s ({min(t):.2f}-{max(t):.2f})"
-                f"   {statistics.median(x['cpu_times']):>8.2f} s   {x['step_mem'] / 2**20:>9,.0f} MiB")
-
-    p, u = res["packed"], res["unpacked"]
+    med = lambda v, key="times": statistics.median(res[v][key])
     print(f"\n{'layout':<24} {'tokens':>7}   {'step time, median (min-max)':<27}   {'CPU time':>10}"
           f"   {'step memory':>13}")
-    print(row("unpacked (M+1 rows)", "unpacked"))
-    print(row(f"packed ({p.get('attention', '?')})", "packed"))
-    if args.reference:
-        print(row("packed, reference-based", "reference"))
+    for label, v in [("unpacked (M+1 rows)", "unpacked"), (f"packed ({res['packed'].get('attention', '?')})",
+                     "packed")] + [("packed, reference-based", "reference")] * args.reference:
+        x, t = res[v], res[v]["times"]
+        print(f"{label:<24} {tokens[v]:>7,}   " + (f"failed: {x['error']}" if "error" in x else
+              f"{med(v):>8.2f} s ({min(t):.2f}-{max(t):.2f})   {med(v, 'cpu_times'):>8.2f} s"
+              f"   {x['step_mem'] / 2**20:>9,.0f} MiB"))
     flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)
     failed = [f"{v} layout: {res[v]['error']}" for v in procs if "error" in res[v]]
     if failed:
@@ -365,15 +330,17 @@ def main():
         if args.device_check:
             sys.exit("DEVICE CHECK FAILED (parity): " + "; ".join(failed))
         return
-    speed = statistics.median(u["times"]) / statistics.median(p["times"])
-    cpu = statistics.median(u["cpu_times"]) / statistics.median(p["cpu_times"])
-    print(f"{'unpacked / packed':<24} {tokens['unpacked'] / tokens['packed']:>6.2f}x   {speed:>8.2f}x{'':<17}"
-          f"   {cpu:>9.2f}x   {u['step_mem'] / p['step_mem']:>12.2f}x   (FLOP bound {flop_bound:.2f}x)")
-    if args.reference and "error" not in res["reference"]:
-        x = res["reference"]
-        print(f"{'reference / free':<24} {'':>7}   {statistics.median(x['times']) / statistics.median(p['times']):>8.2f}x"
-              f"{'':<17}   {statistics.median(x['cpu_times']) / statistics.median(p['cpu_times']):>9.2f}x"
-              f"   {x['step_mem'] / p['step_mem']:>12.2f}x   (reference-based vs reference-free, packed)")
+
+    def ratios(a, b, label, note):                               # a over b: time, CPU, memory
+        print(f"{label:<24} {note[0]:>7}   {med(a) / med(b):>8.2f}x{'':<17}   "
+              f"{med(a, 'cpu_times') / med(b, 'cpu_times'):>9.2f}x   "
+              f"{res[a]['step_mem'] / res[b]['step_mem']:>12.2f}x   ({note[1]})")
+    ratios("unpacked", "packed", "unpacked / packed",
+           (f"{tokens['unpacked'] / tokens['packed']:.2f}x", f"FLOP bound {flop_bound:.2f}x"))
+    if args.reference:
+        ratios("reference", "packed", "reference / free",
+               ("", "reference-based vs reference-free, packed"))
+    p, u = res["packed"], res["unpacked"]
     lp, lu = torch.tensor(p["logps"]), torch.tensor(u["logps"])
     print(f"\nmean response log-probs (packed, row 0): {[round(x, 4) for x in p['logps'][0]]}")
     print(f"max |packed - unpacked| = {(lp - lu).abs().max():.2e}")
@@ -383,13 +350,12 @@ def main():
     print(f"{args.steps} timed steps after {args.warmup} warm-up; each layout in its own process, "
           f"taking turns step by step; {p['threads']} threads on {p['device']}")
     if args.random_model:
-        L = args.num_layers
+        L, cfg = args.num_layers, RANDOM_MODELS[args.random_model]
         ratio = {n: forward_flops(n, False) / forward_flops(n, True) for n in (L, 32)}
-        head = 2 * (args.hidden_size or RANDOM_MODELS[args.random_model]["hidden_size"]) * \
-            RANDOM_MODELS[args.random_model]["vocab_size"] * (m + 1) * (k + r) / forward_flops(L, False)
+        head = 2 * (args.hidden_size or cfg["hidden_size"]) * cfg["vocab_size"] * (m + 1) * (k + r)
         print(f"forward FLOPs unpacked / packed: {ratio[L]:.2f}x at the {L} layers run (output layer "
-              f"{100 * head:.0f}% of the unpacked FLOPs), {ratio[32]:.2f}x expected at 32 layers; "
-              f"measured step time ratio {speed:.2f}x")
+              f"{100 * head / forward_flops(L, False):.0f}% of the unpacked FLOPs), {ratio[32]:.2f}x "
+              f"expected at 32 layers; measured step time ratio {med('unpacked') / med('packed'):.2f}x")
     if args.dtype != "float32" or args.device_check:
         failed = parity(lp, lu, p.get("attention", "?"))
         if failed:

@@ -188,7 +188,7 @@ def _convert_gguf(spec):
 
 
 def resolve_path(path):
-    """Preset path -> something from_pretrained takes (hub id, local folder), or 'tiny'."""
+    """Preset path -> what from_pretrained takes (hub id, local folder), or 'tiny'."""
     return _convert_gguf(path) if path.startswith("gguf:") else path
 
 
@@ -214,15 +214,11 @@ def load_config(path, rope_theta=None, trust_remote_code=False, arch="llama"):
 def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta=None,
                seed=0, trust_remote_code=False, zero3=None):
     """A causal LM from a preset path, hub id or local folder, with RoPE settings applied
-    before the rotary tables are built. 'tiny' is random-initialised from `seed`.
-
-    zero3: train.py's DeepSpeed config (ZeRO stage 3) to load the ZeRO-3 way (see
-    _load_partitioned): every process holds its 1/world_size share of every weight and
-    reads only that share from the checkpoint, so its host memory grows by about its share
-    (8B in bf16: ~2 GB per process on 8 GPUs, not 16 GB each). Needs torch.distributed
-    initialised. 'tiny' is always built whole (it is tiny, and a random init under
-    zero.Init draws other numbers); deepspeed.initialize partitions it.
-    """
+    before the rotary tables are built. 'tiny' is random-initialised from `seed`, always whole
+    (a random init under zero.Init draws other numbers; deepspeed.initialize partitions it).
+    zero3: train.py's DeepSpeed config (stage 3): every process reads only its 1/world_size
+    share of every weight (_load_partitioned; 8B in bf16: ~2 GB per process on 8 GPUs, not
+    16 GB each). Needs torch.distributed initialised."""
     config = load_config(path, rope_theta, trust_remote_code)
     if path == "tiny":
         torch.manual_seed(seed)
@@ -365,13 +361,11 @@ def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, te
     """Greedy (temperature 0) or sampled answers to token-id prompts, batch_size at a time with
     left padding, longest first (prepare.py's responses, evaluate.py --gen_batch). Returns per
     prompt (tokens without the stop token, finished: the stop token was produced)."""
-    # Longest first: prompts of a batch are of similar length (little padding), and the first
+    # Longest first: a batch's prompts are of similar length (little padding), and the first
     # batch is the longest, so a memory limit shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
-    # models.load_tokenizer sets pad = eos where a tokenizer has none; the fallback is for a
-    # tokenizer loaded some other way.
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]   # load_tokenizer's: eos
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         T = max(len(prompts[i]) for i in idx)
@@ -381,14 +375,11 @@ def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, te
             ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, T - len(prompts[i]):] = 1
         torch.manual_seed(seed * 7919 + b)             # sampling draws, reproducible per batch
-        sample = temperature > 0
-        kw = dict(temperature=temperature, top_p=top_p) if sample else {}
-        # Left padding: every prompt ends at column T, so the new tokens start at T in every row.
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=sample,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                 pad_token_id=pad, **kw)[:, T:]
+        kw = dict(temperature=temperature, top_p=top_p) if temperature > 0 else {}
+        with torch.no_grad():           # left padding: the new tokens start at column T in every row
+            gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 do_sample=temperature > 0, max_new_tokens=max_new_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad, **kw)[:, T:]
         for r, i in enumerate(idx):
             toks = gen[r].tolist()
             # (<= max_new_tokens,) new tokens; after the first stop token comes padding.
