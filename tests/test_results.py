@@ -488,3 +488,58 @@ def test_train_summary_keeps_the_file_of_the_same_run_and_replaces_another(tmp_p
     out = capsys.readouterr().out
     assert "NOT the run" in out and "metrics.last_quarter.loss" in out
     assert json.loads(path.read_text())["git_commit"] == "bbb"
+
+
+# ----------------------------------------------------------------------------------------
+# The objective experiment's table (results/objective/ARM/), on hand-made summaries.
+
+def objective_qa(folder, method, seed, correct, length, eval_seed, empty=(), distractor=()):
+    os.makedirs(folder, exist_ok=True)
+    questions = [{"id": f"{length}/{i}/q{i}", "length": length, "correct": bool(c),
+                  "pattern": "empty" if i in empty else "correct" if c else "hallucination",
+                  "distractor": i in distractor} for i, c in enumerate(correct)]
+    write(folder, f"{method}_s{seed}_qa_{length // 1024}K_e{eval_seed}.json",
+          {"method": method, "seed": seed, "task": "qa", "eval_data": f"e{eval_seed}",
+           "metrics": {"questions": questions, "lengths": {str(length): {}}}})
+
+
+def test_objective_table_primary_test_matches_a_brute_force_permutation_and_pooled_t(tmp_path):
+    import statistics
+    root = tmp_path / "objective"
+    hits = {"logo-l1": [30, 28, 33, 25, 31], "sft": [22, 27, 24, 29, 20]}       # of 40
+    for arm, hs in hits.items():
+        for seed, h in enumerate(hs):
+            objective_qa(str(root / arm), "sft" if arm == "sft" else "logo", seed,
+                         [1] * h + [0] * (40 - h), 12288, 2468,
+                         empty=range(38, 40) if arm == "sft" else (), distractor={h})
+    table = mt.objective_table(str(tmp_path))
+    # independent: every split of the 10 values into 5 + 5, float means
+    vals = [h / 40 for h in hits["logo-l1"] + hits["sft"]]
+    obs = abs(statistics.mean(vals[:5]) - statistics.mean(vals[5:]))
+    splits = list(itertools.combinations(range(10), 5))
+    p = sum(abs(statistics.mean([vals[i] for i in s]) -
+                statistics.mean([vals[i] for i in range(10) if i not in s])) >= obs - 1e-12
+            for s in splits) / len(splits)
+    assert f"p = {p:.3g}" in table and p == pytest.approx(16 / 252)    # 8 extreme splits x 2 sides
+    d = statistics.mean(vals[:5]) - statistics.mean(vals[5:])
+    pooled = (statistics.variance(vals[:5]) + statistics.variance(vals[5:])) / 2
+    half = 2.306 * math.sqrt(pooled * (1 / 5 + 1 / 5))                 # t(0.975, 8 df)
+    assert f"difference of means {d:+.3f} [95% pooled t {d - half:+.3f}, {d + half:+.3f}]" in table
+    sft = row_of(table, "SFT (NLL weight 1)")
+    accs = [h / 40 for h in hits["sft"]]
+    assert sft[0].startswith(f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} [")
+    assert sft[4].startswith("0.05 ± 0.00")                                 # 2 of 40 empty
+    nonempty = [min(h, 38) / 38 for h in hits["sft"]]
+    assert sft[5].startswith(f"{statistics.mean(nonempty):.2f} ± {statistics.stdev(nonempty):.2f}")
+    distract = [(1 if h < 38 else 0) / 40 for h in hits["sft"]]            # question h, if wrong
+    assert sft[6].startswith(f"{statistics.mean(distract):.2f} ±")
+    assert sft[1] == "n/a"                                                   # no 2K summaries
+
+
+def test_objective_table_grid_picks_the_best_lr_ties_to_the_lower_and_reports_it(tmp_path):
+    root = tmp_path / "objective" / "grid"
+    for lr, h in (("3e-4", 20), ("1e-3", 25), ("3e-3", 25)):
+        objective_qa(str(root / f"sft_lr{lr}"), "sft", 0, [1] * h + [0] * (40 - h), 2048, 999)
+    table = mt.objective_table(str(tmp_path))
+    assert "3e-4: 20/40, 1e-3: 25/40, 3e-3: 25/40; chosen 1e-3." in table
+    assert "Primary test**: not yet" in table
