@@ -11,18 +11,16 @@ Writes  <out_dir>/run_config.json      the resolved configuration (written at st
         <out_dir>/merged/              with --merge: the base with the adapter merged in
 
     python train.py                                    # smollm2-135m on data/demo (demo.sh: --max_steps 12)
-    python train.py --model tiny --data_dir data/tiny --max_steps 20
     deepspeed --num_gpus 8 train.py --model llama3-8b-80k --data_dir data/llama3 --gradient_checkpointing
     python train.py --model tiny --data_dir data/tiny --resume      # continue runs/logo exactly
 
 Defaults (after a plain python prepare.py): 48 steps of 2 rows of ~2.1K tokens, float32, in
-17-19 minutes on 2 CPU cores; demo.sh: 12 steps of 1K-token rows in ~2-3 minutes, then the
-first quarter of the steps against the last (measured: loss 2.01 -> 0.50, reward_margin
--0.37 -> 4.13, reward_accuracy 0.50 -> 0.83). Row order, learning rate and dropout are
-functions of (seed, step) alone: --resume replays exactly what an uninterrupted run does.
-Bad input stops with one `error: <what> (<file>); <what to do>` line (exit status 2) before
-the model loads; a non-finite loss skips its whole step; nothing is renamed into place
-before it is complete (models.atomic_path).
+17-19 minutes on 2 CPU cores; demo.sh: 12 steps of 1K-token rows in ~2-3 minutes (measured,
+first quarter of the steps -> last: loss 2.01 -> 0.50, reward_margin -0.37 -> 4.13,
+reward_accuracy 0.50 -> 0.83). Row order, learning rate and dropout are functions of (seed,
+step) alone: --resume replays exactly what an uninterrupted run does. Bad input stops with one
+`error: <what> (<file>); <what to do>` line (exit status 2) before the model loads; a
+non-finite loss skips its whole step; nothing is renamed into place before it is complete.
 """
 
 import argparse
@@ -45,7 +43,6 @@ from tqdm import tqdm
 import model_patch
 import models
 from loss import logo_loss
-from models import UserError
 
 FORMAT_VERSION = 1          # of the data prepare.py writes; meta.json carries it
 MAX_ROPE_EXTENSION = 8      # the paper extends a window at most 8x (Sec. 4.1: 8K -> 64K, 4K -> 32K)
@@ -53,8 +50,15 @@ MAX_ROPE_EXTENSION = 8      # the paper extends a window at most 8x (Sec. 4.1: 8
 # Llama-3, Sec. 4.1; lambda 0.1; LoRA r 32, alpha 16, lr 5e-7, 1200 steps of 64 rows).
 PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps", "global_batch", "micro_batch",
                "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rope_theta", "dtype"]
+# The logged metrics, in the order train_step sums them: the total loss, then logo_loss's.
+METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
+# What --resume may change: folders, length, logging, switches of memory or speed, not the math.
+RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge",
+                     "wandb", "tensorboard", "max_nonfinite_steps", "gradient_checkpointing", "offload_optimizer",
+                     "offload_params", "attention"}
 
 
+# Config: the flags and a preset -> one flat dict, the run's config.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,17 +75,15 @@ def parse_args(argv=None):
     a("--lora_r", type=int, default=None, help="LoRA rank")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (update scaled by alpha/r)")
     a("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
-    a("--lora_targets", default=None, help="comma-separated modules (paper: attention projections + embed_tokens)")
+    a("--lora_targets", type=lambda s: [t for t in s.split(",") if t], help="comma-separated (paper: q,k,v,o + embed)")
     a = p.add_argument_group("LOGO loss (paper Eq. 2-3)").add_argument
-    a("--loss", choices=["logo", "sft"], default="logo", help="sft: the chosen response's NLL only (paper: "
-      "'Instruct Tuning (Partial)')")
+    a("--loss", choices=["logo", "sft"], default="logo", help="sft: the chosen NLL only (Instruct Tuning (Partial))")
     a("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
     a("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
     # --gamma 3 with --beta 10 is --gamma_beta_ratio 0.3; 3 as a ratio never saturates (ERRORS.md)
     a("--gamma_beta_ratio", type=float, default=None, help="gamma as gamma/beta (SimPO's and the released code's)")
     a("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
-    a("--reference", action="store_true", help="reference-based rewards (loss.py; the paper's Fig. 6c): "
-      "against the base model, the LoRA adapter off, one extra no-grad forward per micro-batch")
+    a("--reference", action="store_true", help="rewards against the base model, adapter off (Fig. 6c; loss.py)")
     a = p.add_argument_group("optimisation").add_argument
     a("--max_steps", type=int, default=None, help="optimiser steps")
     a("--lr", type=float, default=None, help="peak learning rate (AdamW)")
@@ -91,7 +93,7 @@ def parse_args(argv=None):
     a("--global_batch", type=int, default=None, help="rows per optimiser step, all processes")
     a("--micro_batch", type=int, default=None, help="rows per forward pass per process")
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    a("--adam_betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
     a("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     a("--seed", type=int, default=0, help="LoRA init, row order, dropout")
     a = p.add_argument_group("checkpoints and export").add_argument
@@ -114,56 +116,43 @@ def parse_args(argv=None):
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (the rank used is $RANK)")
     return p.parse_args(argv)
 
-
 def need(ok, message):
     """A check of the input: when it fails, one `error: <message>` line and exit status 2."""
     if not ok:
-        raise UserError(message)
-
+        raise models.UserError(message)
 
 def resolve_config(args):
-    """Flags + preset -> one flat dict: what runs, what is printed, what is saved."""
+    """Flags + preset -> one flat dict: what runs, is printed and saved (run_config.json; without
+    local_rank and print_ds_config, so it is the same on every process and on --resume)."""
     try:
         preset = models.resolve_model(args.model)
     except ValueError as e:
-        raise UserError(f"{e}; pick one with --model")
-    need(args.gamma is None or args.gamma_beta_ratio is None, "--gamma and --gamma_beta_ratio both given; "
-         "pass one (gamma is absolute, gamma_beta_ratio = gamma / beta)")
-    # local_rank differs per process, print_ds_config is a mode: left out, so run_config.json
-    # is the same on every process and compares equal on --resume.
+        raise models.UserError(f"{e}; pick one with --model")
+    need(args.gamma is None or args.gamma_beta_ratio is None, "--gamma and --gamma_beta_ratio both given; pass one")
     cfg = {k: v for k, v in vars(args).items() if k not in ("local_rank", "print_ds_config", "gamma_beta_ratio")}
     cfg.update({k: preset.get(k) for k in PRESET_KEYS if cfg[k] is None})
-    gpu = torch.cuda.is_available()
     # The presets' bf16 is for GPUs: on a CPU without AMX torch's bf16 matmuls run ~7x slower
     # (SmolLM2-135M, one 2.1K-token row, fwd+bwd: ~70 s vs ~10 s on 2 cores). --dtype forces it.
-    cfg["dtype"] = args.dtype or (cfg["dtype"] if gpu else "float32")
-    if isinstance(cfg["lora_targets"], str):
-        cfg["lora_targets"] = [t for t in cfg["lora_targets"].split(",") if t]
+    cfg["dtype"] = args.dtype or (cfg["dtype"] if torch.cuda.is_available() else "float32")
     if args.gamma_beta_ratio is not None:
         cfg["gamma"] = args.gamma_beta_ratio * cfg["beta"]    # logged as the absolute margin
-    # native_len: the window the checkpoint was trained for (else max_position_embeddings).
+    # native_len: the window the checkpoint was trained for; world_size: the launcher's (1 under python)
     cfg.update(model=preset["name"], model_path=preset["path"], native_len=preset.get("native_len"),
-               out_dir=args.out_dir or os.path.join("runs", args.loss),
-               world_size=int(os.environ.get("WORLD_SIZE", "1")),      # the launcher's; 1 under python
-               zero_stage=args.zero_stage if args.zero_stage is not None else 3 if gpu else 0,
-               adam_betas=list(args.adam_betas))                         # as JSON reads it back (--resume)
+               out_dir=args.out_dir or os.path.join("runs", args.loss), world_size=int(os.getenv("WORLD_SIZE", 1)),
+               zero_stage=args.zero_stage if args.zero_stage is not None else 3 if torch.cuda.is_available() else 0)
     per_pass = cfg["micro_batch"] * cfg["world_size"]
     need(cfg["global_batch"] % per_pass == 0, f"--global_batch {cfg['global_batch']} is not a multiple of "
          f"micro_batch {cfg['micro_batch']} x world size {cfg['world_size']}; change one of them")
     cfg["grad_accum"] = cfg["global_batch"] // per_pass   # paper: 64 rows = 1 x 8 GPUs x 8 accumulation steps
     return cfg
 
-
 def ds_config(cfg):
-    """The DeepSpeed config dict (--print_ds_config prints it)."""
-    # Pinned host memory speeds up copies of offloaded tensors to a GPU; a CPU has none to copy to.
-    offload = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    """The DeepSpeed config; bf16: bf16 weights and activations, fp32 masters in DeepSpeed's optimiser."""
+    offload = {"device": "cpu", "pin_memory": torch.cuda.is_available()}     # pinned: faster copies to a GPU
     zero = {"stage": cfg["zero_stage"], **({"offload_optimizer": offload} if cfg["offload_optimizer"] else {}),
             **({"offload_param": offload} if cfg["offload_params"] else {})}
     if cfg["zero_stage"] == 3 and cfg["zero3_persistence_threshold"] is not None:
         zero["stage3_param_persistence_threshold"] = cfg["zero3_persistence_threshold"]
-    # DeepSpeed checks train_batch_size = micro x accumulation x world size. bf16: bf16 weights
-    # and activations, fp32 masters in DeepSpeed's optimiser wrapper (works on CPU too).
     return {"train_batch_size": cfg["global_batch"], "train_micro_batch_size_per_gpu": cfg["micro_batch"],
             "gradient_accumulation_steps": cfg["grad_accum"], "gradient_clipping": cfg["grad_clip"],  # 0: off
             "bf16": {"enabled": cfg["dtype"] == "bfloat16"}, "zero_optimization": zero,
@@ -173,150 +162,109 @@ def ds_config(cfg):
 
 
 # Data: meta.json and the shards prepare.py wrote, checked against the model before it loads.
-
 def load_data(cfg):
-    """Every check of the input, before anything heavy -> (tokenizer, PackedRows)."""
-    d, hint = cfg["data_dir"], f"run: python prepare.py --model {cfg['model']} --out_dir {cfg['data_dir']}"
-    path = os.path.join(d, "meta.json")
-    need(os.path.isdir(d), f"data folder {d} does not exist; {hint} (or pass --data_dir)")
+    """Every check of the input, before anything heavy -> (tokenizer, the rows: read_shards)."""
+    folder, hint = cfg["data_dir"], f"run: python prepare.py --model {cfg['model']} --out_dir {cfg['data_dir']}"
+    path = os.path.join(folder, "meta.json")
+    need(os.path.isdir(folder), f"data folder {folder} does not exist; {hint} (or pass --data_dir)")
     try:
         with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path} is missing: {d} was not written by prepare.py, or it was interrupted; {hint}")
+        raise models.UserError(f"{path} is missing: {folder} was not written by prepare.py, or it stopped; {hint}")
     except json.JSONDecodeError as e:
-        raise UserError(f"meta.json is not valid JSON ({path}:{e.lineno}); {hint}")
+        raise models.UserError(f"meta.json is not valid JSON ({path}:{e.lineno}); {hint}")
     need(meta.get("format_version") == FORMAT_VERSION, f"shards in format version {meta.get('format_version')}, "
          f"this train.py reads version {FORMAT_VERSION} ({path}); re-run prepare.py from this checkout: {hint}")
     need(meta.get("complete") is not False, f"the data is incomplete, shards {meta.get('missing_shards')} are not "
          f"written yet ({path}); wait for the other prepare.py workers (--num_shards) to finish, or {hint}")
-    need({"tokenizer_fingerprint", "num_rejected", "target_len"} <= set(meta),
-         f"meta.json lacks tokenizer_fingerprint, num_rejected or target_len ({path}); {hint}")
     try:
         tok = models.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
         config = models.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
     except OSError as e:              # FileNotFoundError included: a missing package or folder
-        raise UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it names, or pass "
-                        "a local model folder / a hub id already in your HF cache") from None
+        raise models.UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it names, or "
+                               "pass a local model folder / a hub id already in your HF cache") from None
+    # model_patch would refuse another architecture at the first step: say it now. Token ids mean
+    # something only under the tokenizer that made them (its fingerprint hashes the vocabulary).
     archs = [a for a in getattr(config, "architectures", None) or [] if a not in model_patch.PACKED_ARCHITECTURES]
-    if archs:                         # model_patch would refuse it at the first step: say it now
-        raise UserError(f"--model {cfg['model']} is a {archs[0]}: packed log-probs are tested for "
-                        f"{', '.join(model_patch.PACKED_ARCHITECTURES)} only; train one of those (or add it to "
-                        "tests/test_model_patch.py's parity tests and model_patch.PACKED_ARCHITECTURES)")
-    # Token ids mean something only under the tokenizer that made them (its fingerprint hashes
-    # the vocabulary); PackedRows checks that they fit the embedding table.
+    need(not archs, f"--model {cfg['model']} is a {(archs or [''])[0]}: packed log-probs are tested for "
+         f"{', '.join(model_patch.PACKED_ARCHITECTURES)} only; train one of those (or add it to their parity tests)")
     fp = models.tokenizer_fingerprint(tok)
     need(meta["tokenizer_fingerprint"] == fp, f"the shards were tokenized for {meta.get('model', '?')} (tokenizer "
-         f"{meta.get('tokenizer', '?')}, fingerprint {meta['tokenizer_fingerprint']}), but --model {cfg['model']} "
-         f"has tokenizer fingerprint {fp} ({path}); {hint} or train with the --model the data was made for")
-    check_rope(int(meta["target_len"]), path, config, cfg)
-    data = PackedRows(d, meta, config.vocab_size, hint)
-    # data_fingerprint (sha256 of the shards): which data the adapter saw, for evaluate.py
-    # --results_dir; None for data from a prepare.py that did not write it.
-    cfg.update(target_len=int(meta["target_len"]), num_rejected=int(meta["num_rejected"]),
-               tokenizer_fingerprint=fp, rows=len(data), data_fingerprint=meta.get("data_fingerprint"))
-    return tok, data
-
-
-def check_rope(K, meta_path, config, cfg):
-    """Data synthesized for K = target_len positions needs RoPE settings that cover K: the
-    native window, stretched by a raised base by the NTK-aware factor s = (theta /
-    theta_native)^((d-2)/d) (d = head dim: the longest wavelength grows by exactly s), capped
-    at the paper's 8x. Llama-3-8B (theta 5e5, d = 128) with 2e8: s ~ 364, capped: 8K -> 64K."""
-    native = cfg["native_len"] or config.max_position_embeddings  # 81920 = K for llama3-8b-80k
+         f"fingerprint {meta['tokenizer_fingerprint']}), --model {cfg['model']} has {fp} ({path}); {hint}")
+    # Positions up to K = target_len need RoPE settings that cover K: the native window, stretched by a
+    # raised base by the NTK-aware s = (theta / theta_native)^((d-2)/d) (d = head dim: the longest
+    # wavelength grows by exactly s), capped at the paper's 8x. Llama-3-8B, 5e5 -> 2e8: s ~ 364, 8K -> 64K.
+    K, native = int(meta["target_len"]), cfg["native_len"] or config.max_position_embeddings
     theta0, theta = model_patch.get_rope_theta(config), cfg["rope_theta"]   # the checkpoint's; the flag's
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     covered = native if theta is None or theta <= theta0 else \
         int(native * min(MAX_ROPE_EXTENSION, (theta / theta0) ** ((d - 2) / d)))
-    todo = f"LOGO extends a window at most {MAX_ROPE_EXTENSION}x: re-run prepare.py with --target_len " \
-           f"{MAX_ROPE_EXTENSION * native} or less" if K > MAX_ROPE_EXTENSION * native else \
-           f"pass --rope_theta {theta0 * (K / native) ** (d / (d - 2)):.3g} or more, or re-run prepare.py " \
-           f"with --target_len {covered}"    # s solved for theta
+    need(K <= MAX_ROPE_EXTENSION * native, f"the data's positions reach target_len {K} ({path}), but LOGO extends "
+         f"a window at most {MAX_ROPE_EXTENSION}x: re-run prepare.py with --target_len {MAX_ROPE_EXTENSION * native}")
     need(K <= covered, f"the data's positions reach target_len {K} but {cfg['model']}'s RoPE settings (rope_theta "
-         f"{theta or theta0:g}, native window {native}) cover {covered} ({meta_path}); {todo}")
+         f"{theta or theta0:g}, native window {native}) cover {covered} ({path}); pass --rope_theta "
+         f"{theta0 * (K / native) ** (d / (d - 2)):.3g} or more (s solved for theta), or --target_len {covered}")
+    data = read_shards(folder, meta, config.vocab_size, hint)
+    # data_fingerprint (the shards' sha256, None from an older prepare.py): for evaluate.py --results_dir
+    cfg.update(target_len=K, num_rejected=int(meta["num_rejected"]), tokenizer_fingerprint=fp, rows=len(data),
+               data_fingerprint=meta.get("data_fingerprint"))
+    return tok, data
 
-
-class PackedRows:
-    """The shards' rows, memory-mapped: row(i) -> (input_ids, position_ids, segment_ids), int64."""
-
-    def __init__(self, data_dir, meta, vocab_size, hint):
-        names = meta.get("shards") or sorted(f for f in os.listdir(data_dir) if f.startswith("shard_")
-                                             and f.endswith(".safetensors"))
-        need(names, f"no shards in {data_dir} (expected shard_00000.safetensors, ...); {hint}")
-        self.files, self.index = [], []
-        M, K = int(meta["num_rejected"]), int(meta["target_len"])
-        for name in names:
-            path = os.path.join(data_dir, name)
-            try:                      # a missing, truncated or foreign file, or one without these arrays
-                f = safe_open(path, framework="np")
-                ids, pos, seg, off = (f.get_tensor(k) for k in ("input_ids", "position_ids", "segment_ids", "offsets"))
-            except Exception as e:
-                raise UserError(f"cannot read shard ({path}): {e}; {hint}")
-            bad = lambda ok, what: need(ok, f"{what} ({path}); the shard is damaged or from another version: {hint}")
-            # The packed layout, checked once per shard (vectorised): each row is 0..0 1..1 ...
-            # (M+1)..(M+1), token ids in the vocabulary, positions < K.
-            dtypes = (ids.dtype, pos.dtype, seg.dtype, off.dtype)
-            bad(dtypes == (np.int32, np.int32, np.int8, np.int64),
-                f"dtypes {[str(x) for x in dtypes]}, expected int32, int32, int8, int64")
-            bad(len(ids) == len(pos) == len(seg) == off[-1] and off[0] == 0 and (np.diff(off) > 0).all(),
-                "offsets do not match the token arrays")
-            if len(off) > 1:          # else every sample of the shard was skipped
-                # An id past the embedding table fails deep inside the forward (an IndexError on
-                # CPU, a device-side assert on CUDA): caught here, with the shard named.
-                bad(ids.min() >= 0 and ids.max() < vocab_size, f"token ids outside the model's vocabulary of "
-                    f"{vocab_size}")
-                bad(pos.min() >= 0 and pos.max() < K, f"position ids outside [0, target_len={K})")
-                # Per row: segment 0 first, steps of 0 or +1, M + 1 reached (prefix, chosen, every rejected).
-                step = np.diff(seg.astype(np.int64))
-                step[off[1:-1] - 1] = 0                       # row boundaries may step down
-                bad((seg[off[:-1]] == 0).all() and ((step == 0) | (step == 1)).all()
-                    and (np.maximum.reduceat(seg, off[:-1]) == M + 1).all(),
-                    f"segment ids are not prefix, chosen, then {M} rejected responses per row")
-            self.index += [(len(self.files), int(a), int(b)) for a, b in zip(off[:-1], off[1:])]
-            self.files.append(f)
-        need(self.index, f"the shards in {data_dir} hold no rows (every sample was skipped?); {hint}")
-
-    def __len__(self):
-        return len(self.index)
-
-    def row(self, i):                     # reads rows [a, b) only; int32 / int8 on disk, int64 here
-        f, a, b = self.index[i]
-        return tuple(self.files[f].get_slice(k)[a:b].astype("int64") for k in ("input_ids", "position_ids",
-                                                                                 "segment_ids"))
-
+def read_shards(data_dir, meta, vocab_size, hint):
+    """The shards' rows, memory-mapped -> [(shard, start, end)], one per row (micro_batch reads
+    them). Each shard's layout is checked once, vectorised: rows of segments 0..0 1..1 ...
+    (M+1)..(M+1) (prefix, chosen, M rejected), token ids in the vocabulary, positions < K."""
+    names = meta.get("shards") or sorted(n for n in os.listdir(data_dir) if re.fullmatch(r"shard_.*\.safetensors", n))
+    need(names, f"no shards in {data_dir} (expected shard_00000.safetensors, ...); {hint}")
+    M, K, rows = int(meta["num_rejected"]), int(meta["target_len"]), []
+    for path in [os.path.join(data_dir, name) for name in names]:
+        try:                          # a missing, truncated or foreign file, or one without these arrays
+            f = safe_open(path, framework="np")
+            ids, pos, seg, off = (f.get_tensor(k) for k in ("input_ids", "position_ids", "segment_ids", "offsets"))
+        except Exception as e:
+            raise models.UserError(f"cannot read shard ({path}): {e}; {hint}")
+        bad = lambda ok, what: need(ok, f"{what} ({path}); the shard is damaged or from another version: {hint}")
+        dtypes = [str(x.dtype) for x in (ids, pos, seg, off)]
+        bad(dtypes == ["int32", "int32", "int8", "int64"], f"dtypes {dtypes}, expected int32, int32, int8, int64")
+        bad(len(ids) == len(pos) == len(seg) == off[-1] and off[0] == 0 and (np.diff(off) > 0).all(),
+            "offsets do not match the token arrays")
+        if len(off) > 1:              # else every sample of the shard was skipped
+            # an id past the embedding table fails deep in the forward (IndexError; on CUDA an assert)
+            bad(0 <= ids.min() and ids.max() < vocab_size, f"token ids outside the model's vocabulary of {vocab_size}")
+            bad(0 <= pos.min() and pos.max() < K, f"position ids outside [0, target_len={K})")
+            step = np.diff(seg.astype(np.int64))
+            step[off[1:-1] - 1] = 0                           # row boundaries may step down
+            bad((seg[off[:-1]] == 0).all() and ((step == 0) | (step == 1)).all()
+                and (np.maximum.reduceat(seg, off[:-1]) == M + 1).all(),
+                f"segment ids are not prefix, chosen, then {M} rejected responses per row")
+        rows += [(f, int(a), int(b)) for a, b in zip(off[:-1], off[1:])]
+    need(rows, f"the shards in {data_dir} hold no rows (every sample was skipped?); {hint}")
+    return rows
 
 def step_rows(step, cfg, n):
-    """The global_batch row indices of optimiser step `step` (0-based): global sample
-    g = step * global_batch + j walks a fresh permutation each epoch, a function of (seed,
-    epoch) only, so a resumed run reads the rows an uninterrupted one would, on every process."""
+    """Step `step`'s global_batch row indices: sample g = step * global_batch + j walks a fresh
+    permutation per epoch, of (seed, epoch) alone: a resumed run reads what an uninterrupted one would."""
     g = range(step * cfg["global_batch"], (step + 1) * cfg["global_batch"])
     perm = {e: torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + e))
             for e in {i // n for i in g}}
     return [int(perm[i // n][i % n]) for i in g]
 
-
 def micro_batch(data, rows, cfg, micro, rank, pad_id, device):
     """Micro-batch `micro` of process `rank`: rows [(micro * world + rank) * B, ... + B) of the
-    step's, right-padded to the longest (pad token, position 0, segment -1: attends only
-    itself, never scored). Three (B, T) int64 tensors: ids, positions, segments."""
-    B = cfg["micro_batch"]
-    first = (micro * cfg["world_size"] + rank) * B
-    batch = [data.row(i) for i in rows[first:first + B]]
-    out = torch.zeros((3, B, max(len(r[0]) for r in batch)), dtype=torch.long)     # (3, B, T)
-    out[0].fill_(pad_id)
-    out[2].fill_(-1)
-    for b, r in enumerate(batch):
-        for k in range(3):
-            out[k, b, :len(r[k])] = torch.from_numpy(r[k])
-    return [x.to(device) for x in out]
+    step's, right-padded to the longest (pad token, position 0, segment -1: attends only itself,
+    never scored) -> (B, T) int64 ids, positions, segments (int32 / int8 on disk)."""
+    first = (micro * cfg["world_size"] + rank) * cfg["micro_batch"]
+    batch = [data[i] for i in rows[first:first + cfg["micro_batch"]]]
+    return [torch.nn.utils.rnn.pad_sequence([torch.from_numpy(f.get_slice(k)[a:b]).long() for f, a, b in batch],
+                                            batch_first=True, padding_value=v).to(device)
+            for k, v in (("input_ids", pad_id), ("position_ids", 0), ("segment_ids", -1))]
 
 
-# Model: a frozen base + LoRA inside a DeepSpeed engine; the loss, the schedule, the export.
-
+# Model: a frozen base + LoRA inside a DeepSpeed engine, and its export.
 class LogoScorer(torch.nn.Module):
     """What DeepSpeed wraps (its ZeRO-3 hooks gather the weights): packed (B, T) x 3 in,
     (logps, counts) out, both (B, 1+M): column 0 chosen, 1..M rejected."""
-
     def __init__(self, peft_model, attention):
         super().__init__()
         self.peft, self.attention = peft_model, attention
@@ -324,112 +272,75 @@ class LogoScorer(torch.nn.Module):
     def forward(self, input_ids, position_ids, segment_ids):
         return model_patch.response_logps(self.peft, input_ids, position_ids, segment_ids, attention=self.attention)
 
-
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose step is skipped while `skip` is set: after a non-finite loss the step is
-    dropped whole (no update, moments untouched) whatever wrapper DeepSpeed puts around it.
-    train_step sets it alike on every process (after an all_reduce): partitions stay in step."""
+    """AdamW that skips its step while `skip` is set (train_step sets it alike on every process after a
+    non-finite loss): no update, moments untouched, whatever wrapper DeepSpeed puts around it."""
     skip = False
-
     def step(self, closure=None):
         return None if self.skip else super().step(closure)
 
-
-def build(cfg, rank):
-    """Base model (frozen) + LoRA (peft) -> DeepSpeed engine and the AdamW inside it."""
+def build(cfg, rank, resume_from=None):
+    """Base model (frozen) + LoRA -> (DeepSpeed engine, the AdamW in it), from checkpoint `resume_from`
+    on --resume. ZeRO-3 builds the model partitioned: no process holds it whole in host memory."""
     import deepspeed
     from peft import LoraConfig, get_peft_model
     # transformers 5 deprecates the attribute that peft and DeepSpeed still read: noise only
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # ZeRO-3: built partitioned (deepspeed.zero.Init), so no process ever holds the whole
-    # model in host memory (models.load_model); other stages load it whole on every process.
     model = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]), rope_theta=cfg["rope_theta"],
                               trust_remote_code=cfg["trust_remote_code"],
                               zero3=ds_config(cfg) if cfg["zero_stage"] == 3 else None)
     held = [p for p in model.parameters() if hasattr(p, "ds_tensor")]   # ds_tensor: this process's share
-    if held and rank == 0:
-        print(f"ZeRO-3 load: {len(held)} tensors built partitioned; this process holds "
-              f"{sum(p.ds_tensor.numel() for p in held):,} of their {sum(p.ds_numel for p in held):,} elements")
     if cfg["gradient_checkpointing"]:
         # Non-reentrant: the reentrant variant gives no gradients inside a block none of whose
         # inputs requires grad (a frozen base). With ZeRO-3 it needs deepspeed >= 0.19.3 (GPU.md).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg["seed"])    # LoRA A; B starts at 0, so B @ A = 0: step 1 scores the base model
-    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                      target_modules=cfg["lora_targets"], bias="none")
     with warnings.catch_warnings():   # tied embeddings (SmolLM2): LoRA on the input side only (merge unties)
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], bias="none",
+                                                 lora_dropout=cfg["lora_dropout"], target_modules=cfg["lora_targets"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    numel = lambda p: getattr(p, "ds_numel", p.numel())      # a ZeRO-3 partition reports 0
-    n_train, n_all = sum(map(numel, trainable)), sum(map(numel, model.parameters()))
+    # LoRA only (~31M for r = 32 on Llama-3-8B): its AdamW moments take ~0.25 GB, not ~64 GB.
+    opt = SkippableAdamW(trainable, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), weight_decay=cfg["weight_decay"])
+    engine, *_ = deepspeed.initialize(model=LogoScorer(model, cfg["attention"]), optimizer=opt, config=ds_config(cfg))
+    engine.checkpoint_engine.load = safe_torch_load           # no pickle (see safe_torch_load)
+    numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)     # a ZeRO-3 partition reports 0
+    n_train, n_all, params = numel(trainable), numel(model.parameters()), list(model.parameters())
     if rank == 0:
         print(f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")
-    # LoRA only (~31M for the paper's r = 32 on Llama-3-8B): two float32 AdamW moments take
-    # ~0.25 GB, not the ~64 GB of a full fine-tune of 8B.
-    opt = SkippableAdamW(trainable, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), weight_decay=cfg["weight_decay"])
-    scorer = LogoScorer(model, cfg["attention"])
-    engine, _, _, _ = deepspeed.initialize(model=scorer, optimizer=opt, config=ds_config(cfg))
-    engine.checkpoint_engine.load = safe_torch_load           # no pickle (see safe_torch_load)
     if cfg["zero_stage"] == 3 and rank == 0:                  # tensors under the threshold stay whole
-        params = list(model.parameters())
+        print(f"ZeRO-3 load: {len(held)} tensors built partitioned; this process holds "
+              f"{sum(p.ds_tensor.numel() for p in held):,} of their {sum(p.ds_numel for p in held):,} elements")
         print(f"ZeRO-3: {sum(not p.ds_persist for p in params)} of {len(params)} tensors partitioned across "
               f"{cfg['world_size']} processes (stage3_param_persistence_threshold: the rest stay whole)")
-    return engine, opt, scorer
+    if resume_from:                   # not strict: LoRA only; no scheduler state: the step sets the lr
+        engine.load_checkpoint(os.path.dirname(resume_from), tag=os.path.basename(resume_from),
+                               load_module_strict=False, load_lr_scheduler_states=False)
+    return engine, opt
 
-
-def lr_at(step, cfg):
-    """Step `step` (0-based): linear warmup to lr (lr / warm at step 0, never 0), then cosine to
-    lr * min_lr_ratio at max_steps, or constant. Paper preset: 120 of 1200 steps, 5e-7 -> 5e-8."""
-    lr, warm, low = cfg["lr"], cfg["warmup_steps"], cfg["min_lr_ratio"]
-    if step < warm:
-        return lr * (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, cfg["max_steps"] - warm))
-    return lr if cfg["lr_schedule"] == "constant" else lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-# The logged metrics, in the order train_step sums them: the total loss, then logo_loss's.
-METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
-
-
-def compute_loss(logps, cfg, ref=None):
-    """(B, 1+M) mean token log-probs (ref: the reference's, --reference) -> (loss, metrics).
-    The LOGO metrics are logged for --loss sft too, to show what SFT does to the reward margin."""
-    # Chosen as likely as rejected: logo = log(1 + e^gamma), 0.97 for gamma 0.5, 3.05 for gamma 3
-    # (--reference: exactly that at step 1, where the adapter is zero and the policy is the reference).
-    # A run that learns drives reward_margin past gamma and logo below that.
-    refs = {} if ref is None else dict(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1:])
-    loss, metrics = logo_loss(logps[:, 0], logps[:, 1:], cfg["beta"], gamma=cfg["gamma"],
-                              sft_weight=cfg["sft_weight"], **refs)
-    return (-logps[:, 0].mean() if cfg["loss"] == "sft" else loss), metrics   # sft: = metrics["sft"], with grad
-
-
-def export(engine, scorer, tok, data, cfg, rank, pad_id):
-    """<out_dir>/final: the peft adapter (safetensors), the tokenizer, logo_config.json: the
-    run config (rope_theta included: evaluate.py applies it before the adapter) and
-    check_logps, the trained log-probs of the first micro-batch that a reload
-    (PeftModel.from_pretrained) must reproduce. Called on every process."""
+def export(engine, tok, data, cfg, rank, pad_id):
+    """<out_dir>/final, written on every process: the peft adapter, the tokenizer, logo_config.json:
+    the run config (rope_theta included: evaluate.py applies it before the adapter) and
+    check_logps, the first micro-batch's log-probs that a reload (PeftModel) must reproduce."""
     import deepspeed
     engine.eval()                     # no dropout: a reload must get the same numbers
-    rows = step_rows(0, cfg, len(data))
+    rows, peft = step_rows(0, cfg, len(data)), engine.module.peft
     with torch.no_grad():
         logps, _ = engine(*micro_batch(data, rows, cfg, 0, rank, pad_id, engine.device))
     # ZeRO-3: every process holds a shard of each LoRA matrix. Gathered (collective), copied
     # inside the gather (outside it a parameter is an empty placeholder), saved by rank 0.
-    lora = {n: p for n, p in scorer.peft.named_parameters() if "lora_" in n}
+    lora = {n: p for n, p in peft.named_parameters() if "lora_" in n}
     with deepspeed.zero.GatheredParameters(list(lora.values()), enabled=cfg["zero_stage"] == 3):
         state = {n: p.detach().to("cpu", copy=True) for n, p in lora.items()} if rank == 0 else None
     if rank == 0:
-        scorer.peft.peft_config["default"].base_model_name_or_path = cfg["model_path"]
-        check = {"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}
+        peft.peft_config["default"].base_model_name_or_path = cfg["model_path"]
         with models.atomic_path(os.path.join(cfg["out_dir"], "final")) as tmp:
-            # save_embedding_layers=False: LoRA on embed_tokens is saved as its A/B matrices (the
-            # vocabulary is unchanged: no copy of the full embedding matrix).
-            scorer.peft.save_pretrained(tmp, state_dict=state, safe_serialization=True, save_embedding_layers=False)
+            # save_embedding_layers=False: LoRA on embed_tokens is saved as its A/B matrices only
+            peft.save_pretrained(tmp, state_dict=state, safe_serialization=True, save_embedding_layers=False)
             tok.save_pretrained(tmp)
-            models.write_json(os.path.join(tmp, "logo_config.json"), dict(cfg, check_logps=check))
+            models.write_json(os.path.join(tmp, "logo_config.json"),
+                              dict(cfg, check_logps={"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}))
     deepspeed.comm.barrier()
-
 
 def merge(cfg, tok):
     """<out_dir>/merged: a fresh base with the exported adapter folded in ((alpha / r) * B @ A
@@ -448,24 +359,17 @@ def merge(cfg, tok):
         tok.save_pretrained(tmp)
 
 
-# The run folder: a fresh run or --resume, checkpoints. A resumed run keeps every setting that
-# shapes the training; these may change (folders, length, logging, and switches of memory or
-# speed, not of the math). The data is recognised by its tokenizer fingerprint and rows.
-RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge",
-                     "wandb", "tensorboard", "max_nonfinite_steps", "gradient_checkpointing", "offload_optimizer",
-                     "offload_params", "attention"}
-
-
-def start_run(cfg, rank):
-    """Check out_dir for a fresh run (--overwrite: rank 0 deletes the old one) or --resume;
-    rank 0 writes run_config.json and deletes what a crash left half-written (.tmp/.old
-    names). Returns the newest finished checkpoint's folder for --resume, else None."""
-    out, saved = cfg["out_dir"], os.path.join(cfg["out_dir"], "run_config.json")
-    ckdir = os.path.join(out, "checkpoints")
-    names = os.listdir(ckdir) if os.path.isdir(ckdir) else []
+# The run folder: a fresh run or --resume, checkpoints.
+def start_run(cfg, rank, log_path):
+    """Check out_dir for a fresh run (--overwrite: rank 0 deletes the old one) or --resume; rank 0
+    writes run_config.json, deletes what a crash left half-written (.tmp/.old names) -> the
+    {"step", "nonfinite_total"} to start from (--resume: + "path" of the newest checkpoint)."""
+    out = cfg["out_dir"]
+    saved, ckdir = os.path.join(out, "run_config.json"), os.path.join(out, "checkpoints")
     # trainer_state.json is written last (save_checkpoint): it marks a checkpoint complete.
-    found = sorted((int(n[5:]), os.path.join(ckdir, n)) for n in names if n.startswith("step_") and n[5:].isdigit()
-                   and os.path.isfile(os.path.join(ckdir, n, "trainer_state.json")))
+    names = os.listdir(ckdir) if os.path.isdir(ckdir) else []
+    found = sorted((int(n[5:]), os.path.join(ckdir, n)) for n in names
+                   if re.fullmatch(r"step_\d+", n) and os.path.isfile(os.path.join(ckdir, n, "trainer_state.json")))
     if cfg["resume"]:
         need(found, f"--resume: no finished checkpoint in {out}/checkpoints; start again with --overwrite (or "
              "check --out_dir; with several nodes it must be on a filesystem every node shares)")
@@ -476,8 +380,7 @@ def start_run(cfg, rank):
         need(not diff, f"--resume with settings that differ from the run's ({saved}): {'; '.join(diff)}; "
              "resume with the same flags or use a new --out_dir")
     elif rank == 0 and (os.path.exists(saved) or found):
-        need(cfg["overwrite"], f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
-             "it, or another --out_dir")
+        need(cfg["overwrite"], f"{out} already holds a run; --resume continues it, --overwrite replaces it")
         shutil.rmtree(out)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -487,39 +390,35 @@ def start_run(cfg, rank):
         for d in (out, ckdir) if os.path.isdir(ckdir) else (out,):
             for path in [os.path.join(d, n) for n in os.listdir(d) if ".tmp" in n or ".old" in n]:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return found[-1][1] if cfg["resume"] else None
-
+    if not cfg["resume"]:
+        return {"step": 0, "nonfinite_total": 0}
+    with open(os.path.join(found[-1][1], "trainer_state.json")) as f:
+        state = dict(json.load(f), path=found[-1][1])
+    if rank == 0:                     # line i is step i + 1: what follows was replayed or torn by a kill
+        with open(log_path) as f:
+            kept = f.readlines()[:state["step"]]
+        with models.atomic_path(log_path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+        print(f"resumed from {state['path']} at step {state['step']}")
+    return state
 
 def save_checkpoint(engine, state, cfg, rank):
-    """The trainable state (LoRA weights, fp32 masters, AdamW moments): every process writes
-    its files under checkpoints/.tmp_step_N (a name all agree on), then rank 0 adds
-    trainer_state.json, renames the folder to step_N and points `latest` (DeepSpeed's) at it."""
-    import deepspeed
+    """LoRA weights, fp32 masters, AdamW moments: every process writes into checkpoints/.tmp_step_N,
+    then rank 0 adds trainer_state.json, renames it to step_N and points `latest` (DeepSpeed's) at it."""
     ckdir, tag = os.path.join(cfg["out_dir"], "checkpoints"), f"step_{state['step']:06d}"
-    tmp = os.path.join(ckdir, f".tmp_{tag}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    deepspeed.comm.barrier()          # tmp exists before anyone writes into it
     # exclude_frozen_parameters: the base is re-read from model_path on resume.
-    engine.save_checkpoint(tmp, tag=tag, save_latest=False, exclude_frozen_parameters=True)
-    deepspeed.comm.barrier()
+    engine.save_checkpoint(ckdir, tag=f".tmp_{tag}", save_latest=False, exclude_frozen_parameters=True)
     if rank == 0:
-        models.write_json(os.path.join(tmp, tag, "trainer_state.json"), state)
+        models.write_json(os.path.join(ckdir, f".tmp_{tag}", "trainer_state.json"), state)
         with models.atomic_path(os.path.join(ckdir, tag)) as final:
-            os.rename(os.path.join(tmp, tag), final)
-        for extra in os.listdir(tmp):  # zero_to_fp32.py, DeepSpeed's recovery script
-            os.replace(os.path.join(tmp, extra), os.path.join(ckdir, extra))
-        os.rmdir(tmp)
-        with models.atomic_path(os.path.join(ckdir, "latest")) as t, open(t, "w") as f:
+            os.rename(os.path.join(ckdir, f".tmp_{tag}"), final)
+        with models.atomic_path(os.path.join(ckdir, "latest")) as tmp, open(tmp, "w") as f:
             f.write(tag)
-    deepspeed.comm.barrier()
-
+    torch.distributed.barrier()
 
 def safe_torch_load(path, map_location=None):
-    """DeepSpeed's loader calls torch.load(weights_only=False), i.e. unpickles anything. Ours
-    is weights_only=True with an allowlist of the records DeepSpeed's checkpoints hold besides
-    tensors: the ZeRO stage enum, the loss-scaler state, ZeRO-1/2 fragment addresses (two ints)."""
+    """DeepSpeed's loader unpickles anything (torch.load(weights_only=False)); this one loads tensors and
+    DeepSpeed's own records only: the ZeRO stage enum, loss-scaler state, ZeRO-1/2 fragment addresses."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -528,111 +427,85 @@ def safe_torch_load(path, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             what = re.search(r"GLOBAL (\S+)", str(e))
-            raise UserError(f"refusing to unpickle {what.group(1) if what else 'an object'} from a checkpoint "
-                            f"({path}); it holds more than tensors and DeepSpeed's own records: resume only "
-                            "from checkpoints train.py wrote")
-
-
-def resume(engine, path, log_path, rank):
-    """Load checkpoint `path`, cut log.jsonl back to it -> {"step", "nonfinite_total"}."""
-    # Not strict: the checkpoint holds LoRA only. No scheduler state: lr_at(step) sets the rate.
-    engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
-                           load_module_strict=False, load_lr_scheduler_states=False)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    if rank == 0:
-        # Line i is step i + 1 (each step appends one, flushed before its checkpoint; a resume
-        # cuts the log back): what follows was replayed or torn by a kill.
-        with open(log_path) as f:
-            kept = f.readlines()[:state["step"]]
-        with models.atomic_path(log_path) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
-        print(f"resumed from {path} at step {state['step']}")
-    return state
+            raise models.UserError(f"refusing to unpickle {what.group(1) if what else 'an object'} from a checkpoint "
+                                   f"({path}), more than tensors and DeepSpeed's records: resume only from train.py's")
 
 
 # Processes: the device, DeepSpeed, one out_dir seen by all.
-
 def select_device():
-    """cuda:LOCAL_RANK on a GPU node, else the CPU; selected before any collective or CUDA
-    allocation. Under `deepspeed --num_gpus 8` every process sees 8 GPUs and starts on cuda:0,
-    while DeepSpeed binds rank k's NCCL group to cuda:LOCAL_RANK: a collective on cuda:0 fails
-    ("Tensor found on device cuda:0 but backend constrained to cuda:k"), zero.Init would
-    allocate on GPU 0. deepspeed.initialize sets the device, but too late."""
+    """cuda:LOCAL_RANK on a GPU node, else the CPU, before any collective or CUDA allocation: under
+    `deepspeed --num_gpus 8` every process starts on cuda:0, while rank k's NCCL group is bound to
+    cuda:LOCAL_RANK (a collective on cuda:0 fails, zero.Init allocates on GPU 0). initialize is too late."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     need(local < torch.cuda.device_count(), f"LOCAL_RANK is {local} but this process sees {torch.cuda.device_count()} "
-         f"GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-         "start one process per visible GPU")
+         f"GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one process per GPU")
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 
-
 def import_deepspeed():
-    """deepspeed, quiet, and on CPU without its shared-memory all-reduce op, which it would
-    JIT-compile with g++ on a machine's first run (18 s on a 2-core Xeon), even for one
-    process; gloo does a CPU run's few collectives. Read when DeepSpeed builds its backend."""
+    """deepspeed, quiet; on CPU without its shared-memory all-reduce op (read when it builds its backend),
+    which it would JIT-compile with g++ on a first run (18 s on a 2-core Xeon): gloo does the few."""
     import deepspeed
     deepspeed.utils.logger.setLevel("WARNING")
     if deepspeed.get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
-
 def check_shared_out_dir(cfg, rank, device):
-    """Several nodes: every process writes its checkpoint shards into rank 0's out_dir and
-    reads trainer_state.json from it on --resume; a node-local folder would hold half a
-    checkpoint. Rank 0 writes a file under a fresh random name (os.urandom, not torch's RNG:
-    nothing an earlier run left), each process looks for it; any miss stops all of them."""
-    import deepspeed
-    token = torch.zeros(2, dtype=torch.int64)
+    """Several nodes: every process writes checkpoint shards into rank 0's out_dir and reads it on
+    --resume; a node-local folder would hold half a checkpoint. Rank 0 writes a file under a fresh
+    random name (os.urandom: nothing an earlier run left), each process looks for it; a miss stops all."""
+    name = [os.path.join(cfg["out_dir"], f".shared_check_{os.urandom(8).hex()}")]
     if rank == 0:
-        token = torch.tensor([int.from_bytes(os.urandom(7), "little") for _ in range(2)])
-        open(os.path.join(cfg["out_dir"], f".shared_check_{token[0]}_{token[1]}"), "w").close()
-    token = token.to(device)          # NCCL reduces GPU tensors only
-    torch.distributed.broadcast(token, src=0)
-    name = os.path.join(cfg["out_dir"], f".shared_check_{token[0].item()}_{token[1].item()}")
-    missing = torch.tensor([0 if os.path.exists(name) else 1], device=device)
+        open(name[0], "w").close()
+    torch.distributed.broadcast_object_list(name, src=0, device=device)   # rank 0's name, to all
+    missing = torch.tensor([0 if os.path.exists(name[0]) else 1], device=device)   # NCCL: GPU tensors only
     torch.distributed.all_reduce(missing)                     # sum: processes that see no file
-    deepspeed.comm.barrier()
+    torch.distributed.barrier()
     if rank == 0:
-        os.remove(name)
-    need(not missing.item(), f"{int(missing.item())} of {cfg['world_size']} processes do not see rank 0's "
-         f"out_dir ({os.path.abspath(cfg['out_dir'])}); with several nodes, --out_dir must be on a filesystem "
-         "every node shares (NFS, Lustre, ...): checkpoints and --resume need it")
+        os.remove(name[0])
+    need(not missing.item(), f"{int(missing.item())} of {cfg['world_size']} processes do not see rank 0's out_dir "
+         f"({os.path.abspath(cfg['out_dir'])}); with several nodes it must be on a filesystem every node shares")
 
 
-# The loop.
-
+# The loop: one step, the loggers, the run (main).
 def train_step(step, engine, opt, data, cfg, rank, pad_id):
     """One optimiser step over global_batch rows -> its log record (metrics: means over rows,
-    micro-batches and processes). A non-finite loss on any process skips the step on all."""
+    micro-batches and processes; rows: what it read). A non-finite loss on any process skips it on all."""
     t0 = time.time()
     torch.manual_seed(cfg["seed"] * 1_000_003 + step)        # LoRA dropout: a function of the step
-    lr = lr_at(step, cfg)
-    for group in opt.param_groups:    # set by hand (no DeepSpeed scheduler): resume needs the step only
+    # The lr, set by hand (no scheduler state: resume needs the step only): linear warmup (lr / warm
+    # at step 0, never 0), then cosine to lr * min_lr_ratio at max_steps (paper: 5e-7 -> 5e-8), or constant.
+    lr, warm, low = cfg["lr"], cfg["warmup_steps"], cfg["min_lr_ratio"]
+    t = min(1.0, (step - warm) / max(1, cfg["max_steps"] - warm))
+    lr = lr * (step + 1) / warm if step < warm else lr if cfg["lr_schedule"] == "constant" else \
+        lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t)))
+    for group in opt.param_groups:
         group["lr"] = lr
     rows, world, accum = step_rows(step, cfg, len(data)), cfg["world_size"], cfg["grad_accum"]
     # METRICS..., non-finite, tokens: summed on the device (NCCL reduces GPU tensors only) and
     # read once per step, so the host never waits for a micro-batch's backward.
-    sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=engine.device)
-    grad_norm = None
+    sums, grad_norm = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=engine.device), None
     for micro in range(accum):
         ids, pos, seg = micro_batch(data, rows, cfg, micro, rank, pad_id, engine.device)
-        ref = None
-        if cfg["reference"]:                                 # the base model: adapter off, no grad
+        if cfg["reference"]:
             with engine.module.peft.disable_adapter(), torch.no_grad():
-                ref, _ = engine(ids, pos, seg)
+                ref, _ = engine(ids, pos, seg)               # the base model: adapter off, no grad
         logps, _ = engine(ids, pos, seg)                     # (B, 1+M) mean token log-probs
-        loss, metrics = compute_loss(logps, cfg, ref)
+        # Chosen as likely as rejected: logo = log(1 + e^gamma), 0.97 for gamma 0.5, 3.05 for gamma 3
+        # (--reference: exactly that at step 1). A run that learns drives reward_margin past gamma.
+        refs = dict(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1:]) if cfg["reference"] else {}
+        loss, metrics = logo_loss(logps[:, 0], logps[:, 1:], cfg["beta"], gamma=cfg["gamma"],
+                                  sft_weight=cfg["sft_weight"], **refs)
+        loss = -logps[:, 0].mean() if cfg["loss"] == "sft" else loss   # sft: metrics["sft"], with grad
         engine.backward(loss)                                # DeepSpeed divides by grad_accum
         # The loss before DeepSpeed's scaling; tokens: prefix + all responses, no padding.
         vals = torch.stack([loss.detach()] + [metrics[k].detach() for k in METRICS[1:]]).double()
         sums += torch.cat([vals, (~vals[:1].isfinite()).double(), (seg >= 0).sum().double()[None]])
         if micro == accum - 1:                               # before the update: agree on a skip
-            if world > 1:
-                torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(sums)
             sums = sums.cpu()                                # the step's one host sync
             opt.skip = bool(sums[-2] > 0)                    # the same answer on every process
             # DeepSpeed reports no norm for ZeRO 0 in float32, where the gradients are still in p.grad
@@ -640,102 +513,78 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
                 norms = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
                 grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
         engine.step()                                        # updates after the last micro-batch only
-    skipped, opt.skip = bool(sums[-2] > 0), False
-    seconds = time.time() - t0
+    skipped, opt.skip, seconds = bool(sums[-2] > 0), False, time.time() - t0
     grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
     rec = {"step": step + 1, **{k: float(sums[i]) / (accum * world) for i, k in enumerate(METRICS)},
-           "lr": lr, "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
-           "tokens": int(sums[-1]), "tokens_per_s": float(sums[-1]) / seconds,
-           "seconds_per_step": seconds, "skipped": skipped, "rows": rows}    # rows: to audit what a step read
+           "lr": lr, "grad_norm": None if skipped or grad_norm is None else float(grad_norm), "tokens": int(sums[-1]),
+           "tokens_per_s": float(sums[-1]) / seconds, "seconds_per_step": seconds, "skipped": skipped, "rows": rows}
     # NaN and inf -> None: json.dumps would write NaN, which is not JSON.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
 
-
 def loggers(cfg, log_path):
-    """Rank 0's writers of a step's record: log.jsonl (flushed: a kill loses at most this
-    step's line), the console line, --tensorboard and --wandb (imported only when asked)."""
-    writers = []
-    if cfg["tensorboard"]:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package; pip install tensorboard")
-        tb = SummaryWriter(os.path.join(cfg["out_dir"], "tensorboard"))
-        writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items()
-                                    if isinstance(v, (int, float)) and k != "step"])
-    if cfg["wandb"]:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb needs the wandb package; pip install wandb")
-        wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
-        writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
-    log = open(log_path, "a")
-    f = lambda rec, k: "nan" if rec[k] is None else f"{rec[k]:.4f}"
-    line = lambda rec: " | ".join(                                   # METRICS, shortened
-        [f"step {rec['step']:5d}"] + [f"{n} {f(rec, k)}" for n, k in zip(
-            ["loss", "logo", "sft", "r_chosen", "r_rejected", "margin", "acc"], METRICS)]
+    """Rank 0's writers of a step's record: log.jsonl (appended and closed each step: a kill
+    loses at most this step's line), the console line, --tensorboard and --wandb."""
+    def jsonl(rec):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    short = ["loss", "logo", "sft", "r_chosen", "r_rejected", "margin", "acc"]    # METRICS, shortened
+    writers = [jsonl, lambda rec: tqdm.write(" | ".join([f"step {rec['step']:5d}"] + [
+        f"{n} {'nan' if rec[k] is None else format(rec[k], '.4f')}" for n, k in zip(short, METRICS)]
         + [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"{rec['seconds_per_step']:.2f} s/step"]
-        + (["SKIPPED: non-finite loss"] if rec["skipped"] else []))
-    return [lambda rec: (log.write(json.dumps(rec) + "\n"), log.flush()), lambda rec: tqdm.write(line(rec))] \
-        + writers, log
-
-
-def quarters(recs):
-    """(first quarter, last quarter) of a run's step records, at least one step each."""
-    q = max(1, len(recs) // 4)
-    return recs[:q], recs[-q:]
-
-
-def mean(recs, key):
-    return sum(r[key] for r in recs) / len(recs)
-
+        + (["SKIPPED: non-finite loss"] if rec["skipped"] else [])))]
+    try:                              # imported only when asked
+        if cfg["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(os.path.join(cfg["out_dir"], "tensorboard"))
+            writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items()
+                                        if isinstance(v, (int, float)) and k != "step"])
+        if cfg["wandb"]:
+            import wandb
+            wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
+            writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
+    except ImportError as e:          # the flag's package (tensorboard, wandb) is not installed
+        raise models.UserError(f"--{e.name} needs the {e.name} package; pip install {e.name}")
+    return writers
 
 def summary(log_path):
-    """The first quarter of the run against the last: what the demo should show rising."""
+    """The first quarter of the run's finite steps against the last: what the demo should show."""
     with open(log_path) as f:
         recs = [r for r in map(json.loads, f) if not r["skipped"]]
     if not recs:
         return "no step finished with a finite loss"
-    a, b = quarters(recs)
-    return (f"steps {a[0]['step']}-{a[-1]['step']} vs {b[0]['step']}-{b[-1]['step']}: "
-            + ", ".join(f"{k} {mean(a, k):.3f} -> {mean(b, k):.3f}"
-                        for k in ("loss", "reward_margin", "reward_accuracy"))
-            + f"; {sum(r['seconds_per_step'] for r in recs) / 60:.1f} min of steps")
-
+    q, mean = max(1, len(recs) // 4), lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    a, b = recs[:q], recs[-q:]
+    return (f"steps {a[0]['step']}-{a[-1]['step']} vs {b[0]['step']}-{b[-1]['step']}: " + ", ".join(
+        f"{k} {mean(a, k):.3f} -> {mean(b, k):.3f}" for k in ("loss", "reward_margin", "reward_accuracy"))
+        + f"; {sum(r['seconds_per_step'] for r in recs) / 60:.1f} min of steps")
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
     if args.print_ds_config:          # before any rendezvous or model load
-        print(json.dumps(ds_config(cfg), indent=2))
-        return
-    # Plain `python train.py`: DeepSpeed reads the rendezvous from the environment (without it,
-    # it looks for MPI). One process, a free local port.
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        return print(json.dumps(ds_config(cfg), indent=2))
+    # Plain `python train.py`: one process; DeepSpeed reads the rendezvous from here (else it seeks MPI).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(k, v)
     rank = int(os.environ["RANK"])    # global rank (--local_rank: the GPU on this node)
     device = select_device()          # before any collective or CUDA allocation
     tok, data = load_data(cfg)        # a bad input fails in seconds, before DeepSpeed is imported
-    resume_from = start_run(cfg, rank)
-    deepspeed, log_path = import_deepspeed(), os.path.join(cfg["out_dir"], "log.jsonl")
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    state, deepspeed = start_run(cfg, rank, log_path), import_deepspeed()
     if cfg["world_size"] > 1:
         deepspeed.init_distributed()
         check_shared_out_dir(cfg, rank, device)
-    engine, opt, scorer = build(cfg, rank)
-    state = resume(engine, resume_from, log_path, rank) if resume_from else {"step": 0, "nonfinite_total": 0}
-    writers, log = loggers(cfg, log_path) if rank == 0 else ([], None)
+    engine, opt = build(cfg, rank, state.get("path"))
+    writers = loggers(cfg, log_path) if rank == 0 else []
     end = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])   # the lr schedule spans max_steps
-    bar = tqdm(total=cfg["max_steps"], initial=state["step"], disable=rank != 0, desc="train", unit="step",
-               dynamic_ncols=True)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0   # any id: padding is never seen or scored
     nonfinite, streak = state["nonfinite_total"], 0                      # streak: non-finite steps in a row
     engine.train()
-    try:
+    with tqdm(total=cfg["max_steps"], initial=state["step"], disable=rank != 0, desc="train", unit="step",
+              dynamic_ncols=True) as bar:   # closed (its line ended) before an error is printed
         for step in range(state["step"], end):
             rec = train_step(step, engine, opt, data, cfg, rank, pad_id)
             streak, nonfinite = (streak + 1 if rec["skipped"] else 0), nonfinite + rec["skipped"]
@@ -744,25 +593,17 @@ def main(argv=None):
                 w(rec)
             bar.update(1)
             need(streak < cfg["max_nonfinite_steps"], f"the loss was non-finite for {streak} steps in a row (steps "
-                 f"{step + 2 - streak}-{step + 1}, each skipped) ({log_path}); lower --lr, check the data, or "
-                 "--resume from the last checkpoint with other settings")
+                 f"{step + 2 - streak}-{step + 1}, skipped) ({log_path}); lower --lr or check the data, then --resume")
             if (step + 1) % cfg["save_every"] == 0 or step + 1 == cfg["stop_after"]:
                 save_checkpoint(engine, {"step": step + 1, "nonfinite_total": nonfinite}, cfg, rank)
-    finally:                          # the bar ends its line before any error is printed
-        bar.close()
-        if log:
-            log.close()
     if end < cfg["max_steps"]:
         if rank == 0:
             print(f"stopped after step {end} (--stop_after); continue with --resume")
         return
-    export(engine, scorer, tok, data, cfg, rank, pad_id)
-    # The last collective is done: close the process group on every process, on success only (a
-    # failed rank may leave the others inside a collective). A process exiting with it open can
-    # abort in gloo's threads ("terminate called without an active exception"). The merge needs
-    # no group and can outlast a peer's timeout.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    export(engine, tok, data, cfg, rank, pad_id)
+    # The last collective is done: close the group, on success only (a failed rank may leave the others
+    # inside one; exiting with it open can abort in gloo's threads). The merge can outlast a timeout.
+    torch.distributed.destroy_process_group()
     if rank == 0:
         if cfg["merge"]:
             merge(cfg, tok)
@@ -773,7 +614,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:            # every process says it; other ranks name themselves
+    except models.UserError as e:     # every process says it; other ranks name themselves
         rank = os.environ.get("RANK", "0")
         print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{e}", file=sys.stderr)
         sys.exit(2)
