@@ -222,28 +222,12 @@ def run_variant():
         except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
             if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
                 raise
-            # CPU: "allocate 123 bytes"; CUDA: "Tried to allocate 2.00 GiB"
-            asked = re.search(r"allocate ([\d.]+) (bytes|[KMG]iB)", str(e))
-            gib = float(asked.group(1)) * 2 ** {"bytes": -30, "KiB": -20, "MiB": -10, "GiB": 0}[asked.group(2)] \
-                if asked else float("nan")
             peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
-            return say(error=f"out of memory: at {(peak - held) / 2**30:.1f} GiB into the step, an "
-                             f"allocation of {gib:.2f} GiB failed")
+            asked = re.search(r"allocate [\d.]+ (bytes|[KMG]iB)", str(e))   # CPU: bytes; CUDA: "2.00 GiB"
+            return say(error=f"out of memory: at {(peak - held) / 2**30:.1f} GiB into the step, "
+                             f"{'an allocation of ' + asked.group(0)[9:] if asked else 'an allocation'} failed")
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
     say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
-
-
-def float32_logps(attention):
-    """float32 forward passes (no grad, no TF32) of the same model and rows: (unpacked, packed)
-    (B, 1+M) log-probs. The unpacked layout runs the model's own SDPA over separate rows,
-    nothing of flex: the independent reference both bf16 layouts are measured against."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model, preset = load(torch.float32)
-    ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
-    with torch.no_grad():
-        ref = model_patch.response_logps_unpacked(model, ids, pos, seg)[0].cpu()
-        packed = model_patch.response_logps(model, ids, pos, seg, attention=attention)[0].cpu()
-    return ref, packed
 
 
 def forward_flops(layers, packed):
@@ -372,9 +356,14 @@ BF16_SLACK = 1e-2
 
 
 def parity(lp, lu, attention):
-    """The log-probs of both layouts against an independent float32 reference; returns
-    what failed (empty: passed)."""
-    ref, packed32 = float32_logps(attention)
+    """The log-probs of both layouts against an independent float32 reference (no grad, no
+    TF32: the model's own SDPA over separate rows, nothing of flex); returns what failed."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model, preset = load(torch.float32)
+    ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
+    with torch.no_grad():
+        ref = model_patch.response_logps_unpacked(model, ids, pos, seg)[0].cpu()
+        packed32 = model_patch.response_logps(model, ids, pos, seg, attention=attention)[0].cpu()
     failed = []
     d32 = (packed32 - ref).abs().max().item()
     print(f"float32: max |packed ({attention}) - unpacked (SDPA)| = {d32:.2e} (tolerance {FLOAT32_ATOL:g})")

