@@ -276,16 +276,15 @@ def test_check_and_write_handle_each_block_the_file_holds(tmp_path, capsys):
         mt.main(argv + ["--check", str(broken)])
 
 
-def test_the_readme_table_is_what_make_table_prints_on_the_committed_results():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        _, inside, _ = mt.readme_block(f.read(), "README.md")
-    assert inside.strip("\n") == mt.make_table(os.path.join(ROOT, "results")), \
-        "README.md's results table is stale: python results/make_table.py --write README.md"
-    with open(os.path.join(ROOT, "results", "README.md"), encoding="utf-8") as f:
-        _, inside, _ = mt.readme_block(f.read(), "results/README.md", mt.RUN_BEGIN, mt.RUN_END)
-    assert inside.strip("\n") == mt.per_run_table(os.path.join(ROOT, "results")), \
-        "results/README.md's table of every run is stale: python results/make_table.py " \
-        "--write results/README.md"
+def test_the_readme_tables_are_what_make_table_prints_on_the_committed_results():
+    results = os.path.join(ROOT, "results")
+    for path, begin, end, maker in [("README.md", mt.OBJ_BEGIN, mt.OBJ_END, mt.objective_table),
+                                    ("results/README.md", mt.BEGIN, mt.END, mt.make_table),
+                                    ("results/README.md", mt.RUN_BEGIN, mt.RUN_END, mt.per_run_table)]:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            _, inside, _ = mt.readme_block(f.read(), path, begin, end)
+        assert inside.strip("\n") == maker(results), \
+            f"{path}'s {maker.__name__} is stale: python results/make_table.py --write {path}"
 
 
 # ----------------------------------------------------------------------------------------
