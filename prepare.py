@@ -99,8 +99,7 @@ def parse_args(argv=None):
     # chunking and scoring (Sec. 3.2.2)
     a("--chunk_len", type=int, help="tokens per chunk (paper 512; default: the preset's)")
     a("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; the preset's)")
-    a("--delta", type=float, help="critical: >= delta entities shared with the question (paper 6; "
-      "default 6, built-in 2: its questions name 3)")
+    a("--delta", type=float, help="critical: shares >= delta entities with Q (paper 6; demo 2)")
     a("--min_critical", type=int, default=1, help="fewer critical: the best-ranked ones (fallback)")
     a("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2)")
     a("--score_answer", action="store_true", help="count the answer's entities too (released code)")
@@ -112,8 +111,7 @@ def parse_args(argv=None):
     a("--chosen", choices=["verified", "model", "gold"], default="verified", help="verified: the "
       "model's answer if it states the gold one, else the gold answer in a sentence; model: "
       "unchecked; gold: the record's answer_sentence, else its answer")
-    a("--redraws", type=int, default=2, help="times a rejected answer stating the gold one, "
-      "repeating the chosen one or with no sentence is drawn again before the sample is skipped")
+    a("--redraws", type=int, default=2, help="rounds an unusable rejected answer is drawn again")
     a("--num_rejected", type=int, help="M: rejected per sample (paper 2; default: the preset's)")
     a("--rejected_kinds", help="each rejected slot's kind, comma-separated (sets M): irrelevant, "
       "partial, similar (chunks most like the critical ones); default irrelevant, partial, ...")
@@ -188,7 +186,6 @@ def resolve(args):
     return preset
 
 
-# ----------------------------------------------------------------------------------------
 # Records: read twice, once to check them all before any model loads, once per shard.
 
 def read_records(args):
@@ -273,7 +270,6 @@ def parse_record(raw, where, args):
     return dict(fields, answer=answer, answer_sentence=sentence), None
 
 
-# ----------------------------------------------------------------------------------------
 # The per-sample record and the counts.
 
 @dataclass
@@ -315,27 +311,21 @@ GROUPS = {"chosen_source": ["model", "gold_sentence", "model_hinted", "gold", "m
           "chunking": ["sentence", "fixed"]}
 TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "response_tokens",
           "answers_over_budget"]
-PAIR = ("states_gold", "checked")                     # meta.json quality: [states_gold, checked]
 
 
 def nest(c):
     out = {k: c[k] for k in TOTALS}
     for group in ("skipped", "slot_named", "slot_n", "slot_base_correct"):  # keys seen in counts
         out[group] = {k.split("/", 1)[1]: n for k, n in c.items() if k.startswith(group + "/")}
-    out["quality"] = {k: [c[f"{name}/{k}"] for name in PAIR] for k in QUALITY_KINDS}
+    out["quality"] = {k: [c["states_gold/" + k], c["checked/" + k]] for k in QUALITY_KINDS}
     return dict(out, **{g: {k: c[f"{g}/{k}"] for k in keys} for g, keys in GROUPS.items()})
 
 
-def flatten(stats):
-    """nest's inverse, for a shard header's counts."""
-    c = Counter()
-    for k, v in stats.items():
-        if k == "quality":
-            c.update({f"{name}/{kind}": n for kind, pair in v.items()
-                      for name, n in zip(PAIR, pair)})
-        else:
-            c.update({f"{k}/{kk}": n for kk, n in v.items()} if isinstance(v, dict) else {k: v})
-    return c
+def add(a, b):
+    """Two nest() results (shard headers' stats) summed key by key, for meta.json."""
+    if isinstance(a, dict):
+        return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+    return [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
 
 
 def skip(args, counts, reason, what, where, todo):
@@ -345,7 +335,6 @@ def skip(args, counts, reason, what, where, todo):
     counts["skipped/" + reason] += 1
 
 
-# ----------------------------------------------------------------------------------------
 # Steps 1-2: chunks and their entity scores.
 
 def split_chunks(token_ids, chunk_len, starts=None):
@@ -430,7 +419,6 @@ def chunk_and_score(args, tok, nlp, items, counts, ner_time):
     return kept
 
 
-# ----------------------------------------------------------------------------------------
 # Steps 3-4: critical chunks, the shared context C'.
 
 def select_critical(scores, delta, min_critical=1, max_critical=None):
@@ -483,7 +471,6 @@ def build_contexts(args, tok, samples, counts):
     return kept
 
 
-# ----------------------------------------------------------------------------------------
 # Step 5: the model answers; the response evaluator's chosen side.
 
 def prompt_parts(tok, template, question, suffix=""):
@@ -597,7 +584,6 @@ def check_chosen(args, tok, model, samples, counts, seed):
     return [s for s in samples if s.source]
 
 
-# ----------------------------------------------------------------------------------------
 # The rejected responses (the paper's dis-preference), all here: the chunks each kind sees,
 # what makes one unusable, and the redraws.
 
@@ -640,24 +626,21 @@ def rejected_context(kind, s, matched):
     return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
 
 
-def rejected_fault(tok, s, out):
-    """Why a rejected answer cannot be kept (also the skip reason counted), or None."""
-    if out is None:
-        return "rejected_cut"
-    text = tok.decode(out[0])
-    if s.rec["answer"] and contains(text, s.rec["answer"]):
-        return "rejected_states_answer"
-    same = squash(text) == squash(tok.decode(s.responses[0][0]))
-    return "rejected_same_as_chosen" if same else None
-
-
 def check_rejected(args, tok, model, samples, counts, seed):
     """The evaluator's rejected side: round r generates every faulty rejected answer of the shard
     again from a fresh draw of chunks of its kind (--redraws rounds); a sample is kept only when
     all M pass."""
+    def fault(s, out):                 # why a rejected answer cannot be kept (the skip reason)
+        if out is None:
+            return "rejected_cut"
+        text = tok.decode(out[0])
+        if contains(text, s.rec["answer"]):
+            return "rejected_states_answer"
+        same = squash(text) == squash(tok.decode(s.responses[0][0]))
+        return "rejected_same_as_chosen" if same else None
     for r in range(args.redraws):
         bad = [(s, m) for s in samples for m in range(1, len(s.kinds))
-               if rejected_fault(tok, s, s.responses[m])]
+               if fault(s, s.responses[m])]
         if not bad:
             break
         prompts = [s.head + rejected_context(s.kinds[m], s, args.rejected_context == "matched")
@@ -668,16 +651,15 @@ def check_rejected(args, tok, model, samples, counts, seed):
         counts["responses/redrawn"] += len(bad)
     kept = []
     for s in samples:
-        fault = next(filter(None, (rejected_fault(tok, s, o) for o in s.responses[1:])), None)
-        if fault:
-            skip(args, counts, fault, "a rejected answer is unusable after --redraws "
-                 f"{args.redraws} ({fault.replace('_', ' ')})", s.where, "raise --redraws")
+        why = next(filter(None, (fault(s, o) for o in s.responses[1:])), None)
+        if why:
+            skip(args, counts, why, "a rejected answer is unusable after --redraws "
+                 f"{args.redraws} ({why.replace('_', ' ')})", s.where, "raise --redraws")
         else:
             kept.append(s)
     return kept
 
 
-# ----------------------------------------------------------------------------------------
 # Steps 6-7: positions and packing.
 
 def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, generator):
@@ -772,7 +754,6 @@ def make_shard(args, tok, model, nlp, j, items, ner_time):
     return tensors, preview, counts
 
 
-# ----------------------------------------------------------------------------------------
 # Files: shards, the out_dir check, meta.json and preview.jsonl.
 
 def shard_path(out_dir, j):
@@ -839,20 +820,18 @@ def summarize(args, config, num_records, ner):
     last worker's summarize completes it."""
     total = math.ceil(num_records / args.shard_size)
     done = [j for j in range(total) if os.path.exists(shard_path(args.out_dir, j))]
-    c, preview, row_positions, digest = Counter(), [], [], hashlib.sha256()
+    st, preview, row_positions, digest = nest(Counter()), [], [], hashlib.sha256()
     for path in [shard_path(args.out_dir, j) for j in done]:
         h, t = read_header(path), safetensors.torch.load_file(path)
-        c.update(flatten(h["stats"]))
+        st = add(st, h["stats"])
         preview = (preview + [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]])[:args.preview]
         off = t["offsets"].tolist()
         # Every position of a row, responses too: the distances a response token sees to the
         # prefix are what the synthesis is for (responses share positions: the set counts).
         row_positions += [t["position_ids"][a:b].long().unique() for a, b in zip(off[:-1], off[1:])]
         digest.update(Path(path).read_bytes())    # the data's fingerprint: every shard, in order
-    st, rows = nest(c), len(row_positions)
-    assert rows == st["rows"] == st["kept"] * args.syntheses_per_sample and \
-        max([int(p.max()) for p in row_positions] or [-1]) < args.target_len, \
-        "shards disagree with their stats"
+    rows = len(row_positions)
+    assert rows == st["rows"] == st["kept"] * args.syntheses_per_sample, "shards disagree"
     # Share of each kind's responses that state the gold answer: the evaluator makes it 0 for the
     # rejected kinds and, with --chosen verified, 1 for chosen (unless an answer_sentence lacks
     # the answer's exact words); --chosen model shows how often the model itself was right.
@@ -890,7 +869,7 @@ def summarize(args, config, num_records, ner):
     return meta
 
 
-def print_summary(meta, target_len):
+def print_summary(meta):
     c, frac, src, r = (meta["counts"], meta["quality"]["contains_gold"], meta["chosen_source"],
                        meta["responses"])
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
@@ -900,7 +879,7 @@ def print_summary(meta, target_len):
     print(f"tokens: {meta['tokens']['prefix']:,} prefix + {meta['tokens']['response']:,} response; "
           f"critical chunks per sample {meta['critical']['mean_per_sample']:.2f}, rank-order "
           f"fallback in {meta['critical']['rank_order_fallback']} samples")
-    print(f"distance coverage over [0, {target_len}): {meta['distance_coverage']:.3f}")
+    print(f"distance coverage over [0, {meta['target_len']}): {meta['distance_coverage']:.3f}")
     print(f"data quality: chosen states the gold answer in {show(frac['chosen'])} of samples; "
           "rejected: " + ", ".join(f"{k} {show(frac[k])}" for k in QUALITY_KINDS[1:]))
     print("chosen from: " + ", ".join(f"{k} {v}" for k, v in src.items() if v) + " (model = its "
@@ -915,8 +894,6 @@ def print_summary(meta, target_len):
         print(f"base model's reward accuracy on these rows (train.py's step 1): "
               f"{meta['base_reward_accuracy']:.2f}; per rejected slot: {slots}")
 
-
-# ----------------------------------------------------------------------------------------
 
 def run(args):
     t_start = time.time()
@@ -963,7 +940,6 @@ def run(args):
         if args.device.startswith("cuda") and torch.device(args.device).index is not None:
             torch.cuda.set_device(torch.device(args.device))  # current device too (not "cuda")
         model.to(args.device).eval()                   # no dropout while generating
-        model.generation_config.pad_token_id = tok.pad_token_id
         for j in tqdm(todo, desc="shards", unit="shard", dynamic_ncols=True):
             tensors, preview, counts = make_shard(args, tok, model, nlp, j,
                                                   shard_records(args, records, j), ner_time)
@@ -974,8 +950,8 @@ def run(args):
     if ner_time["seconds"] > 0:
         # Wall clock per process: what a run gets on this machine; with one process also per
         # CPU-second: the same figure on a CPU not shared with other jobs.
-        chars, secs, cpu, procs = (*(ner_time[k] for k in ("chars", "seconds", "cpu")),
-                                   args.spacy_procs)
+        chars, secs, cpu = ner_time["chars"], ner_time["seconds"], ner_time["cpu"]
+        procs = args.spacy_procs
         rate, cpu_rate = chars / secs / procs, chars / cpu if procs == 1 and cpu else None
         ner = dict(chars=chars, seconds=round(secs, 2), procs=procs,
                    chars_per_s_per_proc=round(rate), chars_per_cpu_s=cpu_rate and round(cpu_rate))
@@ -983,7 +959,7 @@ def run(args):
               f"({procs} process{'es' if procs > 1 else ''}, {nlp.meta['lang']}_{nlp.meta['name']})"
               + (f"; {cpu_rate:,.0f} chars per CPU-second" if cpu_rate else ""))
     meta = summarize(args, config, len(records), ner)  # the worker that finishes last completes it
-    print_summary(meta, args.target_len)
+    print_summary(meta)
     state = "complete" if meta["complete"] else \
         f"waiting for shards {meta['missing_shards']} (other workers)"
     print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in "

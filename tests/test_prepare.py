@@ -283,7 +283,7 @@ def test_rows_are_prefix_then_chosen_then_rejected_with_synthesized_positions(de
         assert int(pos.max()) < 4096
 
 
-def test_counts_nest_into_the_shard_header_layout_and_flatten_back():
+def test_counts_nest_into_the_shard_header_layout_and_add_up_across_shards():
     c = Counter({"read": 3, "kept": 2, "skipped/short_context": 1, "states_gold/chosen": 1, "checked/chosen": 2,
                  "responses/generated": 6, "chosen_source/model": 2, "chunking/sentence": 2})
     n = prepare.nest(c)
@@ -291,7 +291,12 @@ def test_counts_nest_into_the_shard_header_layout_and_flatten_back():
     assert n["quality"] == {"chosen": [1, 2], "irrelevant": [0, 0], "partial": [0, 0], "similar": [0, 0]}
     assert n["responses"]["generated"] == 6 and n["chosen_source"] == dict(
         model=2, gold_sentence=0, model_hinted=0, gold=0, model_unchecked=0)
-    assert +prepare.flatten(json.loads(json.dumps(n))) == +c          # + drops the zeros
+    # two shard headers (read back from JSON) sum to the counts of both shards, nested
+    c2 = Counter({"read": 2, "kept": 1, "skipped/no_entity_overlap": 1, "skipped/short_context": 1,
+                  "checked/chosen": 1, "responses/generated": 3, "slot_n/1": 1, "chunking/fixed": 1})
+    both = prepare.add(json.loads(json.dumps(n)), json.loads(json.dumps(prepare.nest(c2))))
+    assert both == prepare.nest(c + c2) and both["skipped"] == {"short_context": 2, "no_entity_overlap": 1}
+    assert both["quality"]["chosen"] == [1, 3] and both["slot_n"] == {"1": 1}
 
 
 def test_shards_read_back_equal_to_what_was_built(tmp_path):
