@@ -99,7 +99,8 @@ def parse_args(argv=None):
     # chunking and scoring (Sec. 3.2.2)
     a("--chunk_len", type=int, help="tokens per chunk (paper 512; default: the preset's)")
     a("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; the preset's)")
-    a("--delta", type=float, help="critical: shares >= delta entities with Q (paper 6; demo 2)")
+    a("--delta", type=float, help="a chunk is critical when it shares >= delta entities with the "
+      "question (paper 6; default 6 with --input, 2 built-in, whose questions name 3)")
     a("--min_critical", type=int, default=1, help="fewer critical: the best-ranked ones (fallback)")
     a("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2)")
     a("--score_answer", action="store_true", help="count the answer's entities too (released code)")
@@ -801,8 +802,7 @@ def check_out_dir(args, config):
     for name in names + ["meta.json"] * os.path.exists(os.path.join(args.out_dir, "meta.json")):
         path = os.path.join(args.out_dir, name)
         try:
-            old = json.load(open(path)) if name == "meta.json" else read_header(path)
-            old = old["config"]
+            old = (json.load(open(path)) if name == "meta.json" else read_header(path))["config"]
         except Exception:
             raise user_error("unreadable shard or meta.json", path,
                              "delete it (or the folder) and rerun") from None
