@@ -31,7 +31,6 @@ can make no sample is skipped and counted (--strict: an error); malformed input 
 """
 
 import argparse
-import bisect
 import hashlib
 import json
 import math
@@ -51,7 +50,7 @@ from tqdm import tqdm
 import model_patch
 import models
 from corpus import qa_record
-from entities import doc_features, load_sentencizer, load_spacy, sentence_starts
+from entities import doc_features, load_sentencizer, load_spacy, sentence_starts, sentence_token_starts, split_chunks
 from models import UserError
 from positions import distance_coverage, draw_mode, pack_position_ids, synthesize_position_ids
 
@@ -204,11 +203,12 @@ def read_records(args):
 def parse_record(raw, where, args):
     """One JSONL line -> (record, None), or (None, reason): a malformed line (an error unless --skip_bad) or a
     record that can make no sample (an error with --strict)."""
-    def fail(reason, what, todo, malformed=True):
+    def fail(reason, what, todo):
+        malformed = reason in ("invalid_utf8", "malformed_json", "missing_field")
         if args.skip_bad if malformed else not args.strict:
             return None, reason
-        how = "pass --skip_bad" if malformed else "drop --strict"
-        raise user_error(what, where, f"{todo} (or {how} to skip and count such records)")
+        raise user_error(what, where, f"{todo} (or {'pass --skip_bad' if malformed else 'drop --strict'} to skip "
+                         "and count such records)")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -221,13 +221,11 @@ def parse_record(raw, where, args):
     fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}
     for name, value in fields.items():                 # LongBench's question is its 'input'
         if not isinstance(value, str):
-            alias = " (or LongBench's 'input')" if name == "question" else ""
-            return fail("missing_field", f"record has no text field '{name}'{alias}",
-                        "every record needs 'context' and 'question' strings")
+            return fail("missing_field", f"record has no text field '{name}'" + " (or LongBench's 'input')" *
+                        (name == "question"), "every record needs 'context' and 'question' strings")
     for name, value in fields.items():
         if not value.strip():          # LongBench's gov_report, multi_news: 'input' is empty
-            return fail(f"empty_{name}", f"the record's '{name}' is empty",
-                        "give every record a non-empty context and question", malformed=False)
+            return fail(f"empty_{name}", f"the record's '{name}' is empty", "give it a non-empty context and question")
     answer = obj.get("answer", obj.get("answers"))     # LongBench: 'answers', the first one is gold
     answer = (answer[0] if answer else None) if isinstance(answer, list) else answer
     answer = None if answer is None else str(answer) or None   # a bare number (a year) counts
@@ -236,7 +234,7 @@ def parse_record(raw, where, args):
     sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
     if args.chosen == "gold" and not answer:
         return fail("no_answer", "record has no 'answer' (or LongBench's 'answers'), needed by --chosen gold",
-                    "add gold answers or use --chosen model", malformed=False)
+                    "add gold answers or use --chosen model")
     return dict(fields, answer=answer, answer_sentence=sentence), None
 
 
@@ -257,14 +255,12 @@ class Sample:
     ctx: list = None            # step 4: C', chunk indices in text order
     irrelevant: list = None     # step 4: the chunks of C' that are not critical
     similar: list = None        # step 4: the other chunks, most like the critical ones first
-    g: torch.Generator = None   # the sample's draws, in a fixed order (C', rejected contexts, redraws,
-                                # positions): a rerun draws the same
+    g: torch.Generator = None   # its draws in a fixed order (C', rejected contexts, redraws, positions)
     head: list = None           # prompt tokens before the context (chat template)
     tail: list = None           # prompt tokens after it (question, assistant turn opened)
     kinds: list = None          # 'chosen', then the M rejected: 'irrelevant', 'partial', ...
     prompts: list = None        # step 5: head + chunks + tail, one per kind
-    responses: list = None      # step 5: (tokens, closed) or None (cut, dropped), one per kind;
-                                # closed: stored with end-of-turn after it
+    responses: list = None      # step 5: (tokens, closed: end-of-turn after it) or None (dropped), per kind
     source: str = None          # where the chosen came from (GROUPS below); None: dropped
     redraws: int = 0            # rejected answers generated again
 
@@ -278,8 +274,7 @@ class Sample:
 GROUPS = {"chosen_source": ["model", "gold_sentence", "model_hinted", "gold", "model_unchecked"],
           "responses": ["generated", "finished", "cut_trimmed", "cut_open", "cut_dropped", "redrawn"],
           "chunking": ["sentence", "fixed"]}
-TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "response_tokens",
-          "answers_over_budget"]
+TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "response_tokens", "answers_over_budget"]
 
 
 def nest(c):
@@ -304,38 +299,7 @@ def skip(args, counts, reason, what, where, todo):
     counts["skipped/" + reason] += 1
 
 
-# Steps 1-2: chunks and their entity scores.
-
-def split_chunks(token_ids, chunk_len, starts=None):
-    """Consecutive chunks of at most chunk_len tokens; the last one keeps the remainder. starts: sorted
-    token indices where sentences begin; a chunk then ends where the last sentence that fits ends, unless
-    that leaves it under chunk_len / 2 tokens (a sentence longer than half a chunk is cut at chunk_len).
-    Without starts: chunk_len tokens each."""
-    chunks, i, n = [], 0, len(token_ids)
-    while i < n:
-        end = min(i + chunk_len, n)
-        if end < n and starts:
-            k = bisect.bisect_right(starts, end) - 1          # the last sentence start <= end
-            if k >= 0 and starts[k] > i + chunk_len // 2:
-                end = starts[k]
-        chunks.append(token_ids[i:end])
-        i = end
-    return chunks
-
-
-def sentence_token_starts(text, offsets, char_starts):
-    """Token indices where the sentences at char_starts begin: the first token ending after the sentence's
-    first non-space character, when only whitespace precedes that character in the token (else the
-    sentence starts inside a token: no clean border)."""
-    ends = [e for _, e in offsets]                    # offsets: (start, end) chars per token
-    out = []
-    for c in char_starts:
-        c += len(text[c:c + 64]) - len(text[c:c + 64].lstrip())  # spaCy starts at the whitespace
-        b = bisect.bisect_right(ends, c)                          # first token with end > c
-        if 0 < b < len(offsets) and not text[offsets[b][0]:c].strip():  # 0: the text's own start
-            out.append(b)
-    return sorted(set(out))
-
+# Steps 1-2: chunks (entities.split_chunks: sentence-aligned) and their entity scores.
 
 def score_chunks(question_feats, chunk_feats):
     """Importance of each chunk: number of distinct entities it shares with the question."""
@@ -358,9 +322,8 @@ def chunk_and_score(args, tok, nlp, items, counts):
         s.chunks = split_chunks(enc.input_ids, args.chunk_len, starts)
         answer_len = len(tok(answer, add_special_tokens=False).input_ids) if answer else 0
         if len(s.chunks) < 2:
-            skip(args, counts, "short_context", f"context has {len(enc.input_ids)} tokens: fewer than 2 chunks "
-                 f"of --chunk_len {args.chunk_len}", s.where, "give a longer context (one critical and one "
-                 "irrelevant chunk at least) or lower --chunk_len")
+            skip(args, counts, "short_context", f"context has {len(enc.input_ids)} tokens: fewer than 2 chunks of "
+                 f"--chunk_len {args.chunk_len}", s.where, "give a longer context or lower --chunk_len")
         elif answer_len > args.max_new_tokens and args.chosen == "gold":   # the model can't say it
             skip(args, counts, "answer_too_long", f"gold answer has {answer_len} tokens, more than the "
                  f"generation budget --max_new_tokens {args.max_new_tokens}", s.where, "raise --max_new_tokens")
@@ -403,16 +366,14 @@ def shared_context(num_total, critical, num_chunks, generator):
 
 
 def build_contexts(args, tok, samples, counts):
-    """Steps 3-4 and the prompts of step 5 (every row is packed over C'; only generation sees the chunk
-    subsets)."""
+    """Steps 3-4 and the prompts of step 5 (rows are packed over C'; only generation sees chunk subsets)."""
     kept = []
     for s in samples:
         most = min(args.max_critical, min(args.num_chunks, len(s.chunks)) - 1)  # 1 irrelevant left
         s.critical, s.fallback = select_critical(s.scores, args.delta, args.min_critical, most)
         if not s.critical:
-            skip(args, counts, "no_entity_overlap", "the question shares no named entity with any chunk of the "
-                 f"context (question entities: {sorted(s.question_feats) or 'none'})", s.where,
-                 "make the question name a person, place, organisation or date of the context")
+            skip(args, counts, "no_entity_overlap", "the question shares no named entity with the context (its "
+                 f"entities: {sorted(s.question_feats) or 'none'})", s.where, "name a person, place or date of it")
             continue
         s.g = torch.Generator().manual_seed(args.seed * 1_000_003 + s.index)
         s.ctx = shared_context(len(s.chunks), s.critical, args.num_chunks, s.g)
@@ -523,8 +484,8 @@ def check_chosen(args, tok, model, samples, counts, seed):
         elif args.chosen == "verified" and rec["answer"]:
             hinted.append(s)
         else:                                          # an unchecked answer, cut with no sentence
-            skip(args, counts, "chosen_cut", "the chosen answer was cut by --max_new_tokens with no complete "
-                 "sentence", s.where, "raise --max_new_tokens")
+            skip(args, counts, "chosen_cut", "the chosen answer was cut with no complete sentence", s.where,
+                 "raise --max_new_tokens")
     # The hint is in the generation prompt only, never in the stored prefix. seed + 1: another sampling
     # stream than the first round's (--temperature > 0).
     prompts = [s.head + [t for i in s.critical for t in s.chunks[i]] + prompt_parts(
@@ -534,9 +495,8 @@ def check_chosen(args, tok, model, samples, counts, seed):
         if out is not None and contains(tok.decode(out[0]), s.rec["answer"]):
             s.responses[0], s.source = out, "model_hinted"
         else:
-            skip(args, counts, "chosen_unverified", "neither the model's answer nor its answer written with the "
-                 "gold answer given states the gold answer", s.where,
-                 "add an 'answer_sentence' to the record, or check its answer")
+            skip(args, counts, "chosen_unverified", "no answer of the model states the gold answer, even with it "
+                 "given", s.where, "add an 'answer_sentence' to the record, or check its answer")
     return [s for s in samples if s.source]
 
 
@@ -622,8 +582,7 @@ def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, ge
     window = target_len - len(tail) - longest
     if window < sum(lens):
         raise user_error(f"a row needs {sum(lens) + len(tail) + longest} positions, more than --target_len "
-                         f"{target_len}", "--target_len",
-                         "raise --target_len or lower --num_chunks/--chunk_len/--max_new_tokens")
+                         f"{target_len}", "--target_len", "raise it or lower --num_chunks/--chunk_len/--max_new_tokens")
     mode = draw_mode(sparse_ratio, generator)          # 'sparse' w.p. --sparse_ratio (0.1; App. D)
     pos = pack_position_ids(synthesize_position_ids(lens, window, mode, generator), len(tail),
                             [len(r) for r in responses])
@@ -716,9 +675,11 @@ def write_atomic(path, write, what="the shard", todo="free disk space or choose 
         raise user_error(f"could not write {what}: {e.strerror or e}", path, todo) from None
 
 
-def write_shard(path, tensors, header):   # one metadata key: the header bytes are the same in every process
-    write_atomic(path, lambda tmp: (safetensors.torch.save_file(tensors, tmp, metadata={"logo": json.dumps(
-        header, sort_keys=True)}), os.chmod(tmp, 0o644)))   # safetensors creates files 0600
+def write_shard(path, tensors, header):
+    def write(tmp):       # one metadata key, so the header bytes are the same in every process
+        safetensors.torch.save_file(tensors, tmp, metadata={"logo": json.dumps(header, sort_keys=True)})
+        os.chmod(tmp, 0o644)                           # safetensors creates files 0600
+    write_atomic(path, write)
 
 
 def read_header(path):
@@ -793,18 +754,6 @@ def summarize(args, config, num_records):
     return meta
 
 
-def print_summary(meta):
-    c, q, r = meta["counts"], meta["quality"]["contains_gold"], meta["responses"]
-    show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
-    skipped = ", ".join(f"{k} {v}" for k, v in sorted(c["skipped"].items())) or "none"
-    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
-          f"({skipped}); {meta['tokens']['total']:,} tokens; distance coverage {meta['distance_coverage']:.3f}")
-    print("states the gold answer: " + ", ".join(f"{k} {show(v)}" for k, v in q.items())
-          + "; chosen from: " + ", ".join(f"{k} {v}" for k, v in meta["chosen_source"].items() if v)
-          + "; responses: " + ", ".join(f"{k} {v}" for k, v in r.items() if v)
-          + f"; base model's reward accuracy (train.py's step 1): {show(meta['base_reward_accuracy'])}")
-
-
 def run(args):
     t_start = time.time()
     preset = resolve(args)
@@ -857,7 +806,14 @@ def run(args):
             write_shard(shard_path(args.out_dir, j), tensors, dict(config=config, stats=nest(counts),
                                                                    preview=preview, shard=j))
     meta = summarize(args, config, len(records))       # the worker that finishes last completes it
-    print_summary(meta)
+    c, show = meta["counts"], lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(c['skipped'].items())) or 'none'}); {meta['tokens']['total']:,} "
+          f"tokens; distance coverage {meta['distance_coverage']:.3f}")
+    print("states the gold answer: " + ", ".join(f"{k} {show(v)}" for k, v in meta["quality"]["contains_gold"].items())
+          + "; chosen from: " + ", ".join(f"{k} {v}" for k, v in meta["chosen_source"].items() if v)
+          + "; responses: " + ", ".join(f"{k} {v}" for k, v in meta["responses"].items() if v)
+          + f"; base model's reward accuracy (train.py's step 1): {show(meta['base_reward_accuracy'])}")
     state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
     print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
     return meta
