@@ -186,7 +186,7 @@ def read_records(args):
     try:
         lines = Path(args.input).read_bytes().split(b"\n")
     except OSError as e:
-        raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the path given to --input") from None
+        raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the --input path") from None
     items = []
     for line_no, raw in enumerate(lines, 1):
         if args.num_samples is not None and len(items) >= args.num_samples:
@@ -221,8 +221,9 @@ def parse_record(raw, where, args):
     fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}
     for name, value in fields.items():                 # LongBench's question is its 'input'
         if not isinstance(value, str):
-            return fail("missing_field", f"record has no text field '{name}'" + " (or LongBench's 'input')" *
-                        (name == "question"), "every record needs 'context' and 'question' strings")
+            alias = " (or LongBench's 'input')" if name == "question" else ""
+            return fail("missing_field", f"record has no text field '{name}'{alias}", "every record needs 'context' "
+                        "and 'question' strings")
     for name, value in fields.items():
         if not value.strip():          # LongBench's gov_report, multi_news: 'input' is empty
             return fail(f"empty_{name}", f"the record's '{name}' is empty", "give it a non-empty context and question")
@@ -525,10 +526,7 @@ def rejected_context(kind, s):
     chunks; irrelevant: irrelevant chunks of C' only; similar: no critical chunk, k drawn from the 2k
     non-critical chunks most like them."""
     critical, chunks, generator = s.critical, s.chunks, s.g
-
-    def draw(pool, k):
-        return [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
-
+    draw = lambda pool, k: [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
     part = []                                          # (chunk index, tokens) pairs
     if kind == "partial" and len(critical) >= 2:
         part = [(i, chunks[i]) for i in draw(critical, len(critical) // 2)]
@@ -544,12 +542,9 @@ def check_rejected(args, tok, model, samples, counts, seed):
     """The evaluator's rejected side: round r generates every faulty rejected answer of the shard again from
     a fresh draw of chunks of its kind (--redraws rounds); a sample is kept only when all M pass."""
     def fault(s, out):                 # why a rejected answer cannot be kept (the skip reason)
-        if out is None:
-            return "rejected_cut"
-        text = tok.decode(out[0])
-        if contains(text, s.rec["answer"]):
-            return "rejected_states_answer"
-        return "rejected_same_as_chosen" if squash(text) == squash(tok.decode(s.responses[0][0])) else None
+        text = out and tok.decode(out[0])
+        return "rejected_cut" if out is None else "rejected_states_answer" if contains(text, s.rec["answer"]) \
+            else "rejected_same_as_chosen" if squash(text) == squash(tok.decode(s.responses[0][0])) else None
     for r in range(args.redraws):
         bad = [(s, m) for s in samples for m in range(1, len(s.kinds)) if fault(s, s.responses[m])]
         if not bad:
@@ -611,12 +606,10 @@ def synthesize_and_pack(args, tok, samples, counts):
             for kind, text in zip(s.kinds, texts):
                 counts.update({"states_gold/" + kind: int(contains(text, s.rec["answer"])), "checked/" + kind: 1})
         if len(preview) < args.preview:
-            preview.append(dict(
-                index=s.index, question=s.rec["question"], answer=s.rec["answer"], scores=s.scores,
-                critical=s.critical, fallback=s.fallback, context_chunks=s.ctx,
-                critical_text=[tok.decode(s.chunks[i]) for i in s.critical], chosen=texts[0],
-                chosen_source=s.source, redraws=s.redraws,
-                rejected=[{"kind": k, "text": t} for k, t in zip(s.kinds[1:], texts[1:])]))
+            preview.append(dict(index=s.index, question=s.rec["question"], answer=s.rec["answer"], scores=s.scores,
+                                critical=s.critical, fallback=s.fallback, context_chunks=s.ctx, chosen=texts[0],
+                                critical_text=[tok.decode(s.chunks[i]) for i in s.critical], chosen_source=s.source,
+                                redraws=s.redraws, rejected=[dict(kind=k, text=t) for k, t in zip(s.kinds, texts)][1:]))
     # Flat over the rows, row i = [offsets[i], offsets[i+1]). int32 ids and positions (Llama-3's 128K
     # vocabulary and 80K positions exceed int16), int8 segments (M + 1 <= 127).
     cat = lambda i, dt: torch.cat([r[i] for r in rows]).to(dt) if rows else torch.zeros(0, dtype=dt)
@@ -771,7 +764,8 @@ def run(args):
     # the tokenizer (len(tok) counts added tokens; train.py checks it).
     config = dict({k: v for k, v in sorted(vars(args).items()) if k not in NON_DATA_ARGS},
                   format_version=FORMAT_VERSION, model_path=preset["path"],
-                  tokenizer_fingerprint=models.tokenizer_fingerprint(tok), tokenizer=tok.name_or_path, vocab_size=len(tok))
+                  tokenizer_fingerprint=models.tokenizer_fingerprint(tok), tokenizer=tok.name_or_path,
+                  vocab_size=len(tok))
     os.makedirs(args.out_dir, exist_ok=True)
     check_out_dir(args, config)                        # before any model loads
     for f in os.listdir(args.out_dir):                 # temp files of this worker's killed runs

@@ -651,7 +651,7 @@ def test_generation_runs_in_float32_on_cpu_and_each_worker_takes_its_own_gpu(mon
 
 def test_similar_rejected_context_leaves_out_the_critical_chunks_and_draws_the_most_alike():
     """Chunks 0-5; critical: 2. Alike: shares the critical chunk's entities (4), then has
-    the most entities (1, 5); 0 and 3 hold none. matched, one critical chunk: k = 1 drawn
+    the most entities (1, 5); 0 and 3 hold none. One critical chunk: k = 1 drawn
     from the 2k = 2 most alike (4 and 1), never the critical one."""
     feats = [set(), {"a", "b", "c"}, {"ann", "oslo"}, set(), {"oslo"}, {"x"}]
     s = prepare.Sample(0, "t:1", {}, chunks=[[10 * i + t for t in range(3)] for i in range(6)],
