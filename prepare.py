@@ -181,8 +181,8 @@ def read_records(args):
     (record i is in shard i // shard_size, shard j belongs to worker j % num_shards)."""
     mine = lambda i: (i // args.shard_size) % args.num_shards == args.shard_id
     if args.input is None:       # built-in corpus: record i is generated from (i, --seed)
-        return [(i, f"built-in corpus:{i + 1}", qa_record(i, args.demo_context_chars, args.seed) if mine(i)
-                 else None, None) for i in range(args.num_samples)]
+        return [(i, f"built-in corpus:{i + 1}", qa_record(i, args.demo_context_chars, args.seed) if mine(i) else None,
+                 None) for i in range(args.num_samples)]
     try:
         lines = Path(args.input).read_bytes().split(b"\n")
     except OSError as e:
@@ -657,8 +657,7 @@ def shard_path(out_dir, j):
     return os.path.join(out_dir, f"shard_{j:05d}.safetensors")
 
 
-def write_atomic(path, write, what="the shard", todo="free disk space or choose another --out_dir, then rerun: "
-                 "finished shards are kept"):
+def write_atomic(path, write, what, todo):
     """write(tmp) under a temporary name, renamed when done (models.atomic_path): a crash or a full disk never
     leaves a file a rerun would trust."""
     try:
@@ -672,7 +671,8 @@ def write_shard(path, tensors, header):
     def write(tmp):       # one metadata key, so the header bytes are the same in every process
         safetensors.torch.save_file(tensors, tmp, metadata={"logo": json.dumps(header, sort_keys=True)})
         os.chmod(tmp, 0o644)                           # safetensors creates files 0600
-    write_atomic(path, write)
+    write_atomic(path, write, "the shard", "free disk space or choose another --out_dir, then rerun: finished "
+                 "shards are kept")
 
 
 def read_header(path):
