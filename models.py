@@ -31,7 +31,6 @@ class UserError(Exception):
     """Bad input, flags or environment: the scripts print `error: <message>` (one line: what,
     (file:line), what to do) and exit with status 2, no traceback."""
 
-
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary name beside `path` for a file or folder to be written; renamed to `path`
@@ -52,7 +51,6 @@ def atomic_path(path):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
-
 
 def write_json(path, obj, indent=1):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -99,7 +97,6 @@ MODELS = {
                  global_batch=2, dtype="float32", lora_r=8, lora_alpha=16),
 }
 
-
 def resolve_model(name):
     """--model NAME -> a preset dict (a copy, with 'name' added).
 
@@ -119,7 +116,6 @@ def resolve_model(name):
                     target_len=native, native_len=native)
     raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(MODELS)}), "
                      "a local model folder, or a hub id 'org/model'")
-
 
 def tiny_tokenizer():
     """A byte-level tokenizer (256 byte tokens + 5 specials) with a ChatML template."""
@@ -141,7 +137,6 @@ def tiny_tokenizer():
                           "assistant\n{% endif %}")
     return fast
 
-
 def tiny_config(vocab_size, arch="llama", **overrides):
     """A 2-layer model small enough for unit tests (GQA: 4 query heads, 2 kv heads)."""
     kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -153,7 +148,6 @@ def tiny_config(vocab_size, arch="llama", **overrides):
         from transformers import MistralConfig
         return MistralConfig(**{"sliding_window": None, **kw})
     return LlamaConfig(**kw)
-
 
 def _convert_gguf(spec):
     """'gguf:PACKAGE/FILE.gguf' -> a cached safetensors folder (done once, ~40 s)."""
@@ -180,11 +174,9 @@ def _convert_gguf(spec):
         tok.save_pretrained(tmp)
     return out
 
-
 def resolve_path(path):
     """Preset path -> what from_pretrained takes (hub id, local folder), or 'tiny'."""
     return _convert_gguf(path) if path.startswith("gguf:") else path
-
 
 def load_tokenizer(path, trust_remote_code=False):
     if path == "tiny":
@@ -194,7 +186,6 @@ def load_tokenizer(path, trust_remote_code=False):
         tok.pad_token = tok.eos_token
     return tok
 
-
 def load_config(path, rope_theta=None, trust_remote_code=False, arch="llama"):
     if path == "tiny":
         config = tiny_config(len(tiny_tokenizer()), arch=arch)
@@ -203,7 +194,6 @@ def load_config(path, rope_theta=None, trust_remote_code=False, arch="llama"):
     if rope_theta is not None:
         set_rope_theta(config, rope_theta)
     return config
-
 
 def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta=None,
                seed=0, trust_remote_code=False, zero3=None):
@@ -244,7 +234,6 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
 
-
 def checkpoint_index(path):
     """A model folder or hub id -> {tensor name: (file, dtype, shape, byte offset)} read from
     its safetensors headers (an 8-byte length, a JSON header; data follows, row-major,
@@ -266,7 +255,6 @@ def checkpoint_index(path):
                 index[key] = (file, _ST_DTYPES[t["dtype"]], tuple(t["shape"]), 8 + n + t["data_offsets"][0])
     return index
 
-
 def read_flat(f, entry, start, out):
     """Elements [start, start + out.numel()) of checkpoint tensor `entry` (flattened) into
     the 1-D tensor `out`, with plain reads (no mmap: the page cache is not this process's
@@ -283,7 +271,6 @@ def read_flat(f, entry, start, out):
     if buf is not out:
         out.copy_(buf)                  # to the GPU, and/or e.g. bf16 checkpoint -> float32 model
 
-
 def _init_unsynced():
     """deepspeed.zero.Init without its broadcast of every new weight from rank 0: every
     partition is read from the checkpoint next, and the broadcast writes the whole model
@@ -296,7 +283,6 @@ def _init_unsynced():
             self._convert_to_deepspeed_param(param)
             param.partition()
     return InitUnsynced
-
 
 def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_code, ds_config):
     """Build the model under deepspeed.zero.Init (each module's weights are partitioned as
@@ -347,7 +333,6 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
             p.ds_tensor.data[count:].zero_()                               # the padding
     return model.eval()                 # as from_pretrained returns it
 
-
 def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, temperature=0.0,
                    top_p=1.0, seed=0, bar=None):
     """Greedy (temperature 0) or sampled answers to token-id prompts, batch_size at a time with
@@ -380,7 +365,6 @@ def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, te
         if bar is not None:
             bar.update(len(idx))
     return out
-
 
 def tokenizer_fingerprint(tok):
     """A short hash of the vocabulary: prepare.py stores it, train.py checks it."""

@@ -30,7 +30,6 @@ position right after the question, because they are alternative answers to one p
 
 import torch
 
-
 def synthesize_position_ids(chunk_lens, target_len, mode, generator=None):
     """Position ids for sum(chunk_lens) real tokens spread over [0, target_len).
 
@@ -62,12 +61,10 @@ def synthesize_position_ids(chunk_lens, target_len, mode, generator=None):
         return torch.randperm(target_len, generator=generator)[:k].sort().values
     raise ValueError(f"mode must be 'continuous' or 'sparse', got {mode!r}")
 
-
 def draw_mode(sparse_ratio, generator=None):
     """'sparse' with probability sparse_ratio, else 'continuous' (paper: 1 in 10 sparse)."""
     u = torch.rand((), generator=generator).item()
     return "sparse" if u < sparse_ratio else "continuous"
-
 
 def pack_position_ids(context_position_ids, question_len, response_lens):
     """Positions of the packed row: context, then question, then each response in turn.
@@ -83,7 +80,6 @@ def pack_position_ids(context_position_ids, question_len, response_lens):
     answer_start = start + question_len
     responses = [answer_start + torch.arange(r) for r in response_lens]
     return torch.cat([ctx, question, *responses])
-
 
 def distance_coverage(position_ids_list, target_len, batch_size=32):
     """Fraction of relative distances 0..target_len-1 that occur between two positions of

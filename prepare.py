@@ -62,15 +62,12 @@ PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redra
 # another worker count reuses finished shards (pin --threads, --device: same bytes).
 NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "skip_bad", "strict", "threads", "device"}
 
-
 def user_error(what, where, todo):
     return UserError(f"{what} ({where}); {todo}")    # main() prints 'error: ' before it
-
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):  # '(default: X)' only where X says something
     def _get_help_string(self, a):
         return a.help if a.default is None or a.default is False else super()._get_help_string(a)
-
 
 def parse_args(argv=None):
     # Flags left at None are filled in by resolve(): the preset's value or a derived default.
@@ -125,7 +122,6 @@ def parse_args(argv=None):
     a("--threads", type=int, help="torch CPU threads; pin it for byte-identical reruns")
     return p.parse_args(argv)
 
-
 def resolve(args):
     """Fill preset defaults into args (explicit flags win); return the preset."""
     try:
@@ -174,7 +170,6 @@ def resolve(args):
             raise user_error("invalid flags", where, todo)
     return preset
 
-
 def read_records(args):
     """Every record as (index, 'file:line', record or None, skip reason). This worker's records are parsed
     now, so a malformed line stops the run before any model loads; the other workers' are left to them
@@ -198,7 +193,6 @@ def read_records(args):
         raise user_error("the input has no records", args.input,
                          "give a JSONL file with one {context, question, answer} object per line")
     return items
-
 
 def parse_record(raw, where, args):
     """One JSONL line -> (record, None), or (None, reason): a malformed line (an error unless --skip_bad) or a
@@ -277,7 +271,6 @@ GROUPS = {"chosen_source": ["model", "gold_sentence", "model_hinted", "gold", "m
           "chunking": ["sentence", "fixed"]}
 TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "response_tokens", "answers_over_budget"]
 
-
 def nest(c):
     out = {k: c[k] for k in TOTALS}
     for group in ("skipped", "slot_named", "slot_n", "slot_base_correct"):  # keys seen in counts
@@ -285,13 +278,11 @@ def nest(c):
     out["quality"] = {k: [c["states_gold/" + k], c["checked/" + k]] for k in QUALITY_KINDS}
     return dict(out, **{g: {k: c[f"{g}/{k}"] for k in keys} for g, keys in GROUPS.items()})
 
-
 def add(a, b):
     """Two nest() results (shard headers' stats) summed key by key, for meta.json."""
     if isinstance(a, dict):
         return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
     return [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
-
 
 def skip(args, counts, reason, what, where, todo):
     """A sample that cannot be made: counted under its reason, with --strict an error."""
@@ -305,7 +296,6 @@ def skip(args, counts, reason, what, where, todo):
 def score_chunks(question_feats, chunk_feats):
     """Importance of each chunk: number of distinct entities it shares with the question."""
     return [len(question_feats & f) for f in chunk_feats]
-
 
 def chunk_and_score(args, tok, nlp, items, counts):
     """Steps 1-2 for a shard's records -> Samples with chunks and scores."""
@@ -358,13 +348,11 @@ def select_critical(scores, delta, min_critical=1, max_critical=None):
         critical = [i for i in order if scores[i] > 0][:min_critical]
     return sorted(critical[:max_critical]), fallback
 
-
 def shared_context(num_total, critical, num_chunks, generator):
     """C': chunk indices, in text order: all critical + irrelevant ones drawn at random."""
     irrelevant = [i for i in range(num_total) if i not in set(critical)]
     picks = torch.randperm(len(irrelevant), generator=generator)[:min(num_chunks, num_total) - len(critical)]
     return sorted(critical + [irrelevant[j] for j in picks.tolist()])
-
 
 def build_contexts(args, tok, samples, counts):
     """Steps 3-4 and the prompts of step 5 (rows are packed over C'; only generation sees chunk subsets)."""
@@ -408,7 +396,6 @@ def prompt_parts(tok, template, question, suffix=""):
     text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
     return tuple(tok(part, add_special_tokens=False).input_ids for part in text.split(marker))
 
-
 def end_of_turn_id(tok):
     """The special token the chat template writes after an assistant's text (<|im_end|>, <|eot_id|>, </s>),
     else EOS: every closed response ends with it, so the model learns to stop."""
@@ -418,7 +405,6 @@ def end_of_turn_id(tok):
     after = tok.apply_chat_template(turns, tokenize=False).split("XYZ", 1)[1]
     special = set(tok.all_special_ids)
     return next((t for t in tok(after, add_special_tokens=False).input_ids if t in special), tok.eos_token_id)
-
 
 def trim_to_sentence(tok, toks):
     """A cut answer up to the end of its last complete sentence ('.', '!' or '?', maybe closed by a quote or
@@ -430,7 +416,6 @@ def trim_to_sentence(tok, toks):
                 and re.search(r"\w", text):              # a word in it, not '...' alone
             return toks[:j]
     return None
-
 
 def generate(args, tok, model, prompts, counts, seed, what):
     """The model's answers (models.generate_batch: length-sorted batches), each (tokens, closed) or None
@@ -449,10 +434,8 @@ def generate(args, tok, model, prompts, counts, seed, what):
         counts.update(["responses/generated", "responses/" + how])
     return out
 
-
 def squash(text):
     return re.sub(r"\s+", " ", text.lower()).strip()
-
 
 def contains(response, answer):
     """The evaluator's test: the response states the gold answer (case and spacing ignored; a substring
@@ -463,7 +446,6 @@ def contains(response, answer):
 # When the model's answer from the critical chunks is wrong and the record has no answer_sentence, the
 # model writes the gold answer in its own words (checked again).
 HINT = "\n\nCorrect answer: {answer}.\nWrite the answer as a full sentence."
-
 
 def check_chosen(args, tok, model, samples, counts, seed):
     """The evaluator's chosen side (--chosen): responses[0] becomes the model's answer or the gold answer in a
@@ -509,7 +491,6 @@ def slot_kinds(rejected_kinds, num_rejected):
     return ["chosen"] + (rejected_kinds.split(",") if rejected_kinds else
                          ["irrelevant" if m % 2 == 0 else "partial" for m in range(num_rejected)])
 
-
 def response_contexts(s, num_rejected, rejected_kinds):
     """Tokens behind each response, [chosen, rejected 1..M], and their kinds. Sec. 3.2.2: chosen
     pi(Q, C_>delta); rejected alternate P' = pi(Q, C_<delta) ('irrelevant') and P'' = pi(Q, C_<delta, part
@@ -517,7 +498,6 @@ def response_contexts(s, num_rejected, rejected_kinds):
     ('similar' included)."""
     kinds = slot_kinds(rejected_kinds, num_rejected)
     return [[t for i in s.critical for t in s.chunks[i]]] + [rejected_context(k, s) for k in kinds[1:]], kinds
-
 
 def rejected_context(kind, s):
     """The tokens behind one rejected response of sample s (a fresh draw each call), in text order, as
@@ -536,7 +516,6 @@ def rejected_context(kind, s):
     k = max(1, len(critical) - len(part))
     pieces = part + [(i, chunks[i]) for i in draw(s.similar[:2 * k] if kind == "similar" else s.irrelevant, k)]
     return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
-
 
 def check_rejected(args, tok, model, samples, counts, seed):
     """The evaluator's rejected side: round r generates every faulty rejected answer of the shard again from
@@ -586,7 +565,6 @@ def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, ge
     seg = [0] * (sum(lens) + len(tail)) + [k + 1 for k, r in enumerate(responses) for _ in r]
     return torch.tensor(ids), pos, torch.tensor(seg)
 
-
 def synthesize_and_pack(args, tok, samples, counts):
     """Steps 6-7 for a shard: --syntheses_per_sample rows per sample -> (tensors, preview)."""
     eot = end_of_turn_id(tok)
@@ -615,7 +593,6 @@ def synthesize_and_pack(args, tok, samples, counts):
     cat = lambda i, dt: torch.cat([r[i] for r in rows]).to(dt) if rows else torch.zeros(0, dtype=dt)
     return {"input_ids": cat(0, torch.int32), "position_ids": cat(1, torch.int32),
             "segment_ids": cat(2, torch.int8), "offsets": torch.tensor(offsets, dtype=torch.int64)}, preview
-
 
 def make_shard(args, tok, model, nlp, j, items):
     """Shard j, steps 1-7 -> (tensors, preview, counts)."""
@@ -656,7 +633,6 @@ def make_shard(args, tok, model, nlp, j, items):
 def shard_path(out_dir, j):
     return os.path.join(out_dir, f"shard_{j:05d}.safetensors")
 
-
 def write_atomic(path, write, what, todo):
     """write(tmp) under a temporary name, renamed when done (models.atomic_path): a crash or a full disk never
     leaves a file a rerun would trust."""
@@ -666,7 +642,6 @@ def write_atomic(path, write, what, todo):
     except OSError as e:
         raise user_error(f"could not write {what}: {e.strerror or e}", path, todo) from None
 
-
 def write_shard(path, tensors, header):
     def write(tmp):       # one metadata key, so the header bytes are the same in every process
         safetensors.torch.save_file(tensors, tmp, metadata={"logo": json.dumps(header, sort_keys=True)})
@@ -674,12 +649,10 @@ def write_shard(path, tensors, header):
     write_atomic(path, write, "the shard", "free disk space or choose another --out_dir, then rerun: finished "
                  "shards are kept")
 
-
 def read_header(path):
     """A shard's {config, stats, preview, shard}, from the safetensors JSON header alone."""
     with safetensors.safe_open(path, "pt") as f:
         return json.loads((f.metadata() or {}).get("logo", "{}"))
-
 
 def check_out_dir(args, config):
     """Refuse to mix shards made with other arguments or another tokenizer."""
@@ -695,7 +668,6 @@ def check_out_dir(args, config):
             what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff[:4])
             raise user_error(f"{args.out_dir} holds shards made with other arguments or another tokenizer "
                              f"({what})", path, "use another --out_dir, or delete the folder to rebuild it")
-
 
 def summarize(args, config, num_records):
     """Sum every finished shard in out_dir, other workers' too, into meta.json and preview.jsonl. With shards
@@ -745,7 +717,6 @@ def summarize(args, config, num_records):
         write_atomic(os.path.join(args.out_dir, name), lambda tmp: Path(tmp).write_text(body), name,
                      "free disk space or choose another --out_dir")
     return meta
-
 
 def run(args):
     t_start = time.time()
@@ -811,7 +782,6 @@ def run(args):
     state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
     print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
     return meta
-
 
 def main(argv=None):
     try:
