@@ -54,16 +54,14 @@ def parse_args(argv=None):
     # task and outputs
     a("--task", required=True, choices=list(TASKS), help="what to evaluate")
     a("--out_dir", help="output folder (default eval/MODEL[+LABEL]/TASK)")
-    a("--answers", help="niah / mvniah / qa: file of finished answers, reused by the same "
-      "command (default OUT_DIR/answers_LABEL.jsonl; it can hold several models')")
-    a("--max_samples", type=int, help="longbench: first N records per dataset (default all); "
-      "mvniah / qa: samples per length (default 10 / 20)")
+    a("--answers", help="niah / mvniah / qa: answers file, reused by the same command (default "
+      "OUT_DIR/answers_LABEL.jsonl; it can hold several models')")
+    a("--max_samples", type=int, help="longbench: records per dataset; mvniah / qa: per length")
     a("--max_new_tokens", type=int, help="greedy tokens per answer (default: the task's)")
     a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left "
       "padded (a GPU gains; a 2-core CPU does not: a 1K prompt is prefill-bound)")
     a("--no_chat_template", action="store_true", help="raw prompts even where a template exists")
-    a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl, every prompt, "
-      "and load no model")
+    a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl; load no model")
     a("--results_dir", help="also write one JSON summary per model here (results/make_table.py)")
     a("--results_tag", help="suffix of a summary's name: two models of one method, seed, data")
     # model
@@ -72,8 +70,8 @@ def parse_args(argv=None):
     a("--adapter", help="LoRA folder written by train.py (RUN/final)")
     a("--compare", action="store_true", help="evaluate base and base+adapter side by side")
     a("--label", help="the adapter's name in tables (default: its run folder's)")
-    a("--rope_theta", type=float, help="RoPE base of every model evaluated (default: the "
-      "checkpoint's; for an adapter, its training value)")
+    a("--rope_theta", type=float, help="RoPE base of every model (default: the checkpoint's; "
+      "an adapter's training value)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="auto: float32 on CPU (bf16 is several times slower there), the preset's on GPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda:N: GPU N")
@@ -82,10 +80,8 @@ def parse_args(argv=None):
     a("--spacy_model", default="en_core_web_sm", help="spaCy NER of the error patterns")
     # longbench
     a("--data_dir", help="folder of LongBench v1 DATASET.jsonl files")
-    a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json, "
-      "optional model2maxlen.json)")
-    a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14 English datasets) "
-      "or 'all' (every dataset of dataset2prompt.json)")
+    a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json)")
+    a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14) or 'all'")
     a("--max_length", type=int, help="prompt budget in tokens, cut from the middle (default "
       "model2maxlen.json's, else the window - 500)")
     # niah / mvniah / qa / ppl
@@ -102,8 +98,7 @@ def parse_args(argv=None):
     a("--data", help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
     a("--prompt", default="{context}\n\n{question}", help="qa: user message (prepare.py's)")
     a("--text", help="ppl: a .txt file or folder (default: the filler prose)")
-    a("--stride", type=int, default=0, help="ppl: window step in tokens (0: the window; 256: "
-      "Press et al.'s protocol, slower)")
+    a("--stride", type=int, default=0, help="ppl: window step (0: the window; 256: Press et al.)")
     a("--max_tokens", type=int, help="ppl: tokens scored at every length (default 2 x longest)")
     return p.parse_args(argv)
 
@@ -187,8 +182,7 @@ def head_copy_scores(copies, needle_mask):
 
 def retrieval_head_score(head_scores, threshold=0.1, top_k=10):
     """App. B: heads under 0.1 dropped (one at 0.1 stays), mean of the top 10 (0 if none)."""
-    kept = head_scores.flatten()
-    kept = kept[kept >= threshold]
+    kept = head_scores[head_scores >= threshold]                    # flattened
     return float(kept.sort(descending=True).values[:top_k].mean()) if len(kept) else 0.0
 
 def decode(tok, new_ids):
@@ -283,8 +277,7 @@ def answers(args, lm, tok, samples, label, cache=None):
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["ids"]) if step > 1 else 0)
     out = {}
     for k in tqdm(range(0, len(order), step), desc=f"{label} {args.task}"):
-        batch = order[k:k + step]
-        prompts = [samples[i]["ids"] for i in batch]
+        batch, prompts = order[k:k + step], [samples[i]["ids"] for i in order[k:k + step]]
         tag = "" if step == 1 else "batch " + digest(*prompts)
         new = cache.get(prompts, tag) if cache else None
         if new is None:
@@ -345,31 +338,15 @@ def read_text(path, what):
         raise UserError(f"{what} holds no text ({path}); pass a non-empty .txt file or folder")
     return "\n\n".join(t for t in texts if t)
 
-def filler_text(tok, path, num_tokens, what):
-    """At least num_tokens tokens: path's text repeated whole, or corpus.py's filler prose
-    (seed 0: the same for every model; 5 characters a token to start, doubled until enough)."""
-    text = base = read_text(path, what) if path else None
-    chars = num_tokens * 5
-    while True:
-        if not path:
-            text, chars = corpus.haystack(chars, seed=0), chars * 2
-        if len(tok(text, add_special_tokens=False).input_ids) >= num_tokens:
-            return text
-        text += "\n\n" + base if path else ""
+def filler_text(tok, args, num_tokens):
+    # --haystack's text repeated whole, or corpus.py's filler prose
+    return corpus.filler_text(tok, num_tokens, read_text(args.haystack, "--haystack")
+                              if args.haystack else None)
 
 def cut_tokens(tok, text, num_tokens):
     """The longest prefix of text ending at a token boundary with num_tokens tokens."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     return text if len(enc.input_ids) <= num_tokens else text[:enc.offset_mapping[num_tokens - 1][1]]
-
-def insert_at_depth(context, needle, depth):
-    """The needle after the last sentence end ('.' or newline) before the fraction depth in
-    [0, 1] of the context, as the standard harness does."""
-    if depth >= 1:
-        return context.rstrip() + " " + needle
-    at = int(len(context) * depth)
-    cut = max(context.rfind(".", 0, at), context.rfind("\n", 0, at))
-    return needle + " " + context if cut < 0 else context[:cut + 1] + " " + needle + context[cut + 1:]
 
 def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
     """Haystack tokens for a prompt of about `length`: the prompt with an empty context
@@ -399,11 +376,11 @@ def niah_samples(args, tok, lengths, num):
     if not depths or not all(0 <= d <= 100 for d in depths):
         raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in "
                         "[0, 100]; write e.g. 0,25,50,75,100")
-    chat, hay = not args.no_chat_template, filler_text(tok, args.haystack, max(lengths), "--haystack")
+    chat, hay = not args.no_chat_template, filler_text(tok, args, max(lengths))
     needle = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
     # one haystack prefix per length: its cells differ only in depth
     return [{"length": L, "depth": d, "ids": prompt_ids(tok, NIAH_TEMPLATE.format(
-        question=args.question, context=insert_at_depth(base, args.needle, d / 100)), chat)}
+        question=args.question, context=corpus.insert_at_depth(base, args.needle, d / 100)), chat)}
         for L in lengths for base in [cut_tokens(tok, hay, context_budget(
             tok, NIAH_TEMPLATE, L, chat, needle, question=args.question))] for d in depths]
 
@@ -434,8 +411,7 @@ def mvniah_samples(args, tok, lengths, num):
     """num per length: n needles at uniform random depths, one key, n distinct 7-digit
     values found nowhere else. Where App. B is silent: the needle tokens K are the values'
     tokens (what the answer must copy): needle_mask marks the prompt tokens overlapping them."""
-    chat, hay, samples = not args.no_chat_template, filler_text(
-        tok, args.haystack, max(lengths), "--haystack"), []
+    chat, hay, samples = not args.no_chat_template, filler_text(tok, args, max(lengths)), []
     for L in lengths:
         rng = random.Random(f"{args.seed}-{L}")           # each length draws its own
         for _ in range(num):
@@ -450,7 +426,7 @@ def mvniah_samples(args, tok, lengths, num):
             context = cut_tokens(tok, hay[start:] + "\n\n" + hay, n)
             for needle, depth in sorted(zip(needles, (rng.random() for _ in needles)),
                                         key=lambda x: -x[1]):              # deepest first
-                context = insert_at_depth(context, needle, depth)
+                context = corpus.insert_at_depth(context, needle, depth)
             ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key),
                                               chat, prefix, offsets=True)
             # the values' characters in the prompt, [a, b)
@@ -552,7 +528,7 @@ def run_qa(args, lm, tok, samples, label, cache):
 def ppl_samples(args, tok, lengths, num):
     # the same first tokens at every length; a shorter text must still fill the longest window
     need = args.max_tokens or 2 * max(lengths)
-    ids = tok(read_text(args.text, "--text") if args.text else filler_text(tok, None, need, ""),
+    ids = tok(read_text(args.text, "--text") if args.text else corpus.filler_text(tok, need),
               add_special_tokens=False).input_ids
     if len(ids) < max(lengths):
         raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window "
@@ -858,8 +834,7 @@ def evaluate(args):
             plans[run_label].update(rope_theta=get_rope_theta(lm.config),
                                     wall_s=round(time.time() - t_model, 2))
         del lm
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()                # a no-op without CUDA
     # the outputs, each renamed into place when whole
     rows = table(spec, results)
     write_text(os.path.join(args.out_dir, f"{args.task}.csv"), "".join(
@@ -913,9 +888,6 @@ def table(spec, results):
                        [rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
                         for lb in labels for p in PATTERNS] * pats for i, r in enumerate(first)]
 
-PATTERN_COLORS = {"correct": "#0CD79F", "hallucination": "#F0496E", "unfollow": "#EBB839",
-                  "empty": "#BBBBBB"}
-
 def plot(spec, results, stem, title):
     """STEM.png: a panel per metric, a line per model (and niah depth) over the first key
     (length, or a point per dataset). Rows with patterns also get STEM_patterns.png, Fig. 9's
@@ -941,23 +913,22 @@ def plot(spec, results, stem, title):
     fig.suptitle(title)
     save_figure(fig, stem + ".png")
     plt.close(fig)
-    per = {lb: [r for r in rows if "patterns" in r] for lb, rows in per.items()}
-    if not per[labels[0]]:
+    rows = [r for r in per[labels[0]] if "patterns" in r]
+    if not rows:
         return False
     names = [f"{int(r[keys[0]]) / 1024:g}K" if str(r[keys[0]]).isdigit() else str(r[keys[0]])
-             for r in per[labels[0]]]
-    width, ticks, tick_names = 0.8 / len(labels), [], []
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) * len(labels) + 2), 4))
-    for i, lb in enumerate(labels):
-        xs, bottom = [k + i * width for k in range(len(names))], [0.0] * len(names)
-        for p in PATTERNS:                     # stacked in PATTERNS order: a bar adds up to 1
-            ys = [r["patterns"][p] for r in per[lb]]
-            ax.bar(xs, ys, width * 0.95, bottom=bottom, color=PATTERN_COLORS[p],
-                   label=p if i == 0 else None)
-            bottom = [b + y for b, y in zip(bottom, ys)]
-        ticks += xs
-        tick_names += [f"{n}\n{lb}" if len(labels) > 1 else n for n in names]
-    ax.set_xticks(ticks, tick_names, fontsize=8)
+             for r in rows]
+    # a bar per (model, row), the models side by side; stacked in PATTERNS order, adding up to 1
+    width = 0.8 / len(labels)
+    xs = [k + i * width for i in range(len(labels)) for k in range(len(names))]
+    rates = [r["patterns"] for lb in labels for r in per[lb] if "patterns" in r]
+    bottom = [0.0] * len(xs)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(xs) + 2), 4))
+    for p, color in zip(PATTERNS, ["#0CD79F", "#F0496E", "#EBB839", "#BBBBBB"]):
+        ax.bar(xs, [q[p] for q in rates], width * 0.95, bottom=bottom, color=color, label=p)
+        bottom = [b + q[p] for b, q in zip(bottom, rates)]
+    ax.set_xticks(xs, [f"{n}\n{lb}" if len(labels) > 1 else n for lb in labels for n in names],
+                  fontsize=8)
     ax.set(xlabel=keys[0], ylim=(0, 1), ylabel="share of predictions")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"error patterns (Fig. 9), {title}")

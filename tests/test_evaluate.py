@@ -112,9 +112,9 @@ def test_truncate_middle_keeps_half_the_budget_from_each_end():
 
 def test_insert_at_depth_puts_the_needle_after_a_sentence_end():
     ctx = "One two. Three four. Five six."
-    assert ev.insert_at_depth(ctx, "N.", 0.0) == "N. " + ctx
-    assert ev.insert_at_depth(ctx, "N.", 0.5) == "One two. N. Three four. Five six."
-    assert ev.insert_at_depth(ctx, "N.", 1.0) == ctx + " N."
+    assert corpus.insert_at_depth(ctx, "N.", 0.0) == "N. " + ctx
+    assert corpus.insert_at_depth(ctx, "N.", 0.5) == "One two. N. Three four. Five six."
+    assert corpus.insert_at_depth(ctx, "N.", 1.0) == ctx + " N."
 
 
 def test_greedy_generate_matches_transformers_generate(tiny):
@@ -541,7 +541,7 @@ def test_compare_evaluates_base_and_adapter_with_its_training_rope_theta(tmp_pat
     res = saved["results"]
     assert list(res) == ["base", "logo"]
     tok = tiny_tokenizer()
-    ids = torch.tensor(tok(ev.filler_text(tok, None, 128, "")).input_ids[:128])
+    ids = torch.tensor(tok(corpus.filler_text(tok, 128)).input_ids[:128])
     for label, model in (("base", load_model("tiny")),
                          ("logo", PeftModel.from_pretrained(load_model("tiny", rope_theta=20000.0),
                                                             adapter).merge_and_unload())):
