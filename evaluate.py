@@ -257,8 +257,9 @@ def answer_cache(args, lm, label, with_adapter, preset):
         adapter = {n: sha(args.adapter, n) for n in os.listdir(args.adapter)
                    if n.startswith("adapter_model.")}
         adapter["adapter_config.json"] = {k: v for k, v in json.loads(Path(
-            args.adapter, "adapter_config.json").read_text("utf-8")).items() if k not in (
-            "base_model_name_or_path", "revision", "peft_version", "inference_mode", "auto_mapping")}
+            args.adapter, "adapter_config.json").read_text("utf-8")).items() if k not in
+            ("base_model_name_or_path", "revision", "peft_version", "inference_mode",
+             "auto_mapping")}
     ident = json.dumps({"version": ANSWERS_VERSION, "model": model, "adapter": adapter,
                         "rope_theta": get_rope_theta(lm.config), "dtype": str(lm.dtype),
                         "device": next(lm.parameters()).device.type, "task": args.task,
@@ -444,15 +445,16 @@ def run_mvniah(args, lm, tok, samples, label, cache):
     for s in tqdm(samples, desc=f"{label} mvniah"):
         # the needle positions are in the key: the head scores depend on them
         needles = "needles " + digest(s["needle_mask"].nonzero().flatten().tolist())
-        done = cache.get([s["ids"]], needles) if cache else None
+        hit = cache and cache.get([s["ids"]], needles)
+        done = hit[0] if hit else None
         if done is None:
             new, copies = generate(lm, s["ids"], new_token_budget(args), stops,
                                    needle_mask=s["needle_mask"])
             # exact: float32 head scores survive JSON as Python floats
-            done = [{"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}]
-            cache and cache.put(s["ids"], done[0], needles)
-        pred = decode(tok, [done[0]["new"]])[0]
-        heads.setdefault(s["length"], []).append(torch.tensor(done[0]["heads"], dtype=torch.float32))
+            done = {"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}
+            cache and cache.put(s["ids"], done, needles)
+        pred = decode(tok, [done["new"]])[0]
+        heads.setdefault(s["length"], []).append(torch.tensor(done["heads"], dtype=torch.float32))
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "values": s["values"],
                      "recall": sum(v in pred for v in s["values"]) / len(s["values"]),
                      "prediction": pred})
@@ -659,15 +661,16 @@ def file_tag(path):
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     return re.sub(r"[^A-Za-z0-9.-]+", "-", stem) or "data"
 
-# name: (samples, run, spec). "lengths" / "samples": --lengths / --max_samples defaults;
-# "new_tokens": the answer budget; "cache": keep answers_LABEL.jsonl; "flags": the task's
-# flags saved in configs; "data": the summary name's data tag ('e1234' = the built-in corpus,
-# seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's and
-# plot's columns; for a layout of its own "rows" (result -> CSV rows) and "summary" (result,
-# samples -> summary metrics). A new task: a samples and a run function, and one line here.
+# name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary
+# name's data tag ('e1234' = the built-in corpus, seed 1234; 'prose' = the filler prose; else
+# the file's name); "metrics": the CSV's and plot's columns. Optional: "lengths" / "samples"
+# (--lengths / --max_samples defaults), "new_tokens" (the answer budget), "cache" (keep
+# answers_LABEL.jsonl), and for a layout of its own "rows" (result -> CSV rows) and "summary"
+# (result, samples -> summary metrics). A new task: a samples and a run function, one line here.
 TASKS = {
     "longbench": (longbench_samples, run_longbench, dict(
-        metrics=["score"], flags=["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
+        metrics=["score"],
+        flags=["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
         data=lambda a: re.sub(r"[^A-Za-z0-9.-]+", "+", a.datasets), rows=longbench_rows,
         summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "patterns",
                                                     "pattern_counts", "max_length") if k in res})),
@@ -713,8 +716,9 @@ def read_adapter(path):
     try:
         return json.loads(Path(path, "logo_config.json").read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}"
-                        f":{e.lineno}); rerun train.py") from None
+        where = os.path.join(path, "logo_config.json")
+        raise UserError(f"logo_config.json is not valid JSON ({where}:{e.lineno}); "
+                        "rerun train.py") from None
 
 def load_for_eval(args, preset, rope, with_adapter):
     """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained
@@ -826,9 +830,9 @@ def evaluate(args):
     results = {}
     for run_label, with_adapter, rope in runs:       # one model in memory at a time
         t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
-        cache = answer_cache(args, lm, run_label, with_adapter, preset) if spec.get("cache") else None
+        cache = spec.get("cache") and answer_cache(args, lm, run_label, with_adapter, preset)
         res = results[run_label] = run_fn(args, lm, tok, samples, run_label, cache)
-        if cache is not None:                  # wall times cover only the new answers
+        if cache:                               # wall times cover only the new answers
             res.update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
         if run_label in plans:
             plans[run_label].update(rope_theta=get_rope_theta(lm.config),
@@ -840,7 +844,8 @@ def evaluate(args):
     write_text(os.path.join(args.out_dir, f"{args.task}.csv"), "".join(
         ",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
     print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in rows))
-    patterns = plot(spec, results, os.path.join(args.out_dir, args.task), f"{args.task}: {preset['name']}")
+    patterns = plot(spec, results, os.path.join(args.out_dir, args.task),
+                    f"{args.task}: {preset['name']}")
     out = {"task": args.task, "config": config, "results": results, "wall_s": round(time.time() - t0, 1)}
     write_text(os.path.join(args.out_dir, f"{args.task}.json"),
                json.dumps(out, indent=1, default=str, ensure_ascii=False))
@@ -884,9 +889,10 @@ def table(spec, results):
     header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in labels for m in metrics] + \
         [f"{p}_{lb}" for lb in labels for p in PATTERNS] * pats
     # every model scored the same samples: row i is the same row in each
-    return [header] + [[r[k] for k in keys] + [rnd(per[lb][i][m]) for lb in labels for m in metrics] +
-                       [rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
-                        for lb in labels for p in PATTERNS] * pats for i, r in enumerate(first)]
+    cells = lambda i: [rnd(per[lb][i][m]) for lb in labels for m in metrics] + [
+        rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
+        for lb in labels for p in PATTERNS] * pats
+    return [header] + [[r[k] for k in keys] + cells(i) for i, r in enumerate(first)]
 
 def plot(spec, results, stem, title):
     """STEM.png: a panel per metric, a line per model (and niah depth) over the first key
@@ -959,7 +965,8 @@ def plan_summaries(args, runs, lengths):
         args.preset["path"], trust_remote_code=args.trust_remote_code))   # no weights loaded
     plans, cfg = {}, args.adapter_cfg
     for label, with_adapter, rope in runs:
-        method, seed = method_of(args, cfg, with_adapter, theta), cfg.get("seed") if with_adapter else None
+        method = method_of(args, cfg, with_adapter, theta)
+        seed = cfg.get("seed") if with_adapter else None             # base / rope: untrained
         parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + ([
             "-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
         parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
@@ -983,8 +990,9 @@ def git_state():
     git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
                                     capture_output=True, text=True, timeout=30, check=True).stdout
     try:
-        return git("rev-parse", "HEAD").strip(), bool(git(
-            "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results").strip())
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     ":(exclude)results")
+        return git("rev-parse", "HEAD").strip(), bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         return None, None
 
@@ -995,7 +1003,8 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
         block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0]
     except OSError:
         block = ""
-    fields = dict(reversed([[s.strip() for s in x.split(":", 1)] for x in block.splitlines() if ":" in x]))
+    fields = dict(reversed([[s.strip() for s in line.split(":", 1)]
+                            for line in block.splitlines() if ":" in line]))
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
