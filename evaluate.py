@@ -339,7 +339,7 @@ def read_text(path, what):
         raise UserError(f"{what} holds no text ({path}); pass a non-empty .txt file or folder")
     return "\n\n".join(t for t in texts if t)
 
-def filler_text(tok, args, num_tokens):
+def haystack_text(tok, args, num_tokens):
     # --haystack's text repeated whole, or corpus.py's filler prose
     return corpus.filler_text(tok, num_tokens, read_text(args.haystack, "--haystack")
                               if args.haystack else None)
@@ -377,7 +377,7 @@ def niah_samples(args, tok, lengths, num):
     if not depths or not all(0 <= d <= 100 for d in depths):
         raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in "
                         "[0, 100]; write e.g. 0,25,50,75,100")
-    chat, hay = not args.no_chat_template, filler_text(tok, args, max(lengths))
+    chat, hay = not args.no_chat_template, haystack_text(tok, args, max(lengths))
     needle = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
     # one haystack prefix per length: its cells differ only in depth
     return [{"length": L, "depth": d, "ids": prompt_ids(tok, NIAH_TEMPLATE.format(
@@ -412,7 +412,7 @@ def mvniah_samples(args, tok, lengths, num):
     """num per length: n needles at uniform random depths, one key, n distinct 7-digit
     values found nowhere else. Where App. B is silent: the needle tokens K are the values'
     tokens (what the answer must copy): needle_mask marks the prompt tokens overlapping them."""
-    chat, hay, samples = not args.no_chat_template, filler_text(tok, args, max(lengths)), []
+    chat, hay, samples = not args.no_chat_template, haystack_text(tok, args, max(lengths)), []
     for L in lengths:
         rng = random.Random(f"{args.seed}-{L}")           # each length draws its own
         for _ in range(num):
