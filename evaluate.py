@@ -1,6 +1,6 @@
 """
-Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (arXiv
-2410.18533, Sec. 4.2-4.3, 5, App. B), plus held-out QA for the CPU demo.
+Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (arXiv 2410.18533, Sec. 4.2-4.3, 5, App.
+B), plus held-out QA for the CPU demo.
 
     python evaluate.py --task qa --adapter runs/logo/final --compare --lengths 2K,4K
     python evaluate.py --task mvniah --model smollm2-135m --lengths 1K,2K,4K
@@ -8,37 +8,32 @@ Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (a
     python evaluate.py --task longbench --model llama3-8b-80k --data_dir LongBench/data \
         --config_dir LongBench/LongBench/config --adapter runs/logo/final --compare
 
-Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py score it,
-longbench.py; Table 1's categories), niah (needle in a haystack, length x depth), mvniah
-(App. B: recall of n values under one key, and the retrieval score), ppl (sliding-window
-perplexity per window length), qa (the built-in corpus with another seed than training, or
-a JSONL; right = the normalised gold answer inside the normalised reply). qa also gets App.
-C's error patterns (Fig. 9): correct, hallucination (wrong, shares a named entity with the
-question), unfollow (wrong, shares none), empty. A rough rule, as the paper says: a wrong
-bare "Boston" is unfollow.
+Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py score it, longbench.py; Table 1's
+categories), niah (needle in a haystack, length x depth), mvniah (App. B: recall of n values under one key, and the
+retrieval score), ppl (sliding-window perplexity per window length), qa (the built-in corpus with another seed than
+training, or a JSONL; right = the normalised gold answer inside the normalised reply). qa also gets App. C's error
+patterns (Fig. 9): correct, hallucination (wrong, shares a named entity with the question), unfollow (wrong, shares
+none), empty. A rough rule, as the paper says: a wrong bare "Boston" is unfollow.
 
-SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88
-(6 min); mvniah recall 0.95 / 0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K /
-2K / 4K (9 min), 0 and 0 at 12K (past its 8K window); ppl at 1K / 2K / 4K / 8K 11.5 / 7.7 /
-6.0 / 5.2 on the filler prose, 25.8 / 23.9 / 22.9 / 22.2 on Paul Graham's essays.
+SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88 (6 min); mvniah recall 0.95 /
+0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K / 2K / 4K (9 min), 0 and 0 at 12K (past its 8K window); ppl
+at 1K / 2K / 4K / 8K 11.5 / 7.7 / 6.0 / 5.2 on the filler prose, 25.8 / 23.9 / 22.9 / 22.2 on Paul Graham's essays.
 
-Writes into --out_dir (default eval/MODEL[+LABEL]/TASK), each file renamed into place when
-whole: TASK.json (config + results), TASK.csv, TASK.png (the task's main metric against
-length, a line per model), LongBench's pred/LABEL/DATASET.jsonl (its eval.py can rescore
-them), answers_LABEL.jsonl (niah, mvniah, qa: every answer when made; the same command again
-reuses them, so a killed run goes on; --answers puts several models' answers in one file).
---results_dir: a summary per model, METHOD[_sSEED]_TASK_LENGTHS_DATA[_TAG].json (e.g.
-results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run:
-TASK_samples.jsonl, every prompt, and no model loaded.
+Writes into --out_dir (default eval/MODEL[+LABEL]/TASK), each file renamed into place when whole: TASK.json (config +
+results), TASK.csv, TASK.png (the task's main metric against length, a line per model), LongBench's
+pred/LABEL/DATASET.jsonl (its eval.py can rescore them), answers_LABEL.jsonl (niah, mvniah, qa: every answer when
+made; the same command again reuses them, so a killed run goes on; --answers puts several models' answers in one
+file). --results_dir: a summary per model, METHOD[_sSEED]_TASK_LENGTHS_DATA[_TAG].json (e.g.
+results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run: TASK_samples.jsonl, every prompt, and no
+model loaded.
 
-Flags left unset take their task's defaults (TASKS). --gen_batch N decodes N prompts
-together, left padded: a GPU gains, a 2-core CPU does not (a 1K prompt is prefill-bound).
---dtype auto is float32 on CPU (bf16 is several times slower there), the preset's on GPU.
---rope_theta defaults to the checkpoint's, for an adapter to the value it was trained with.
---threads 1 is faster on a busy CPU.
+Flags left unset take their task's defaults (TASKS). --gen_batch N decodes N prompts together, left padded: a GPU
+gains, a 2-core CPU does not (a 1K prompt is prefill-bound). --dtype auto is float32 on CPU (bf16 is several times
+slower there), the preset's on GPU. --rope_theta defaults to the checkpoint's, for an adapter to the value it was
+trained with. --threads 1 is faster on a busy CPU.
 """
 
-import argparse, hashlib, json, math, os, platform, random, re, subprocess, sys, time, warnings
+import argparse, hashlib, json, math, os, platform, random, re, subprocess, sys, time
 from collections import Counter
 from pathlib import Path
 
@@ -91,8 +86,7 @@ def parse_args(argv=None):
     a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a "
       "sunny day.", help="niah: the needle sentence")
     a("--question", default="What is the best thing to do in San Francisco?", help="niah")
-    a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
-      help="niah: expected answer; cell score = the share of its words in the reply")
+    a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day", help="niah: expected answer")
     a("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
     a("--seed", type=int, default=1234, help="mvniah / qa samples (held out: not prepare.py's)")
     a("--data", help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
@@ -106,9 +100,9 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------
 # Prompts and greedy decoding.
 def prompt_ids(tok, text, use_chat, answer_prefix="", offsets=False):
-    """Token ids of text as one user turn (chat template where there is one and use_chat),
-    then answer_prefix opening the reply; with offsets also (char spans, prompt text). A chat
-    template writes BOS itself: specials only for raw prompts (as LongBench's pred.py)."""
+    """Token ids of text as one user turn (chat template where there is one and use_chat), then answer_prefix opening
+    the reply; with offsets also (char spans, prompt text). A chat template writes BOS itself: specials only for raw
+    prompts (as LongBench's pred.py)."""
     templated = bool(use_chat and tok.chat_template)
     prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                      add_generation_prompt=True) if templated else text
@@ -121,17 +115,16 @@ def stop_token_ids(tok, lm):
     return (set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}) - {None}
 
 def kv_cache(out):
-    # transformers 5.2x renamed past_key_values to cache (the old keyword warns); 5.0 has only
-    # the old one. A ModelOutput is a dict of its set fields, so `in` tells which.
+    # transformers 5.2x renamed past_key_values to cache (the old keyword warns); 5.0 has only the old one. A
+    # ModelOutput is a dict of its set fields, so `in` tells which.
     return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
 
 @torch.no_grad()
 def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask=None):
-    """Greedy decoding of one prompt with a KV cache. Returns (new_ids, copies): with
-    needle_mask (bool (T,)) copies is bool (layers, heads, T), the needle positions each head
-    copied (App. B). Attention weights exist only in eager attention, so the prompt is
-    prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row per
-    head, cheap even at 64K tokens."""
+    """Greedy decoding of one prompt with a KV cache. Returns (new_ids, copies): with needle_mask (bool (T,)) copies
+    is bool (layers, heads, T), the needle positions each head copied (App. B). Attention weights exist only in eager
+    attention, so the prompt is prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row
+    per head, cheap even at 64K tokens."""
     device, track, impl = next(lm.parameters()).device, needle_mask is not None, lm.config._attn_implementation
     prompt, copies, new = torch.tensor(ids, device=device), None, []
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)      # (S,)
@@ -163,9 +156,8 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
     return new, copies
 
 def copy_hits(att, prompt, needle_mask, token):
-    """The heads copying `token` (App. B): their most-attended position j (ties: the lowest)
-    is in a needle and prompt[j] == token. att: (L, H, K >= T); answer positions never count.
-    Returns (layer, head, j) index tensors."""
+    """The heads copying `token` (App. B): their most-attended position j (ties: the lowest) is in a needle and
+    prompt[j] == token. att: (L, H, K >= T); answer positions never count. Returns (layer, head, j) index tensors."""
     j = att.argmax(-1)                                              # (L, H)
     jj = j.clamp(max=len(prompt) - 1)               # an answer position indexes safely ...
     hit = (j < len(prompt)) & needle_mask[jj] & (prompt[jj] == token)   # ... and is masked out
@@ -195,11 +187,10 @@ def digest(*parts):
                           .encode()).hexdigest()
 
 class AnswerCache:
-    """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers),
-    appended and fsync'ed as each is done. An answer is reused when its key matches: the
-    model (ident), the prompt's tokens and a tag (its batch, or the needle positions). A
-    line cut by a kill is ignored and counted; each line names where it was made (cpu_model,
-    torch). Delete the file to start over."""
+    """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers), appended and fsync'ed as
+    each is done. An answer is reused when its key matches: the model (ident), the prompt's tokens and a tag (its
+    batch, or the needle positions). A line cut by a kill is ignored and counted; each line names where it was made
+    (cpu_model, torch). Delete the file to start over."""
 
     def __init__(self, path, ident):
         self.path, self.ident, self.done, self.reused = path, ident, {}, 0
@@ -220,9 +211,9 @@ class AnswerCache:
     def get(self, prompts, tag=""):
         """The answers to all of these prompts, or None unless every one is on file."""
         hits = [self.done.get(digest(self.ident, tag, ids)) for ids in prompts]
-        if None in hits:
+        if None in hits:                    # all or nothing: a batch is reused whole
             return None
-        self.reused += len(hits)
+        self.reused += len(hits)            # the summary's reused_answers
         self.sources.update(source for _, source in hits)
         return [value for value, _ in hits]
 
@@ -236,15 +227,14 @@ class AnswerCache:
         self.sources[self.source] += 1      # not in done: only earlier runs' answers are reused
 
 def answer_cache(args, lm, label, with_adapter, preset):
-    """The model's identity: a local folder's config and weight files (hashed: rewritten in
-    place, it is another model) or the preset / hub name; the adapter's weights and LoRA
-    settings (not logo_config.json: a resumed run trains the same bits; nor peft's fields
-    saying where or with which version it was saved); rope_theta, dtype, device type, task
-    and answer budget."""
+    """The model's identity: a local folder's config and weight files (hashed: rewritten in place, it is another
+    model) or the preset / hub name; the adapter's weights and LoRA settings (not logo_config.json: a resumed run
+    trains the same bits; nor peft's fields saying where or with which version it was saved); rope_theta, dtype,
+    device type, task and answer budget."""
     def sha(folder, name):
         with open(os.path.join(folder, name), "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
-    path, adapter = preset["path"], None
+    path, adapter = preset["path"], None          # a local folder, or a preset / hub name
     model = [(n, sha(path, n)) for n in sorted(os.listdir(path)) if n in ("config.json", "generation_config.json")
              or n.endswith((".safetensors", ".bin", ".pt"))] if os.path.isdir(path) else path
     if with_adapter:
@@ -262,20 +252,27 @@ def new_token_budget(args):
     return args.max_new_tokens or TASKS[args.task][2].get("new_tokens", lambda a: None)(args)
 
 def answers(args, lm, tok, samples, label, cache=None):
-    """The greedy answer (new ids) to every sample: one by one with generate(), or --gen_batch
-    at a time with models.generate_batch (left padding, longest first). A batch's answers are
-    keyed by the whole batch (padding shapes the sums) and reused only all together, so a
-    resumed run decodes exactly the fresh run's batches."""
-    stops, budget, step = stop_token_ids(tok, lm), new_token_budget(args), max(args.gen_batch, 1)
+    """The greedy answer (new ids) to every sample: one by one with generate(), or --gen_batch at a time with
+    models.generate_batch (left padding, longest first). A batch's answers are keyed by the whole batch (padding
+    shapes the sums) and reused only all together, so a resumed run decodes exactly the fresh run's batches. A sample
+    with a needle_mask (mvniah) is decoded alone, its answer {"new": ids, "heads": head_copy_scores} keyed by the
+    needle positions too (the head scores depend on them); float32 scores survive JSON exactly."""
+    stops, budget = stop_token_ids(tok, lm), new_token_budget(args)
+    step = 1 if "needle_mask" in samples[0] else max(args.gen_batch, 1)
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["ids"]) if step > 1 else 0)
-    out = {}
+    out = {}                                      # sample index -> its answer
     for k in tqdm(range(0, len(order), step), desc=label):
         batch, prompts = order[k:k + step], [samples[i]["ids"] for i in order[k:k + step]]
-        tag = "" if step == 1 else "batch " + digest(*prompts)
+        mask = samples[batch[0]].get("needle_mask")
+        tag = "batch " + digest(*prompts) if step > 1 else "" if mask is None else \
+            "needles " + digest(mask.nonzero().flatten().tolist())
         new = cache.get(prompts, tag) if cache else None
         if new is None:
-            new = [generate(lm, prompts[0], budget, stops)[0]] if step == 1 else \
-                [t for t, _ in generate_batch(lm, tok, prompts, sorted(stops), budget, step)]
+            if step > 1:
+                new = [t for t, _ in generate_batch(lm, tok, prompts, sorted(stops), budget, step)]
+            else:
+                t, copies = generate(lm, prompts[0], budget, stops, needle_mask=mask)
+                new = [t if mask is None else {"new": t, "heads": head_copy_scores(copies, mask).tolist()}]
             for ids, t in zip(prompts, new):
                 cache and cache.put(ids, t, tag)
         out.update(zip(batch, new))
@@ -285,8 +282,8 @@ def answers(args, lm, tok, samples, label, cache=None):
 # ----------------------------------------------------------------------------------------
 # Error patterns (App. C, Fig. 9).
 def states_answer(prediction, answers):
-    """Some normalised gold answer occurs in the normalised prediction ('' from 'The' is in
-    every string, so an empty gold answer never counts)."""
+    """Some normalised gold answer occurs in the normalised prediction ('' from 'The' is in every string, so an empty
+    gold answer never counts)."""
     said = normalize_answer(prediction)
     return any(g and g in said for g in map(normalize_answer, answers))
 
@@ -301,12 +298,12 @@ def load_ner(args):
 
 def error_patterns(nlp, questions, predictions, correct):
     """Every prediction's pattern; NER in one nlp.pipe (~45,000 chars per CPU-second)."""
-    n = len(questions)
+    n = len(questions)                      # the questions' docs first, then the predictions'
     feats = [doc_features(d) for d in nlp.pipe(list(questions) + list(predictions), batch_size=256)]
     return [error_pattern(c, p, pf, qf) for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
 
 def pattern_summary(patterns):
-    counts = Counter(patterns)
+    counts = Counter(patterns)              # rates (adding up to 1) and counts, in PATTERNS order
     return {"patterns": {p: counts[p] / max(len(patterns), 1) for p in PATTERNS},
             "pattern_counts": {p: counts[p] for p in PATTERNS}}
 
@@ -317,10 +314,8 @@ def read_text(path, what):
     """A .txt file, or a folder's .txt files in name order (LICENSE / README left out)."""
     if not os.path.exists(path):
         raise UserError(f"{what} not found ({path}); pass a .txt file or a folder of .txt files")
-    files = [path]
-    if os.path.isdir(path):
-        names = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
-        files = [os.path.join(path, f) for f in names if not f.upper().startswith(("LICENSE", "README"))]
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".txt") and not
+             f.upper().startswith(("LICENSE", "README"))] if os.path.isdir(path) else [path]
     # a stray byte: no reason to stop
     texts = [Path(f).read_text("utf-8", errors="replace").strip() for f in files]
     if not any(texts):
@@ -337,10 +332,10 @@ def cut_tokens(tok, text, num_tokens):
     return text if len(enc.input_ids) <= num_tokens else text[:enc.offset_mapping[num_tokens - 1][1]]
 
 def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
-    """Haystack tokens for a prompt of about `length`: the prompt with an empty context
-    (template, chat markup, answer prefix) and the needles' extra_tokens come off."""
-    budget = length - extra_tokens - len(prompt_ids(tok, template.format(context="", **fields), use_chat,
-                                                    answer_prefix))
+    """Haystack tokens for a prompt of about `length`: the prompt with an empty context (template, chat markup, answer
+    prefix) and the needles' extra_tokens come off."""
+    prompt = prompt_ids(tok, template.format(context="", **fields), use_chat, answer_prefix)
+    budget = length - extra_tokens - len(prompt)
     if budget < 16:
         raise UserError(f"context length {length} leaves no room for a haystack next to the prompt; use "
                         "--lengths above a few hundred tokens")
@@ -348,11 +343,10 @@ def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefi
 
 
 # ----------------------------------------------------------------------------------------
-# The tasks. samples(args, tok, lengths, num) runs before any model loads (every input is
-# checked there) and returns dicts, with the prompt's "ids"; run(args, lm, tok, samples,
-# label, cache) evaluates one model ("base": no adapter). A result holds "lengths" {length:
-# {metric: value}} and "samples" [{length, what was scored}], which the generic code reads;
-# the older tasks keep the TASK.json layout of the committed results and say how to read it.
+# The tasks. samples(args, tok, lengths, num) runs before any model loads (every input is checked there) and returns
+# dicts, with the prompt's "ids"; run(args, lm, tok, samples, label, cache) evaluates one model ("base": no adapter).
+# A result holds "lengths" {length: {metric: value}} and "samples" [{length, what was scored}], which the generic code
+# reads; the older tasks keep the TASK.json layout of the committed results and say how to read it.
 NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\n{question} Answer in one short sentence, "
                  "using only the document above.")
 
@@ -383,8 +377,8 @@ def run_niah(args, lm, tok, samples, label, cache):
              for s, pred in zip(samples, decode(tok, answers(args, lm, tok, samples, label, cache)))]
     return {"mean_score": sum(c["score"] for c in cells) / len(cells), "cells": cells}
 
-# mvniah: RULER's multi-value NIAH wording; the answer prefix opens the reply. Keys
-# 'adjective-noun' (16 x 16) of words the filler prose never uses.
+# mvniah: RULER's multi-value NIAH wording; the answer prefix opens the reply. Keys 'adjective-noun' (16 x 16) of
+# words the filler prose never uses.
 MV_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. I "
                "will quiz you about the numbers afterwards.\n\n{context}\n\nWhat are all the special magic numbers "
                "for {key} mentioned in the provided text?")
@@ -396,14 +390,14 @@ MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", 
              "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
 
 def mvniah_samples(args, tok, lengths, num):
-    """num per length: n needles at uniform random depths, one key, n distinct 7-digit
-    values found nowhere else. Where App. B is silent: the needle tokens K are the values'
-    tokens (what the answer must copy): needle_mask marks the prompt tokens overlapping them."""
+    """num per length: n needles at uniform random depths, one key, n distinct 7-digit values found nowhere else.
+    Where App. B is silent: the needle tokens K are the values' tokens (what the answer must copy): needle_mask marks
+    the prompt tokens overlapping them."""
     chat, hay, samples = not args.no_chat_template, haystack_text(tok, args, max(lengths)), []
     for L in lengths:
         rng = random.Random(f"{args.seed}-{L}")           # each length draws its own
         for _ in range(num):
-            key = f"{rng.choice(MV_KEYS_A)}-{rng.choice(MV_KEYS_B)}"
+            key = f"{rng.choice(MV_KEYS_A)}-{rng.choice(MV_KEYS_B)}"          # e.g. 'amber-falcon'
             values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), args.num_needles)]
             needles = [MV_NEEDLE.format(key=key, value=v) for v in values]
             extra = sum(len(tok(" " + x, add_special_tokens=False).input_ids) for x in needles)
@@ -423,19 +417,11 @@ def mvniah_samples(args, tok, lengths, num):
     return samples
 
 def run_mvniah(args, lm, tok, samples, label, cache):
-    """Recall: the share of values in the reply. Retrieval score (Eq. 5, App. B): per head
-    a set of copied positions (at most 1), the first answer token counted, averaged over a
-    length's samples before the 0.1 cut and the top 10."""
-    rows, heads, stops = [], {}, stop_token_ids(tok, lm)
-    for s in tqdm(samples, desc=label):
-        # the needle positions are in the key: the head scores depend on them
-        needles = "needles " + digest(s["needle_mask"].nonzero().flatten().tolist())
-        done = (cache and cache.get([s["ids"]], needles) or [None])[0]
-        if done is None:
-            new, copies = generate(lm, s["ids"], new_token_budget(args), stops, needle_mask=s["needle_mask"])
-            # exact: float32 head scores survive JSON as Python floats
-            done = {"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}
-            cache and cache.put(s["ids"], done, needles)
+    """Recall: the share of values in the reply. Retrieval score (Eq. 5, App. B): per head a set of copied positions
+    (at most 1), the first answer token counted, averaged over a length's samples before the 0.1 cut and the top 10.
+    """
+    rows, heads = [], {}
+    for s, done in zip(samples, answers(args, lm, tok, samples, label, cache)):
         pred = decode(tok, [done["new"]])[0]
         heads.setdefault(s["length"], []).append(torch.tensor(done["heads"], dtype=torch.float32))
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "values": s["values"],
@@ -455,30 +441,28 @@ def qa_samples(args, tok, lengths, num):
     except (KeyError, IndexError, ValueError):
         raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; fix the "
                         "template") from None
-    chat, samples, args.nlp = not args.no_chat_template, [], load_ner(args)
-    if args.data:                          # read whole unless --max_samples is given
+    chat, args.nlp = not args.no_chat_template, load_ner(args)
+    if args.data:         # read whole unless --max_samples is given; a record's length: the first one it fits
         recs = read_jsonl(args.data, ["context", "question", ("answer", "answers")], "--data")
-        for r in recs[:num] if args.max_samples else recs:
-            gold, ids = r.get("answers", r.get("answer")), prompt_ids(tok, args.prompt.format(**r), chat)
-            samples.append({"length": next((L for L in lengths if len(ids) <= L), f">{lengths[-1]}"),
-                            "ids": ids, "question": r["question"],     # the first length it fits
-                            "answers": gold if isinstance(gold, list) else [gold]})
-        return samples
+        return [{"length": next((L for L in lengths if len(ids) <= L), f">{lengths[-1]}"), "ids": ids,
+                 "question": r["question"], "answers": gold if isinstance(gold, list) else [gold]}
+                for r in (recs[:num] if args.max_samples else recs) for gold in [r.get("answers", r.get("answer"))]
+                for ids in [prompt_ids(tok, args.prompt.format(**r), chat)]]
     probe = corpus.qa_record(0, 8000, args.seed)["context"]
     chars_per_token = len(probe) / len(tok(probe, add_special_tokens=False).input_ids)
-    for L in lengths:
-        # 48 tokens for the question; qa_records overshoots by up to one ~550-character
-        # paragraph: aim half of one lower, so prompts come within about half of one of L
-        chars = max(int(context_budget(tok, args.prompt, L, chat, 48, question="") * chars_per_token) - 275, 600)
-        samples += [{"length": L, "ids": prompt_ids(tok, args.prompt.format(**r), chat), "answers": [r["answer"]],
-                     "question": r["question"], "record": r} for r in corpus.qa_records(num, chars, args.seed)]
-    return samples
+    # context characters: 48 tokens for the question; qa_records overshoots by up to one ~550-character paragraph,
+    # so aim half of one lower: prompts come within about half of one of L
+    chars = {L: max(int(context_budget(tok, args.prompt, L, chat, 48, question="") * chars_per_token) - 275, 600)
+             for L in lengths}
+    return [{"length": L, "ids": prompt_ids(tok, args.prompt.format(**r), chat), "answers": [r["answer"]],
+             "question": r["question"], "record": r}
+            for L in lengths for r in corpus.qa_records(num, chars[L], args.seed)]
 
 def answer_rates(rows):
-    """What accuracy alone hides: the share of empty answers, accuracy among the non-empty
-    ones (a model that says nothing is not a model that answers right), and for the built-in
-    task the distractor-fact rate: wrong answers that state another in-context person's value
-    of the asked fact (corpus ground truth), the hallucination LOGO's rejected answers target."""
+    """What accuracy alone hides: the share of empty answers, accuracy among the non-empty ones (a model that says
+    nothing is not a model that answers right), and for the built-in task the distractor-fact rate: wrong answers that
+    state another in-context person's value of the asked fact (corpus ground truth), the hallucination LOGO's rejected
+    answers target."""
     said = [r for r in rows if r["pattern"] != "empty"]
     known = [r for r in rows if r["distractor"] is not None]
     return {"empty_rate": (len(rows) - len(said)) / max(len(rows), 1),
@@ -494,12 +478,10 @@ def run_qa(args, lm, tok, samples, label, cache):
              # None: no ground truth of the distractors (--data)
              "distractor": None if "record" not in s else not c and states_answer(p, s["record"]["distractors"])}
             for s, p, c, pat in zip(samples, preds, correct, patterns)]
-    lengths = {}
-    for L in dict.fromkeys(r["length"] for r in rows):       # first-seen order
-        got = [r for r in rows if r["length"] == L]
-        lengths[str(L)] = {"accuracy": sum(r["correct"] for r in got) / len(got),
-                           "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got),
-                           "samples": len(got), **pattern_summary([r["pattern"] for r in got]), **answer_rates(got)}
+    lengths = {str(L): [r for r in rows if r["length"] == L] for L in dict.fromkeys(r["length"] for r in rows)}
+    lengths = {L: {"accuracy": sum(r["correct"] for r in got) / len(got),
+                   "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got), "samples": len(got),
+                   **pattern_summary([r["pattern"] for r in got]), **answer_rates(got)} for L, got in lengths.items()}
     return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **pattern_summary(patterns),
             **answer_rates(rows), "samples": rows}
 
@@ -511,20 +493,19 @@ def ppl_samples(args, tok, lengths, num):
     if len(ids) < max(lengths):
         raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window {max(lengths)} ({args.text}); "
                         "pass a longer text or shorter --lengths")
-    return [{"length": L, "ids": ids[:need]} for L in lengths]
+    return [{"length": L, "ids": ids[:need]} for L in lengths]     # each length scores the same tokens
 
 @torch.no_grad()
 def sliding_nll(lm, ids, length, stride):
-    """Sum of -log p(token | its window's earlier tokens) over windows of `length` every
-    `stride` (HF's perplexity guide, Press et al.): a window scores only tokens no earlier one
-    did; with stride = length a window's first token (no context) is unscored. ids: (N,).
-    Returns (nll_sum, num_scored)."""
+    """Sum of -log p(token | its window's earlier tokens) over windows of `length` every `stride` (HF's perplexity
+    guide, Press et al.): a window scores only tokens no earlier one did; with stride = length a window's first token
+    (no context) is unscored. ids: (N,). Returns (nll_sum, num_scored)."""
     N, total, count, scored_to = len(ids), 0.0, 0, 1       # ids[0]: nothing predicts it
     for begin in range(0, N - 1, stride):
         end = min(begin + length, N)
         window = ids[begin:end][None]                                   # (1, w)
-        # lm_head on the scored rows only: full logits (w, V) are ~31 GiB in float32 for a
-        # 64K window over Llama-3's 128K vocabulary
+        # lm_head on the scored rows only: full logits (w, V) are ~31 GiB in float32 for a 64K window over Llama-3's
+        # 128K vocabulary
         hidden = lm.model(input_ids=window).last_hidden_state[0]        # (w, H)
         first = max(scored_to - begin, 1)          # window index of the first new target
         lp = token_logps(lm.lm_head(hidden[first - 1:-1]), window[0, first:])     # (n,)
@@ -535,7 +516,7 @@ def sliding_nll(lm, ids, length, stride):
     return total, count
 
 def run_ppl(args, lm, tok, samples, label, cache):
-    rows = []
+    rows = []                               # a list: the layout of the committed results
     for s in samples:
         ids = torch.tensor(s["ids"], device=next(lm.parameters()).device)
         nll, n = sliding_nll(lm, ids, s["length"], args.stride or s["length"])
@@ -544,16 +525,16 @@ def run_ppl(args, lm, tok, samples, label, cache):
     return {"lengths": rows, "stride": args.stride or "length"}
 
 def longbench_samples(args, tok, lengths, num):
-    args.longbench = longbench.load(args)
+    args.longbench = longbench.load(args)   # records, prompts, answer budgets: every file checked now
     return [{"dataset": d, "record": r} for d, recs in args.longbench["records"].items() for r in recs]
 
 def run_longbench(args, lm, tok, samples, label, cache):
     """pred.py's prompts and decoding (pred/LABEL/DATASET.jsonl), eval.py's scores."""
-    lb, stops = args.longbench, stop_token_ids(tok, lm)
+    lb, stops = args.longbench, stop_token_ids(tok, lm)       # lb: longbench.load's tables
     max_length = longbench.budget(args, lb["model2maxlen"], args.preset, label != "base" and
                                   args.adapter_cfg.get("target_len"), lm.config.max_position_embeddings)
     newline = tok.encode("\n", add_special_tokens=False)[-1]   # [-1]: SentencePiece's '▁', '<0x0A>'
-    scores, preds = {}, {}
+    scores, preds = {}, {}                  # per dataset, in --datasets order
     for d in dict.fromkeys(s["dataset"] for s in samples):
         preds[d] = []
         for r in tqdm([s["record"] for s in samples if s["dataset"] == d], f"{label} {d}", leave=False):
@@ -573,14 +554,11 @@ def run_longbench(args, lm, tok, samples, label, cache):
     return {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
             "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
 
-
-# ----------------------------------------------------------------------------------------
-# Results summaries (one per model in --results_dir, results/make_table.py's only input):
-# by default the result with its samples' ids and without the predictions; a task whose
-# TASK.json layout predates that names its own fields.
+# The summaries' metrics (see write_summary below): by default the result with its samples' ids and without the
+# predictions; a task whose TASK.json layout predates that names its own fields.
 def sample_ids(res, samples):
-    """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt
-    tokens: two models pair on a question only when they read the same prompt)."""
+    """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt tokens: two models pair
+    on a question only when they read the same prompt)."""
     seen = Counter()
     for r, s in zip(res["samples"], samples):
         seen[r["length"]] += 1
@@ -600,8 +578,8 @@ def mvniah_summary(res, samples):
     ss = [{"id": i, "length": r["length"], "recall": r["recall"], "values": len(r["values"])}
           for i, r in zip(sample_ids(res, samples), res["samples"])]
     got = lambda L: [x for x in ss if str(x["length"]) == L]
-    # recall x values = values found; head scores of one length only: make_table pools a
-    # retrieval score from them (App. B)
+    # recall x values = values found; head scores of one length only: make_table pools a retrieval score from them
+    # (App. B)
     return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss), "samples": ss,
             "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
             "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"], "n": v["samples"],
@@ -613,11 +591,10 @@ def file_tag(path):
     """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
     return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
 
-# name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary
-# name's data tag ('e1234' = the built-in corpus, seed 1234; 'prose' = the filler prose; else
-# the file's name); "metrics": the CSV's columns, the first one plotted. Optional: "lengths" /
-# "samples" (--lengths / --max_samples defaults), "new_tokens" (the answer budget), "cache"
-# (keep answers_LABEL.jsonl), and for a layout of its own "rows" (result -> CSV rows) and
+# name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary name's data tag ('e1234'
+# = the built-in corpus, seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's columns,
+# the first one plotted. Optional: "lengths" / "samples" (--lengths / --max_samples defaults), "new_tokens" (the
+# answer budget), "cache" (keep answers_LABEL.jsonl), and for a layout of its own "rows" (result -> CSV rows) and
 # "summary" (result, samples -> summary metrics). A new task: two functions, one entry here.
 TASKS = {
     "longbench": (longbench_samples, run_longbench, dict(
@@ -662,36 +639,27 @@ def read_adapter(path):
         if not os.path.isfile(os.path.join(path, f)):
             raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final folder train.py "
                             "wrote (an interrupted run has no final/)")
-    try:
-        return json.loads(Path(path, "logo_config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}:"
-                        f"{e.lineno}); rerun train.py") from None
+    return json.loads(Path(path, "logo_config.json").read_text())
 
 def load_for_eval(args, preset, rope, with_adapter):
-    """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained
-    with a raised rope_theta works only with it), in eval mode on args.device."""
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else "float32" if args.device == "cpu"
-                    else preset["dtype"])
+    """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained with a raised rope_theta
+    works only with it), in eval mode on args.device."""
+    auto = "float32" if args.device == "cpu" else preset["dtype"]      # bf16 is several times slower on a CPU
+    dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
     try:
         model = load_model(preset["path"], dtype=dtype, rope_theta=rope, trust_remote_code=args.trust_remote_code)
+        if with_adapter:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, args.adapter)
     except OSError as e:
         raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; download it into your HF "
                         "cache or pass a local folder") from None
-    if with_adapter:
-        from peft import PeftModel
-        try:
-            with warnings.catch_warnings():     # peft calls a deprecated transformers helper;
-                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-                # LoRA on tied embeddings: lm_head keeps reading the base matrix, as in training
-                warnings.filterwarnings("ignore", ".*tie_word_embeddings=True.*")
-                model = PeftModel.from_pretrained(model, args.adapter)
-        except RuntimeError as e:                      # another model's LoRA: a size mismatch
-            if "size mismatch" not in str(e):
-                raise
-            raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); evaluate it with the "
-                            "--model it was trained on") from None
-    if torch.device(args.device).index is not None and args.device.startswith("cuda"):
+    except RuntimeError as e:                      # another model's LoRA: a size mismatch
+        if "size mismatch" not in str(e):
+            raise
+        raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); evaluate it with the "
+                        "--model it was trained on") from None
+    if args.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(args.device))   # the current device too ("cuda": as is)
     # causal_lm: the *ForCausalLM under peft's wrapper (LoRA layers in): sliding_nll calls .model
     lm = causal_lm(model).to(args.device).eval()
@@ -711,20 +679,23 @@ def parse_lengths(spec):
 
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
-    if args.threads:
+    if args.threads:                        # 1 is faster on a busy 2-core CPU
         torch.set_num_threads(args.threads)
-    for flag, low in (("max_samples", 1), ("num_needles", 1), ("stride", 0), ("max_tokens", 2),
-                      ("max_new_tokens", 1), ("max_length", 2)):
-        if getattr(args, flag) is not None and getattr(args, flag) < low:
-            raise UserError(f"--{flag} {getattr(args, flag)} is below {low}; pass a larger value")
+    for flag, low in dict(max_samples=1, num_needles=1, stride=0, max_tokens=2, max_new_tokens=1, max_length=2).items():
+        if (value := getattr(args, flag)) is not None and value < low:
+            raise UserError(f"--{flag} {value} is below {low}; pass a larger value")
     if args.compare and not args.adapter:
         raise UserError("--compare needs --adapter; pass the RUN/final folder to compare with")
-    cfg = args.adapter_cfg = read_adapter(args.adapter) if args.adapter else {}
+    cfg = args.adapter_cfg = read_adapter(args.adapter) if args.adapter else {}      # {}: no adapter
     name = args.model or cfg.get("model") or "smollm2-135m"
     try:
         args.preset = preset = resolve_model(name)
+        tok = load_tokenizer(preset["path"], args.trust_remote_code)
     except ValueError as e:
         raise UserError(f"{e}; pick one of those or a folder with config.json") from None
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; download the model into "
+                        "your HF cache or pass a local folder") from None
     where, norm = os.path.join(args.adapter or "", "logo_config.json"), lambda x: os.path.normpath(x) if x else None
     if args.adapter and not {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None} & {
             norm(preset["name"]), norm(preset["path"])}:
@@ -737,11 +708,6 @@ def evaluate(args):
     label, args.model_name = "adapter" if label == "base" else label, preset["name"]
     tag = os.path.basename(os.path.normpath(preset["name"])) + (f"+{label}" if args.adapter else "")
     args.out_dir = args.out_dir or os.path.join("eval", tag, args.task)
-    try:
-        tok = load_tokenizer(preset["path"], args.trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; download the model into "
-                        "your HF cache or pass a local folder") from None
     if args.adapter and cfg.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tok)):
         raise UserError(f"adapter trained with another tokenizer than {name}'s ({where}); "
                         "evaluate it with the model it was trained on")
@@ -758,18 +724,17 @@ def evaluate(args):
     if lengths and preset["native_len"] and max(lengths) > preset["native_len"]:
         print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window of "
               f"{preset['native_len']}; scored as they are (an adapter trained past it should do better)")
-    # the base first (alone without --adapter, or with --compare), then the adapter with the
-    # rope_theta it was trained with, unless --rope_theta says otherwise
+    # the base first (alone without --adapter, or with --compare), then the adapter with the rope_theta it was trained
+    # with, unless --rope_theta says otherwise
     rope = args.rope_theta if args.rope_theta is not None else cfg.get("rope_theta")
     runs = [("base", False, args.rope_theta)] * (not args.adapter or args.compare) + \
         [(label, True, rope)] * bool(args.adapter)
-    config = {k: getattr(args, k) for k in COMMON_FLAGS + spec["flags"]}
-    config.update(lengths=lengths, label=label)
+    config = {**{k: getattr(args, k) for k in COMMON_FLAGS + spec["flags"]}, "lengths": lengths, "label": label}
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=cfg or None, jieba=longbench.jieba is not None)
     # summary names (and clashes with another model's file) settled before any model loads
     plans = plan_summaries(args, runs, lengths) if args.results_dir else {}
-    results = {}
+    results = {}                                     # label -> run_fn's result
     for run_label, with_adapter, rope in runs:       # one model in memory at a time
         t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
         cache = spec.get("cache") and answer_cache(args, lm, run_label, with_adapter, preset)
@@ -782,13 +747,12 @@ def evaluate(args):
         torch.cuda.empty_cache()                # a no-op without CUDA
     # the outputs, each renamed into place when whole: CSV (and its table printed), plot, JSON
     rows = table(spec, results)
-    write_text(os.path.join(args.out_dir, f"{args.task}.csv"),
-               "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
+    write_text(f"{args.out_dir}/{args.task}.csv", "".join(",".join("" if v is None else str(v) for v in r) + "\n"
+                                                          for r in rows))
     print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in rows))
-    plot(spec, results, os.path.join(args.out_dir, f"{args.task}.png"), f"{args.task}: {preset['name']}")
+    plot(spec, results, f"{args.out_dir}/{args.task}.png", f"{args.task}: {preset['name']}")
     out = {"task": args.task, "config": config, "results": results, "wall_s": round(time.time() - t0, 1)}
-    write_text(os.path.join(args.out_dir, f"{args.task}.json"), json.dumps(out, indent=1, default=str,
-                                                                           ensure_ascii=False))
+    write_text(f"{args.out_dir}/{args.task}.json", json.dumps(out, indent=1, default=str, ensure_ascii=False))
     print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
     for run_label, plan in plans.items():
         write_summary(args, plan, config, results[run_label], samples, time.time() - t0)
@@ -798,28 +762,27 @@ def evaluate(args):
 # ----------------------------------------------------------------------------------------
 # Tables and the plot, from any task's rows.
 def write_text(path, text):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)    # renamed into place: never half a file
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
 def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))    # a JSON object a line
 
 def rows_of(spec, res):
-    """A result as rows: dicts of key fields (length, ...), the task's metrics and, where
-    there are any, "patterns"; by default one row per entry of res["lengths"]."""
-    if "rows" in spec:
-        return spec["rows"](res)
-    return [{"length": L, **{m: v[m] for m in spec["metrics"]}, **({"patterns": v["patterns"]} if "patterns" in v
-                                                                   else {})} for L, v in res["lengths"].items()]
+    """A result as rows: dicts of key fields (length, ...), the task's metrics and, where there are any, "patterns";
+    by default one row per entry of res["lengths"]."""
+    return spec["rows"](res) if "rows" in spec else [{"length": L, **{m: v[m] for m in spec["metrics"]},
+                                                      **{k: v[k] for k in ["patterns"] if k in v}}
+                                                     for L, v in res["lengths"].items()]
 
 def table(spec, results):
-    """The CSV, header first: a row per length / cell / dataset; a column per metric and model
-    ('score' named by the model alone), then the pattern rates per model."""
+    """The CSV, header first: a row per length / cell / dataset; a column per metric and model ('score' named by the
+    model alone), then the pattern rates per model."""
     per, metrics = {lb: rows_of(spec, r) for lb, r in results.items()}, spec["metrics"]
     first = next(iter(per.values()))
     keys, pats = [k for k in first[0] if k not in metrics + ["patterns"]], "patterns" in first[0]
-    rnd = lambda v: None if v is None else round(v, 4)
+    rnd = lambda v: None if v is None else round(v, 4)      # None: an empty cell
     header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in per for m in metrics] + \
         [f"{p}_{lb}" for lb in per for p in PATTERNS if pats]
     # every model scored the same samples: row i is the same row in each
@@ -828,13 +791,11 @@ def table(spec, results):
                        for i, r in enumerate(first)]
 
 def plot(spec, results, path, title):
-    """The task's first metric against the rows' first key (length, or a point per LongBench
-    dataset and category), a line per model (and niah depth)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    metric = spec["metrics"][0]
+    """The task's first metric against the rows' first key (length, or a point per LongBench dataset and category), a
+    line per model (and niah depth)."""
+    from matplotlib.figure import Figure          # not pyplot: no GUI backend, no figure to close
+    fig = Figure(figsize=(6, 4))
+    ax, metric = fig.subplots(), spec["metrics"][0]
     for lb, res in results.items():
         lines = {}
         for r in rows_of(spec, res):
@@ -848,15 +809,14 @@ def plot(spec, results, path, title):
     ax.legend(fontsize=7)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
-# Results summaries: one small JSON per model in --results_dir, the only input of
-# results/make_table.py, so the README's results table is never typed by hand.
+# Results summaries: one small JSON per model in --results_dir, the only input of results/make_table.py, so the
+# README's results table is never typed by hand.
 def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
-    """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft /
-    logo / logo_mM (the adapter's loss and M = num_rejected; plain logo for M = 2)."""
+    """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft / logo / logo_mM (the
+    adapter's loss and M = num_rejected; plain logo for M = 2)."""
     if not with_adapter:
         return "rope" if args.rope_theta not in (None, checkpoint_theta) else "base"
     M = int(adapter_cfg.get("num_rejected") or 2)
@@ -866,9 +826,9 @@ def eval_data_tag(args):
     return TASKS[args.task][2]["data"](args)
 
 def plan_summaries(args, runs, lengths):
-    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA
-    [_TAG].json (lengths in K where they divide). A file written for another model (adapter
-    or rope_theta asked for) is never replaced; a rerun of the same model is."""
+    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA [_TAG].json (lengths in K
+    where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun
+    of the same model is."""
     theta = None if args.rope_theta is None else get_rope_theta(load_config(
         args.preset["path"], trust_remote_code=args.trust_remote_code))   # no weights loaded
     plans, cfg = {}, args.adapter_cfg
@@ -880,10 +840,9 @@ def plan_summaries(args, runs, lengths):
         parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
         path = os.path.join(args.results_dir, "_".join(parts) + ".json")
         adapter = os.path.normpath(args.adapter) if with_adapter else None
-        try:
-            old = json.loads(Path(path).read_text("utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = {"adapter": adapter, "rope_theta_arg": rope} if not os.path.isfile(path) else {}
+        # written atomically: a summary on file is whole
+        old = json.loads(Path(path).read_text("utf-8")) if os.path.isfile(path) else \
+            {"adapter": adapter, "rope_theta_arg": rope}
         if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
             raise UserError(f"{path} holds the summary of another model (adapter {old.get('adapter')}, rope_theta "
                             f"{old.get('rope_theta_arg')}); pass --results_tag NAME to keep both, or delete the file")
@@ -891,8 +850,8 @@ def plan_summaries(args, runs, lengths):
     return plans
 
 def git_state():
-    """(commit, dirty) of this checkout; dirty = tracked code differs from the commit
-    (results/ left out: summaries are data). (None, None) outside git."""
+    """(commit, dirty) of this checkout; dirty = tracked code differs from the commit (results/ left out: summaries
+    are data). (None, None) outside git."""
     git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
                                     capture_output=True, text=True, timeout=30, check=True).stdout
     try:
@@ -902,12 +861,10 @@ def git_state():
         return None, None
 
 def cpu_model(cpuinfo="/proc/cpuinfo"):
-    """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU
-    generations whose float bits and speeds differ; then the kernels torch picked."""
-    try:        # the first processor's block; a field's first value
-        block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0]
-    except OSError:
-        block = ""
+    """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU generations whose float bits and
+    speeds differ; then the kernels torch picked."""
+    # the first processor's block; a field's first value
+    block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0] if os.path.exists(cpuinfo) else ""
     fields = dict(reversed([[s.strip() for s in line.split(":", 1)] for line in block.splitlines() if ":" in line]))
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
@@ -915,7 +872,7 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
     return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 def write_summary(args, plan, config, res, samples, total):
-    spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()
+    spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()    # which code made it
     path, adapter = plan.pop("path"), plan["adapter"] is not None
     metrics = spec["summary"](res, samples) if "summary" in spec else {**res, "samples": [
         {**{k: v for k, v in r.items() if k != "prediction"}, "id": i} for r, i in zip(res["samples"],
@@ -937,7 +894,7 @@ def write_summary(args, plan, config, res, samples, total):
     print(f"wrote {path}")
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)                 # a bad flag: argparse's message, exit 2 too
     try:
         return evaluate(args)
     except UserError as e:
