@@ -418,8 +418,7 @@ def mvniah_samples(args, tok, lengths, num):
 
 def run_mvniah(args, lm, tok, samples, label, cache):
     """Recall: the share of values in the reply. Retrieval score (Eq. 5, App. B): per head a set of copied positions
-    (at most 1), the first answer token counted, averaged over a length's samples before the 0.1 cut and the top 10.
-    """
+    (at most 1), the first answer token counted, averaged over a length's samples before the 0.1 cut and top 10."""
     rows, heads = [], {}
     for s, done in zip(samples, answers(args, lm, tok, samples, label, cache)):
         pred = decode(tok, [done["new"]])[0]
@@ -460,9 +459,8 @@ def qa_samples(args, tok, lengths, num):
 
 def answer_rates(rows):
     """What accuracy alone hides: the share of empty answers, accuracy among the non-empty ones (a model that says
-    nothing is not a model that answers right), and for the built-in task the distractor-fact rate: wrong answers that
-    state another in-context person's value of the asked fact (corpus ground truth), the hallucination LOGO's rejected
-    answers target."""
+    nothing is not a model that answers right), and for the built-in task the distractor-fact rate: wrong answers
+    stating another in-context person's value of the asked fact, the hallucination LOGO's rejected answers target."""
     said = [r for r in rows if r["pattern"] != "empty"]
     known = [r for r in rows if r["distractor"] is not None]
     return {"empty_rate": (len(rows) - len(said)) / max(len(rows), 1),
@@ -504,8 +502,7 @@ def sliding_nll(lm, ids, length, stride):
     for begin in range(0, N - 1, stride):
         end = min(begin + length, N)
         window = ids[begin:end][None]                                   # (1, w)
-        # lm_head on the scored rows only: full logits (w, V) are ~31 GiB in float32 for a 64K window over Llama-3's
-        # 128K vocabulary
+        # lm_head on the scored rows only: full logits (w, V) are ~31 GiB in float32 (64K window, 128K vocabulary)
         hidden = lm.model(input_ids=window).last_hidden_state[0]        # (w, H)
         first = max(scored_to - begin, 1)          # window index of the first new target
         lp = token_logps(lm.lm_head(hidden[first - 1:-1]), window[0, first:])     # (n,)
@@ -578,8 +575,7 @@ def mvniah_summary(res, samples):
     ss = [{"id": i, "length": r["length"], "recall": r["recall"], "values": len(r["values"])}
           for i, r in zip(sample_ids(res, samples), res["samples"])]
     got = lambda L: [x for x in ss if str(x["length"]) == L]
-    # recall x values = values found; head scores of one length only: make_table pools a retrieval score from them
-    # (App. B)
+    # recall x values = values found; head scores of one length only: make_table pools App. B's score from them
     return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss), "samples": ss,
             "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
             "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"], "n": v["samples"],
@@ -639,7 +635,11 @@ def read_adapter(path):
         if not os.path.isfile(os.path.join(path, f)):
             raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final folder train.py "
                             "wrote (an interrupted run has no final/)")
-    return json.loads(Path(path, "logo_config.json").read_text())
+    try:
+        return json.loads(Path(path, "logo_config.json").read_text())
+    except json.JSONDecodeError as e:       # a hand edit gone wrong
+        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}:{e.lineno}); "
+                        "rerun train.py") from None
 
 def load_for_eval(args, preset, rope, with_adapter):
     """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained with a raised rope_theta
@@ -826,9 +826,9 @@ def eval_data_tag(args):
     return TASKS[args.task][2]["data"](args)
 
 def plan_summaries(args, runs, lengths):
-    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA [_TAG].json (lengths in K
-    where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun
-    of the same model is."""
+    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json (lengths in K
+    where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun of
+    the same model is."""
     theta = None if args.rope_theta is None else get_rope_theta(load_config(
         args.preset["path"], trust_remote_code=args.trust_remote_code))   # no weights loaded
     plans, cfg = {}, args.adapter_cfg

@@ -499,7 +499,10 @@ def test_compare_evaluates_base_and_adapter_with_its_training_rope_theta(tmp_pat
     assert "base,logo" in (out / "ppl.csv").read_text().replace("ppl_", "")
 
 
-def test_compare_writes_the_patterns_of_base_and_adapter_side_by_side(tmp_path):
+def test_compare_writes_the_patterns_and_a_line_per_model_side_by_side(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), real(fig, *a, **k)))
     adapter = make_adapter(str(tmp_path / "logo" / "final"))
     saved, out = run(tmp_path, "--task", "qa", "--lengths", "2K,3K", "--max_samples", "2",
                      "--max_new_tokens", "4", "--adapter", adapter, "--compare")
@@ -509,6 +512,13 @@ def test_compare_writes_the_patterns_of_base_and_adapter_side_by_side(tmp_path):
         for v in res[label]["lengths"].values():
             assert sum(v["patterns"].values()) == pytest.approx(1.0)
             assert sum(v["pattern_counts"].values()) == v["samples"] == 2
+    # qa.png: the main metric (accuracy) against length, one line per model
+    (fig,) = figures
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["base", "logo"]
+    for ln, label in zip(lines, res):
+        assert list(ln.get_xdata()) == ["2048", "3072"]
+        assert list(ln.get_ydata()) == [res[label]["lengths"][L]["accuracy"] for L in ("2048", "3072")]
     header = (out / "qa.csv").read_text().splitlines()[0].split(",")
     assert header == ["length", "accuracy_base", "accuracy_logo"] + \
         [f"{p}_{lb}" for lb in ("base", "logo") for p in ev.PATTERNS]
