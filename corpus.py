@@ -4,8 +4,8 @@ entity-free filler prose, and that filler prose alone. Generated here from Faker
 lists and our own sentence templates, so it needs no third-party text, nothing to
 download, and is identical for the same seed.
 
-Used by prepare.py (the demo training set) and evaluate.py (needle-in-a-haystack filler,
-perplexity text). Imports only the standard library and Faker.
+Used by prepare.py (the demo training set) and evaluate.py (needle-in-a-haystack filler and
+needles, perplexity text). Imports only the standard library and Faker.
 
     from corpus import qa_records, haystack
     recs = qa_records(num_samples=64, context_tokens_approx_chars=11000, seed=0)
@@ -30,6 +30,7 @@ What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-
   easy from the answer's paragraph alone.
 """
 
+import functools
 import random
 
 from faker import Faker
@@ -68,12 +69,6 @@ ANSWER_SENTENCES = {"born_city": "{name} was born in {born_city}.",
                     "joined_year": "{name} joined {employer} in {joined_year}.",
                     "employer": "{name} joined {employer}."}
 
-
-def _pronouns(female):
-    return (dict(He="She", he="she", his="her", him="her") if female
-            else dict(He="He", he="he", his="his", him="him"))
-
-
 class _Names:
     """Unique fake names, organisations and cities for one record (no value repeats, so a
     gold answer is stated in exactly one paragraph)."""
@@ -82,12 +77,11 @@ class _Names:
         self.fake, self.rng, self.used = fake, rng, set()
 
     def _unique(self, make):
-        for _ in range(1000):
-            value = make()
-            if value not in self.used:
-                self.used.add(value)
-                return value
-        raise RuntimeError("ran out of unique fake names")
+        value = next((v for v in (make() for _ in range(1000)) if v not in self.used), None)
+        if value is None:
+            raise RuntimeError("ran out of unique fake names")
+        self.used.add(value)
+        return value
 
     def person(self):
         female = self.rng.random() < 0.5
@@ -106,7 +100,6 @@ class _Names:
     def city(self):
         return self._unique(self.fake.city)
 
-
 def _person(names, rng):
     """One fake person's facts, each name, city and organisation unique in the record."""
     name, female = names.person()
@@ -116,21 +109,15 @@ def _person(names, rng):
                 role=role, a_role=("an " if role[0] in "aeiou" else "a ") + role,
                 employer=names.org(), joined_year=str(born_year + rng.randint(22, 30)))
 
-
 def _biography(p):
-    f = dict(p, **_pronouns(p["female"]))
+    f = dict(p, **(dict(He="She", he="she", his="her", him="her") if p["female"]
+                   else dict(He="He", he="he", his="his", him="him")))
     return " ".join(s.format(**f) for s in BIOGRAPHY)
 
-
-_FAKER = []
-
-
+@functools.lru_cache(maxsize=None)
 def _faker():
     """One Faker per process (building one takes ~15 ms); reseeded for every record."""
-    if not _FAKER:
-        _FAKER.append(Faker("en_US"))
-    return _FAKER[0]
-
+    return Faker("en_US")
 
 def qa_record(index, context_tokens_approx_chars, seed=0):
     """Record number `index` of the stream for `seed` (the same whatever num_samples is)."""
@@ -157,13 +144,10 @@ def qa_record(index, context_tokens_approx_chars, seed=0):
             "answer": target[field], "answer_sentence": ANSWER_SENTENCES[field].format(**target),
             "distractors": [p[field] for p in people if p is not target and p[field] != target[field]]}
 
-
 def qa_records(num_samples, context_tokens_approx_chars, seed=0):
-    """num_samples records {"context", "question", "answer", "answer_sentence", "distractors"}, each context about
-    context_tokens_approx_chars characters long. Deterministic in (index, seed); a gold answer
-    occurs only in its own paragraph."""
+    """num_samples records {context, question, answer, answer_sentence, distractors}, contexts of
+    about context_tokens_approx_chars characters; a gold answer only in its own paragraph."""
     return [qa_record(i, context_tokens_approx_chars, seed) for i in range(num_samples)]
-
 
 # ----------------------------------------------------------------------------------------
 # Filler prose: no names, no numbers, no facts a needle question could ask about
@@ -190,7 +174,6 @@ _ASIDES = ["Nobody could say exactly why.", "It was the kind of thing people sto
            "Some said it had always been that way.", "The children found it endlessly funny.",
            "By spring, the whole matter had been forgotten.", "It was neither good news nor bad."]
 
-
 def _sentence(rng):
     s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
     if rng.random() < 0.6:
@@ -198,7 +181,6 @@ def _sentence(rng):
     if rng.random() < 0.3:
         s += f", and {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
     return s[0].upper() + s[1:] + "."
-
 
 def haystack(num_chars, seed=0):
     """About num_chars characters (exactly, cut at a word boundary when possible) of plain
@@ -215,3 +197,21 @@ def haystack(num_chars, seed=0):
     text = "\n\n".join(paragraphs)[:num_chars]
     cut = text.rfind(" ")
     return text[:cut] if cut > num_chars * 0.9 else text
+
+def filler_text(tok, num_tokens, text=None):
+    """At least num_tokens tokens of tok: text repeated whole, or the filler prose (seed 0:
+    the same for every model; 5 characters a token to start, doubled until enough)."""
+    chars, out = num_tokens * 5, text if text is not None else haystack(num_tokens * 5, seed=0)
+    while len(tok(out, add_special_tokens=False).input_ids) < num_tokens:
+        chars *= 2
+        out = out + "\n\n" + text if text is not None else haystack(chars, seed=0)
+    return out
+
+def insert_at_depth(context, needle, depth):
+    """The needle after the last sentence end ('.' or newline) before the fraction depth in
+    [0, 1] of the context, as the standard needle-in-a-haystack harness does."""
+    if depth >= 1:
+        return context.rstrip() + " " + needle
+    at = int(len(context) * depth)
+    cut = max(context.rfind(".", 0, at), context.rfind("\n", 0, at))
+    return needle + " " + context if cut < 0 else context[:cut + 1] + " " + needle + context[cut + 1:]

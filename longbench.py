@@ -172,9 +172,6 @@ CATEGORIES = {
 # vcsum, lsht) left out.
 PAPER_DATASETS = [d for c, names in CATEGORIES.items() if c != "Code" for d in names
                   if not d.endswith("_zh") and d not in ("dureader", "vcsum", "lsht")]
-# the English QA datasets, whose predictions get error patterns (App. C, Fig. 9)
-PATTERN_DATASETS = ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa",
-                    "musique", "triviaqa"]
 
 
 def first_line(dataset, prediction):
@@ -233,17 +230,6 @@ def budget(args, model2maxlen, preset, adapter_target_len, window):
     if adapter_target_len:
         return adapter_target_len - 500
     return model2maxlen.get(preset["name"]) or (preset["native_len"] or window) - 500
-
-
-def question_of(record):
-    """The question of a record for the error patterns: its input, or what follows its last
-    'Question:' up to 'Answer:' (triviaqa's input is 'Passage: ... Question: ... Answer:',
-    whose passage's entities would make every wrong answer a hallucination)."""
-    text = record["input"]
-    if "Question:" in text:
-        # the last marker: the record's own question
-        text = text.rsplit("Question:", 1)[1].split("Answer:")[0]
-    return text.strip()
 
 
 # ----------------------------------------------------------------------------------------

@@ -112,9 +112,9 @@ def test_truncate_middle_keeps_half_the_budget_from_each_end():
 
 def test_insert_at_depth_puts_the_needle_after_a_sentence_end():
     ctx = "One two. Three four. Five six."
-    assert ev.insert_at_depth(ctx, "N.", 0.0) == "N. " + ctx
-    assert ev.insert_at_depth(ctx, "N.", 0.5) == "One two. N. Three four. Five six."
-    assert ev.insert_at_depth(ctx, "N.", 1.0) == ctx + " N."
+    assert corpus.insert_at_depth(ctx, "N.", 0.0) == "N. " + ctx
+    assert corpus.insert_at_depth(ctx, "N.", 0.5) == "One two. N. Three four. Five six."
+    assert corpus.insert_at_depth(ctx, "N.", 1.0) == ctx + " N."
 
 
 def test_greedy_generate_matches_transformers_generate(tiny):
@@ -344,13 +344,6 @@ def test_pattern_summary_has_every_pattern_and_rates_summing_to_one():
     assert got["pattern_counts"] == {"correct": 1, "hallucination": 0, "unfollow": 1, "empty": 2}
 
 
-def test_the_question_of_a_longbench_record_is_its_input_after_the_last_question_marker():
-    assert longbench.question_of({"input": "Where was the writer born?"}) == "Where was the writer born?"
-    trivia = ("Passage: Maria Lopez moved to Chicago.\nQuestion: Where was Maria Lopez born?"
-              "\nAnswer:")
-    assert longbench.question_of({"input": trivia}) == "Where was Maria Lopez born?"
-
-
 QA_REPLIES = ["Maria Lopez was born in Boston.", "Maria Lopez was born in Chicago.",
               "The weather is nice in Paris.", "", "..."]
 
@@ -395,7 +388,6 @@ def test_qa_pattern_rates_in_json_and_csv_match_the_per_sample_patterns(tmp_path
         for p in ev.PATTERNS:
             assert float(r[header.index(f"{p}_base")]) == \
                 pytest.approx(expected[r[0]][p], abs=1e-4)
-    assert (out / "qa_patterns.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def longbench_args(*extra):
@@ -449,50 +441,6 @@ def test_longbench_prompts_templates_truncation_and_metrics(tmp_path, monkeypatc
     assert user.endswith("Question: Where was the writer born?\nAnswer:")
 
 
-def test_longbench_qa_patterns_use_the_question_and_the_first_line_the_scorer_reads(
-        tmp_path, monkeypatch):
-    import shutil
-    lb = tmp_path / "lb"
-    shutil.copytree(FIXTURES, lb)
-    for name, value in (("dataset2prompt.json", "{context}\n\n{input}"),
-                        ("dataset2maxlen.json", 32)):
-        table = json.loads((lb / "config" / name).read_text())
-        table["triviaqa"] = value
-        (lb / "config" / name).write_text(json.dumps(table))
-    # the passage in the input names Chicago: read whole, the question would share it
-    (lb / "data" / "triviaqa.jsonl").write_text(json.dumps(
-        {"input": "Passage: Maria Lopez moved to Chicago.\nQuestion: Where was Maria Lopez "
-                  "born?\nAnswer:", "context": "Passage: x\nQuestion: y\nAnswer: z",
-         "answers": ["Boston"], "length": 10, "dataset": "triviaqa", "language": "en",
-         "all_classes": None, "_id": "t1"}) + "\n")
-    tok = tiny_tokenizer()
-    replies = {"capital of France": "Paris",              # hotpotqa: correct, F1 1
-               "writer born": "He was born in London",    # correct by containment, F1 1/3
-               "Maria Lopez": "Chicago\nMaria Lopez was born in Boston.",   # first line: wrong
-               "Type:": "Human being"}                     # trec: no pattern
-    monkeypatch.setattr(ev, "generate", lambda lm, ids, *a, **k: (tok(next(
-        v for key, v in replies.items() if key in tok.decode(ids))).input_ids, None))
-    saved, out = run(tmp_path, "--task", "longbench", "--data_dir", str(lb / "data"),
-                     "--config_dir", str(lb / "config"), "--datasets", "hotpotqa,triviaqa,trec")
-    res = saved["results"]["base"]
-    assert res["datasets"]["hotpotqa"] == 66.67 and res["datasets"]["triviaqa"] == 0.0
-    assert list(res["patterns"]) == ["hotpotqa", "triviaqa", "all"]
-    assert res["patterns"]["hotpotqa"]["correct"] == 1.0
-    assert res["patterns"]["triviaqa"]["unfollow"] == 1.0
-    assert res["pattern_counts"]["all"] == {"correct": 2, "hallucination": 0, "unfollow": 1,
-                                            "empty": 0}
-    preds = {d: [json.loads(x) for x in (out / "pred" / "base" / f"{d}.jsonl").open()]
-             for d in ("hotpotqa", "triviaqa", "trec")}
-    assert [p["pattern"] for p in preds["hotpotqa"] + preds["triviaqa"]] == \
-        ["correct", "correct", "unfollow"]
-    assert not any("pattern" in p for p in preds["trec"])
-    csv = {r.split(",")[0]: r.split(",") for r in (out / "longbench.csv").read_text().splitlines()}
-    assert csv["dataset"][2:] == [f"{p}_base" for p in ev.PATTERNS]
-    assert csv["trec"][2:] == [""] * 4
-    assert [float(x) for x in csv["all QA"][2:]] == pytest.approx([2 / 3, 0, 1 / 3, 0], abs=1e-4)
-    assert (out / "longbench_patterns.png").stat().st_size > 0
-
-
 def test_chinese_datasets_are_skipped_with_a_message_without_jieba(tmp_path, monkeypatch, capsys):
     import shutil
     lb = tmp_path / "lb"
@@ -541,7 +489,7 @@ def test_compare_evaluates_base_and_adapter_with_its_training_rope_theta(tmp_pat
     res = saved["results"]
     assert list(res) == ["base", "logo"]
     tok = tiny_tokenizer()
-    ids = torch.tensor(tok(ev.filler_text(tok, None, 128, "")).input_ids[:128])
+    ids = torch.tensor(tok(corpus.filler_text(tok, 128)).input_ids[:128])
     for label, model in (("base", load_model("tiny")),
                          ("logo", PeftModel.from_pretrained(load_model("tiny", rope_theta=20000.0),
                                                             adapter).merge_and_unload())):
@@ -551,11 +499,11 @@ def test_compare_evaluates_base_and_adapter_with_its_training_rope_theta(tmp_pat
     assert "base,logo" in (out / "ppl.csv").read_text().replace("ppl_", "")
 
 
-def test_compare_writes_the_pattern_bars_of_base_and_adapter_side_by_side(tmp_path, monkeypatch):
+def test_compare_writes_the_patterns_and_a_line_per_model_side_by_side(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), real(fig, *a, **k)))
     adapter = make_adapter(str(tmp_path / "logo" / "final"))
-    figures, real = [], ev.save_figure
-    monkeypatch.setattr(ev, "save_figure", lambda fig, path: (figures.append((fig, path)),
-                                                              real(fig, path)))
     saved, out = run(tmp_path, "--task", "qa", "--lengths", "2K,3K", "--max_samples", "2",
                      "--max_new_tokens", "4", "--adapter", adapter, "--compare")
     res = saved["results"]
@@ -564,21 +512,13 @@ def test_compare_writes_the_pattern_bars_of_base_and_adapter_side_by_side(tmp_pa
         for v in res[label]["lengths"].values():
             assert sum(v["patterns"].values()) == pytest.approx(1.0)
             assert sum(v["pattern_counts"].values()) == v["samples"] == 2
-    assert (out / "qa_patterns.png").read_bytes()[:4] == b"\x89PNG"
-    fig = next(f for f, path in figures if path.endswith("qa_patterns.png"))
-    ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == \
-        ["2K\nbase", "3K\nbase", "2K\nlogo", "3K\nlogo"]
-    # 4 patterns x 2 lengths x 2 models; each bar's segments stack to 1; the adapter's bar
-    # stands right next to the base's bar of the same length
-    assert len(ax.patches) == 16
-    tops = {}                                              # bar's left edge -> its top
-    for b in ax.patches:
-        x = round(b.get_x(), 6)
-        tops[x] = max(tops.get(x, 0), b.get_y() + b.get_height())
-    xs = sorted(tops)
-    assert len(xs) == 4 and all(t == pytest.approx(1.0) for t in tops.values())
-    assert xs[1] - xs[0] == pytest.approx(0.4) and xs[2] - xs[0] == pytest.approx(1.0)
+    # qa.png: the main metric (accuracy) against length, one line per model
+    (fig,) = figures
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["base", "logo"]
+    for ln, label in zip(lines, res):
+        assert list(ln.get_xdata()) == ["2048", "3072"]
+        assert list(ln.get_ydata()) == [res[label]["lengths"][L]["accuracy"] for L in ("2048", "3072")]
     header = (out / "qa.csv").read_text().splitlines()[0].split(",")
     assert header == ["length", "accuracy_base", "accuracy_logo"] + \
         [f"{p}_{lb}" for lb in ("base", "logo") for p in ev.PATTERNS]

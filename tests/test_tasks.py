@@ -32,8 +32,7 @@ def toy_run(args, lm, tok, samples, label, cache):
 def test_a_toy_task_gets_json_csv_table_plot_and_summary_from_one_dict_line(tmp_path, monkeypatch,
                                                                            capsys):
     monkeypatch.setitem(ev.TASKS, "toy", (toy_samples, toy_run, dict(
-        lengths="300,500", samples=None, new_tokens=lambda a: 1, cache=False, flags=["seed"],
-        data=lambda a: "x", metrics=["tokens"])))
+        lengths="300,500", flags=["seed"], data=lambda a: "x", metrics=["tokens"])))
     out, results = tmp_path / "out", tmp_path / "results"
     saved = ev.main(["--task", "toy", "--model", "tiny", "--out_dir", str(out),
                      "--results_dir", str(results)])
