@@ -561,7 +561,7 @@ def objective_table(results_dir, ppl_text="pg-essays"):
         best = max(sorted(accs, key=float), key=lambda lr: accs[lr][0])
         lines.append(f"- lr grid, {OBJ_ARMS.get(arm, arm)} (seed 0; QA 2K, validation seed 999): "
                      + ", ".join(f"{lr}: {h}/{n}" for lr, (_, h, n) in sorted(accs.items(), key=lambda x: float(x[0])))
-                     + f"; chosen {best}" + ("" if len(accs) == 3 else " (grid incomplete)") + ".")
+                     + (f"; chosen {best}." if len(accs) == 3 else f"; best so far {best} (grid incomplete)."))
     for arm in OBJ_ARMS:
         runs = []
         for path in sorted(glob.glob(os.path.join(root, arm, "train", "*.json"))):
