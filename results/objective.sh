@@ -9,6 +9,8 @@
 #   bash results/objective.sh primary    # seeds 1-4 of sft and logo-l1 at the chosen lr, then
 #                                        # the 12K endpoint (40 questions, seed 2468), QA 2K
 #                                        # (100 questions, seed 5678) and perplexity (PG essays)
+#   bash results/objective.sh primary 0 1  # only these training seeds (weights are not kept
+#                                        # between sessions: train and evaluate in one)
 #   bash results/objective.sh secondary  # logo-l01 and logo-ref, seeds 0-2: QA 2K, perplexity
 #   bash results/objective.sh context    # the untrained model at the trained rope_theta, same cells
 #
@@ -110,12 +112,13 @@ case "${1:-}" in
           run "${jobs[@]}"
           echo "chosen lr: sft $(chosen_lr sft), logo-l1 $(chosen_lr logo-l1)" ;;
     primary) data
+          seeds=("${@:2}"); [ ${#seeds[@]} -gt 0 ] || seeds=(0 1 2 3 4)
           # trainings first (a 12K cell is 40-80 min: the next session continues it from answers/)
-          jobs=(); for s in 0 1 2 3 4; do jobs+=("model_job sft $s" "model_job logo-l1 $s"); done
+          jobs=(); for s in "${seeds[@]}"; do jobs+=("model_job sft $s" "model_job logo-l1 $s"); done
           run "${jobs[@]}"
-          jobs=(); for s in 0 1 2 3 4; do jobs+=("model_job sft $s 12k" "model_job logo-l1 $s 12k"); done
+          jobs=(); for s in "${seeds[@]}"; do jobs+=("model_job sft $s 12k" "model_job logo-l1 $s 12k"); done
           run "${jobs[@]}"
-          jobs=(); for s in 0 1 2 3 4; do jobs+=("model_job sft $s 2k ppl" "model_job logo-l1 $s 2k ppl"); done
+          jobs=(); for s in "${seeds[@]}"; do jobs+=("model_job sft $s 2k ppl" "model_job logo-l1 $s 2k ppl"); done
           run "${jobs[@]}" ;;
     secondary) data
           jobs=(); for s in 0 1 2; do jobs+=("model_job logo-l01 $s 2k ppl" "model_job logo-ref $s 2k ppl"); done
