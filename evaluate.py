@@ -33,7 +33,18 @@ slower there), the preset's on GPU. --rope_theta defaults to the checkpoint's, f
 trained with. --threads 1 is faster on a busy CPU.
 """
 
-import argparse, hashlib, json, math, os, platform, random, re, subprocess, sys, time
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -650,7 +661,12 @@ def load_for_eval(args, preset, rope, with_adapter):
         model = load_model(preset["path"], dtype=dtype, rope_theta=rope, trust_remote_code=args.trust_remote_code)
         if with_adapter:
             from peft import PeftModel
-            model = PeftModel.from_pretrained(model, args.adapter)
+            with warnings.catch_warnings():
+                # noise: peft calls a deprecated transformers helper; with LoRA on tied embeddings lm_head
+                # keeps reading the base matrix, as in training
+                warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+                warnings.filterwarnings("ignore", ".*tie_word_embeddings=True.*")
+                model = PeftModel.from_pretrained(model, args.adapter)
     except OSError as e:
         raise UserError(f"cannot load model {preset['path']}: {str(e).splitlines()[0]}; download it into your HF "
                         "cache or pass a local folder") from None
