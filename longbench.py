@@ -1,6 +1,6 @@
 """
-LongBench v1 for evaluate.py --task longbench: the records, the official prompts and their
-middle truncation, and the official metrics. A port of LongBench's scorer (THUDM/LongBench,
+LongBench v1's English datasets (the paper's Table 1 uses only those) for evaluate.py --task
+longbench: the records, the official prompts and their middle truncation, and the official metrics. A port of LongBench's scorer (THUDM/LongBench,
 LongBench/metrics.py and eval.py, with pred.py's prompt handling): same names, signatures and
 behaviour, quirks included, so scores here equal the official ones (tests/test_evaluate.py
 checks them against values worked by hand). Do not edit it casually: a "fix" to a metric
@@ -19,11 +19,6 @@ from collections import Counter
 
 from models import UserError
 
-try:
-    import jieba        # Chinese word segmentation: only multifieldqa_zh, dureader, vcsum need it
-    jieba.setLogLevel(60)
-except ImportError:
-    jieba = None
 with warnings.catch_warnings():     # "using slow pure-python SequenceMatcher": as LongBench
     warnings.simplefilter("ignore")
     from fuzzywuzzy import fuzz
@@ -39,22 +34,12 @@ def normalize_answer(s):
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
-
-def normalize_zh_answer(s):
-    """Lower-case, drop English and Chinese punctuation and all whitespace."""
-    cn_punctuation = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】"
-                      "〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
-    punctuation = set(string.punctuation + cn_punctuation)
-    return "".join("".join(ch for ch in s.lower() if ch not in punctuation).split())
-
-
 # passage_count: 'There are 7 paragraphs' -> 1.0 when the gold is 7; '7 or 8' -> 0.5.
 def count_score(prediction, ground_truth, **kwargs):
     """Fraction of the numbers in the prediction that equal the gold count."""
     numbers = re.findall(r"\d+", prediction)
     right = sum(str(n) == str(ground_truth) for n in numbers)
     return 0.0 if not numbers else float(right / len(numbers))  # no number at all: 0, not 0 / 0
-
 
 # passage_retrieval_en: gold 'Paragraph 12'; a reply 'Paragraph 3 or Paragraph 12' -> 0.5.
 def retrieval_score(prediction, ground_truth, **kwargs):
@@ -63,15 +48,6 @@ def retrieval_score(prediction, ground_truth, **kwargs):
     numbers = re.findall(r"\d+", prediction)
     right = sum(str(n) == str(gold) for n in numbers)
     return 0.0 if not numbers else float(right / len(numbers))
-
-
-# passage_retrieval_zh: the same, with the gold written '段落N'.
-def retrieval_zh_score(prediction, ground_truth, **kwargs):
-    gold = re.findall(r"段落(\d+)", ground_truth)[0]
-    numbers = re.findall(r"\d+", prediction)
-    right = sum(str(n) == str(gold) for n in numbers)
-    return 0.0 if not numbers else float(right / len(numbers))
-
 
 # lcc / repobench-p: the gold is the next line of code; the first reply line that is no
 # code fence or comment is taken as the model's attempt at it.
@@ -85,8 +61,7 @@ def code_sim_score(prediction, ground_truth, **kwargs):
             break
     return fuzz.ratio(line, ground_truth) / 100
 
-
-# trec / lsht: all_classes lists the dataset's class names; a reply naming several
+# trec: all_classes lists the dataset's class names; a reply naming several
 # classes splits the credit between them.
 def classification_score(prediction, ground_truth, **kwargs):
     """1 / (number of class names found in the prediction) when the gold class is among them.
@@ -100,7 +75,6 @@ def classification_score(prediction, ground_truth, **kwargs):
             matches.remove(term)              # mutates the list being iterated: the quirk
     return 1.0 / len(matches) if ground_truth in matches else 0.0
 
-
 def rouge_score(prediction, ground_truth, **kwargs):
     """ROUGE-L F of the `rouge` package (summary-level LCS over '.'-split sentences, word
     counts over distinct words, case-sensitive); 0 when it refuses (an empty prediction)."""
@@ -109,14 +83,6 @@ def rouge_score(prediction, ground_truth, **kwargs):
     except (ValueError, RecursionError):      # LongBench: a bare except returning 0
         return 0.0
     return scores["rouge-l"]["f"]
-
-
-# dureader / vcsum: jieba's words joined by spaces, so rouge's whitespace split sees words.
-def rouge_zh_score(prediction, ground_truth, **kwargs):
-    prediction = " ".join(jieba.cut(prediction, cut_all=False))
-    ground_truth = " ".join(jieba.cut(ground_truth, cut_all=False))
-    return rouge_score(prediction, ground_truth)
-
 
 def f1_score(prediction, ground_truth, **kwargs):
     """Token-multiset F1 of two token lists."""
@@ -127,57 +93,43 @@ def f1_score(prediction, ground_truth, **kwargs):
     precision, recall = num_same / len(prediction), num_same / len(ground_truth)
     return 2 * precision * recall / (precision + recall)
 
-
 def qa_f1_score(prediction, ground_truth, **kwargs):
     return f1_score(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
-
-
-def qa_f1_zh_score(prediction, ground_truth, **kwargs):
-    # each jieba word normalised; the ones left empty (punctuation, spaces) dropped below
-    pred = [normalize_zh_answer(t) for t in jieba.cut(prediction, cut_all=False)]
-    gold = [normalize_zh_answer(t) for t in jieba.cut(ground_truth, cut_all=False)]
-    return f1_score([t for t in pred if t], [t for t in gold if t])
 
 
 # ----------------------------------------------------------------------------------------
 # eval.py and pred.py
 
-# eval.py's dataset2metric: the official metric of every LongBench v1 dataset.
+# eval.py's dataset2metric: the official metric of every English LongBench v1 dataset. The
+# Chinese ones (multifieldqa_zh, dureader, vcsum, lsht, passage_retrieval_zh: jieba-segmented
+# metrics) are not ported; the paper reports none of them.
 dataset2metric = {
     "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score,
-    "multifieldqa_zh": qa_f1_zh_score, "hotpotqa": qa_f1_score, "2wikimqa": qa_f1_score,
-    "musique": qa_f1_score, "dureader": rouge_zh_score, "gov_report": rouge_score,
-    "qmsum": rouge_score, "multi_news": rouge_score, "vcsum": rouge_zh_score,
+    "hotpotqa": qa_f1_score, "2wikimqa": qa_f1_score, "musique": qa_f1_score,
+    "gov_report": rouge_score, "qmsum": rouge_score, "multi_news": rouge_score,
     "trec": classification_score, "triviaqa": qa_f1_score, "samsum": rouge_score,
-    "lsht": classification_score, "passage_retrieval_en": retrieval_score,
-    "passage_count": count_score, "passage_retrieval_zh": retrieval_zh_score,
+    "passage_retrieval_en": retrieval_score, "passage_count": count_score,
     "lcc": code_sim_score, "repobench-p": code_sim_score,
 }
-NEEDS_JIEBA = {"multifieldqa_zh", "dureader", "vcsum"}
-FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}              # eval.py
+FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum"}              # eval.py
 # pred.py leaves these prompts raw ('chat models are better off without build prompts on
 # these tasks'): fed as plain text, no chat turn.
-NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}  # pred.py
-# The paper's Table 1 categories (LongBench's own grouping); Avg excludes Code, as the paper.
+NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}  # pred.py
+# The paper's Table 1 categories (LongBench's own grouping, English); Avg excludes Code, as the paper.
 CATEGORIES = {
-    "S-Doc QA": ["narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"],
-    "M-Doc QA": ["hotpotqa", "2wikimqa", "musique", "dureader"],
-    "Summ": ["gov_report", "qmsum", "multi_news", "vcsum"],
-    "Few-shot": ["trec", "triviaqa", "samsum", "lsht"],
-    "Synthetic": ["passage_count", "passage_retrieval_en", "passage_retrieval_zh"],
+    "S-Doc QA": ["narrativeqa", "qasper", "multifieldqa_en"],
+    "M-Doc QA": ["hotpotqa", "2wikimqa", "musique"],
+    "Summ": ["gov_report", "qmsum", "multi_news"],
+    "Few-shot": ["trec", "triviaqa", "samsum"],
+    "Synthetic": ["passage_count", "passage_retrieval_en"],
     "Code": ["lcc", "repobench-p"],
 }
-# Table 1: the 14 English datasets of the five categories (Code excluded, as the paper)
-# 3 S-Doc + 3 M-Doc + 3 Summ + 3 Few-shot + 2 Synthetic; the Chinese ones (_zh, dureader,
-# vcsum, lsht) left out.
-PAPER_DATASETS = [d for c, names in CATEGORIES.items() if c != "Code" for d in names
-                  if not d.endswith("_zh") and d not in ("dureader", "vcsum", "lsht")]
-
+# Table 1: the 14 datasets of the five categories (3 + 3 + 3 + 3 + 2; Code excluded, as the paper)
+PAPER_DATASETS = [d for c, names in CATEGORIES.items() if c != "Code" for d in names]
 
 def first_line(dataset, prediction):
     """What eval.py scores: for the few-shot datasets, the first line after leading newlines."""
     return prediction.lstrip("\n").split("\n")[0] if dataset in FIRST_LINE_ONLY else prediction
-
 
 def scorer(dataset, predictions, answers, all_classes):
     """LongBench eval.py's scorer: mean over samples of the max over gold answers, x100,
@@ -189,7 +141,6 @@ def scorer(dataset, predictions, answers, all_classes):
         total += max([0.0] + [dataset2metric[dataset](prediction, g, all_classes=all_classes)
                               for g in ground_truths])
     return round(100 * total / len(predictions), 2)
-
 
 def category_scores(per_dataset):
     """{dataset: score} -> {category: mean over its evaluated datasets, ..., 'Avg': mean of
@@ -207,7 +158,6 @@ def category_scores(per_dataset):
         out["Avg"] = round(sum(five) / len(five), 2)
     return out
 
-
 def truncate_middle(tok, prompt, max_length):
     """pred.py: if the prompt is over max_length tokens, keep the first and last
     max_length // 2 tokens (decoded back to text, specials dropped). The budget is fixed per
@@ -220,7 +170,6 @@ def truncate_middle(tok, prompt, max_length):
     # text decoded then encoded again need not give the same tokens.
     return (tok.decode(ids[:half], skip_special_tokens=True)
             + tok.decode(ids[-half:], skip_special_tokens=True))
-
 
 def budget(args, model2maxlen, preset, adapter_target_len, window):
     """The prompt budget LongBench would give a model: --max_length; an adapter trained to a
@@ -245,7 +194,6 @@ def read_json(path, what):
     except json.JSONDecodeError as e:
         raise UserError(f"{what} is not valid JSON: {e.msg} ({path}:{e.lineno}); "
                         "restore it from a LongBench checkout") from None
-
 
 def read_jsonl(path, required, what):
     """Records of a JSONL file (LongBench's, or evaluate.py qa's --data); every line must be
@@ -276,11 +224,10 @@ def read_jsonl(path, required, what):
 # fails at its first line.
 FIELDS = ["input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"]
 
-
 def load(args):
-    """The records of --datasets ('paper': Table 1's 14 English datasets; 'all': every one
-    dataset2prompt.json has), first --max_samples of each, with the config tables:
-    {"records": {dataset: [record]}, "prompts", "maxgen", "model2maxlen", "skipped"}."""
+    """The records of --datasets ('paper': Table 1's 14 datasets; 'all': the 16 English ones),
+    first --max_samples of each, with the config tables:
+    {"records": {dataset: [record]}, "prompts", "maxgen", "model2maxlen"}."""
     if not args.data_dir or not args.config_dir:
         raise UserError("--task longbench needs --data_dir (LongBench's data/ folder of "
                         "DATASET.jsonl) and --config_dir (its LongBench/config folder); pass both")
@@ -290,22 +237,17 @@ def load(args):
     # optional: without it the budget is the window - 500 (budget())
     model2maxlen = read_json(cfg("model2maxlen.json"), "model2maxlen.json") \
         if os.path.isfile(cfg("model2maxlen.json")) else {}
-    datasets = {"paper": PAPER_DATASETS, "all": list(prompts)}.get(args.datasets) or \
+    datasets = {"paper": PAPER_DATASETS, "all": list(dataset2metric)}.get(args.datasets) or \
         [d.strip() for d in args.datasets.split(",") if d.strip()]
-    records, skipped = {}, {}
+    records = {}
     for d in datasets:
         for table, name in ((prompts, "dataset2prompt.json"), (maxgen, "dataset2maxlen.json")):
             if d not in table:
                 raise UserError(f"no entry for dataset {d!r} in {name} ({cfg(name)}); add it "
                                 f"or drop {d} from --datasets")
         if d not in dataset2metric:
-            raise UserError(f"no LongBench metric for dataset {d!r}; known: "
-                            f"{', '.join(dataset2metric)}")
-        # a Chinese dataset without jieba is skipped and reported, never scored 0
-        if d in NEEDS_JIEBA and jieba is None:
-            skipped[d] = "needs jieba (pip install jieba)"
-            print(f"skipping {d}: {skipped[d]}")
-            continue
+            raise UserError(f"no LongBench metric for dataset {d!r} (the English datasets are "
+                            f"ported: {', '.join(dataset2metric)}); drop it from --datasets")
         path = os.path.join(args.data_dir, f"{d}.jsonl")
         if not os.path.isfile(path):
             raise UserError(f"LongBench file not found ({path}); download LongBench's data.zip "
@@ -320,8 +262,4 @@ def load(args):
                             f"({cfg('dataset2prompt.json')}); use LongBench's own config "
                             "files") from None
         records[d] = recs[:args.max_samples] if args.max_samples else recs
-    if not records:
-        raise UserError(f"no dataset of --datasets {args.datasets} left to score (skipped: "
-                        f"{', '.join(skipped)}); pip install jieba or pick others")
-    return {"records": records, "prompts": prompts, "maxgen": maxgen,
-            "model2maxlen": model2maxlen, "skipped": skipped}
+    return {"records": records, "prompts": prompts, "maxgen": maxgen, "model2maxlen": model2maxlen}

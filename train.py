@@ -54,7 +54,7 @@ PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps",
 METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
 # What --resume may change: folders, length, logging, switches of memory or speed, not the math.
 RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge",
-                     "wandb", "tensorboard", "max_nonfinite_steps", "gradient_checkpointing", "offload_optimizer",
+                     "wandb", "max_nonfinite_steps", "gradient_checkpointing", "offload_optimizer",
                      "offload_params", "attention"}
 
 
@@ -111,7 +111,6 @@ def parse_args(argv=None):
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward (8K+ rows on a GPU)")
     a("--max_nonfinite_steps", type=int, default=3, help="stop after this many non-finite (skipped) steps in a row")
     a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    a("--tensorboard", action="store_true", help="also log to out_dir/tensorboard")
     a("--print_ds_config", action="store_true", help="print the DeepSpeed config and exit")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (the rank used is $RANK)")
     return p.parse_args(argv)
@@ -523,7 +522,7 @@ def train_step(step, engine, opt, data, cfg, rank, pad_id):
 
 def loggers(cfg, log_path):
     """Rank 0's writers of a step's record: log.jsonl (appended and closed each step: a kill
-    loses at most this step's line), the console line, --tensorboard and --wandb."""
+    loses at most this step's line), the console line and --wandb."""
     def jsonl(rec):
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -532,18 +531,13 @@ def loggers(cfg, log_path):
         f"{n} {'nan' if rec[k] is None else format(rec[k], '.4f')}" for n, k in zip(short, METRICS)]
         + [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"{rec['seconds_per_step']:.2f} s/step"]
         + (["SKIPPED: non-finite loss"] if rec["skipped"] else [])))]
-    try:                              # imported only when asked
-        if cfg["tensorboard"]:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(cfg["out_dir"], "tensorboard"))
-            writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items()
-                                        if isinstance(v, (int, float)) and k != "step"])
-        if cfg["wandb"]:
+    if cfg["wandb"]:                  # imported only when asked
+        try:
             import wandb
-            wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
-            writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
-    except ImportError as e:          # the flag's package (tensorboard, wandb) is not installed
-        raise models.UserError(f"--{e.name} needs the {e.name} package; pip install {e.name}")
+        except ImportError:
+            raise models.UserError("--wandb needs the wandb package; pip install wandb") from None
+        wandb.init(project=cfg["wandb"], config=cfg, resume="allow")
+        writers.append(lambda rec: wandb.log(rec, step=rec["step"]))
     return writers
 
 def summary(log_path):

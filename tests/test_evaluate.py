@@ -52,7 +52,6 @@ def test_count_and_retrieval_scores_are_the_share_of_numbers_that_are_right():
     assert longbench.count_score("There are 3 unique paragraphs, not 4.", 3) == 0.5
     assert longbench.count_score("no idea", "3") == 0.0
     assert longbench.retrieval_score("Paragraph 12, or maybe Paragraph 2", "Paragraph 12") == 0.5
-    assert longbench.retrieval_zh_score("段落7", "段落7") == 1.0
 
 
 def test_code_sim_score_uses_the_first_line_without_backtick_hash_or_slashes():
@@ -75,14 +74,6 @@ def test_scorer_takes_the_max_over_gold_answers_and_the_mean_over_samples():
                      None) == 80.0
     assert longbench.scorer("hotpotqa", ["Barack Obama", "Paris"],
                      [["Obama", "Barack Hussein Obama"], ["Paris"]], None) == 90.0
-
-
-def test_chinese_metrics_segment_with_jieba_as_longbench():
-    pytest.importorskip("jieba")
-    # jieba: 我|爱|北京 and 我|爱|上海 -> two of three words in common
-    assert longbench.qa_f1_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3)
-    assert longbench.qa_f1_zh_score("北京。", "北京") == 1.0           # punctuation dropped
-    assert longbench.rouge_zh_score("我爱北京", "我爱上海") == pytest.approx(2 / 3, abs=1e-7)
 
 
 def test_category_scores_average_datasets_then_the_five_categories_without_code():
@@ -439,24 +430,6 @@ def test_longbench_prompts_templates_truncation_and_metrics(tmp_path, monkeypatc
     assert len(tok(user).input_ids) == 200                     # 100 head + 100 tail tokens
     assert user.startswith("Answer the question based on")
     assert user.endswith("Question: Where was the writer born?\nAnswer:")
-
-
-def test_chinese_datasets_are_skipped_with_a_message_without_jieba(tmp_path, monkeypatch, capsys):
-    import shutil
-    lb = tmp_path / "lb"
-    shutil.copytree(FIXTURES, lb)
-    for name, value in (("dataset2prompt.json", "{context}{input}"), ("dataset2maxlen.json", 64)):
-        table = json.loads((lb / "config" / name).read_text())
-        table["multifieldqa_zh"] = value
-        (lb / "config" / name).write_text(json.dumps(table))
-    monkeypatch.setattr(longbench, "jieba", None)
-    saved, _ = run(tmp_path, "--task", "longbench", "--data_dir", str(lb / "data"),
-                   "--config_dir", str(lb / "config"), "--datasets", "multifieldqa_zh,trec",
-                   "--max_new_tokens", "2")
-    res = saved["results"]["base"]
-    assert list(res["datasets"]) == ["trec"]
-    assert res["skipped"] == {"multifieldqa_zh": "needs jieba (pip install jieba)"}
-    assert "skipping multifieldqa_zh: needs jieba" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------

@@ -72,6 +72,21 @@ def test_a_missing_longbench_config_entry_names_the_file_and_the_fix(tmp_path):
     assert f"no entry for dataset 'trec' in dataset2maxlen.json ({path})" in msg
 
 
+def test_a_chinese_longbench_dataset_is_refused_naming_the_ported_ones(tmp_path, capsys):
+    # the Chinese datasets (jieba-segmented metrics) are not ported: refused before any model
+    # loads, never scored with an English metric
+    lb = longbench(tmp_path)
+    for name, value in (("dataset2prompt.json", "{context}{input}"), ("dataset2maxlen.json", 64)):
+        table = json.loads((lb / "config" / name).read_text())
+        table["dureader"] = value
+        (lb / "config" / name).write_text(json.dumps(table))
+    msg = inproc(tmp_path, capsys, "--task", "longbench", "--model", "tiny", "--data_dir", str(lb / "data"),
+                 "--config_dir", str(lb / "config"), "--datasets", "trec,dureader")
+    assert "no LongBench metric for dataset 'dureader' (the English datasets are ported: narrativeqa," in msg
+    assert msg.endswith("drop it from --datasets")
+    assert "dureader" not in lb_module.dataset2metric and len(lb_module.PAPER_DATASETS) == 14
+
+
 def test_an_adapter_for_another_base_model_is_refused(tmp_path):
     adapter = make_adapter(str(tmp_path / "run" / "final"), model="smollm2-135m")
     msg = cli(tmp_path, "--task", "ppl", "--model", "tiny", "--adapter", adapter)
