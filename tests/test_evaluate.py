@@ -250,10 +250,9 @@ def test_ppl_of_a_random_model_is_near_the_vocabulary_size(tmp_path):
     assert all(200 < r["ppl"] < 330 for r in rows)             # near-uniform over 261 tokens
 
 
-def test_qa_reports_accuracy_per_context_length_even_beyond_the_native_window(tmp_path, capsys):
+def test_qa_reports_accuracy_per_context_length_even_beyond_the_native_window(tmp_path):
     saved, _ = run(tmp_path, "--task", "qa", "--lengths", "2K,5K", "--max_samples", "2",
                    "--max_new_tokens", "4")
-    assert "exceed tiny's native window of 4096" in capsys.readouterr().out
     lengths = saved["results"]["base"]["lengths"]
     assert set(lengths) == {"2048", "5120"}
     for L, v in lengths.items():
@@ -462,7 +461,7 @@ def test_chinese_datasets_are_skipped_with_a_message_without_jieba(tmp_path, mon
 # ----------------------------------------------------------------------------------------
 # Adapters.
 
-def make_adapter(path, rope_theta=None, model="tiny", fingerprint=None, hidden_size=None):
+def make_adapter(path, rope_theta=None, model="tiny", hidden_size=None):
     """A random (non-zero) LoRA on a tiny model, saved the way train.py does."""
     from peft import LoraConfig, get_peft_model
     from models import LlamaForCausalLM, tiny_config
@@ -476,7 +475,7 @@ def make_adapter(path, rope_theta=None, model="tiny", fingerprint=None, hidden_s
     with open(os.path.join(path, "logo_config.json"), "w") as f:
         json.dump({"model": model, "model_path": model, "rope_theta": rope_theta,
                    "target_len": 4096,
-                   "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tiny_tokenizer())},
+                   "tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer())},
                   f)
     return path
 
@@ -561,10 +560,8 @@ def test_a_killed_qa_run_continues_from_its_cached_answers(tmp_path, monkeypatch
     resumed, _ = run(tmp_path, *argv)
     assert "resuming: 1 answers on file" in capsys.readouterr().out
     assert len(calls) == 2 and resumed["results"]["base"]["reused_answers"] == 1
-    assert sum(resumed["results"]["base"]["answer_sources"].values()) == 3
-    drop = ("reused_answers", "answer_sources")
-    assert {k: v for k, v in resumed["results"]["base"].items() if k not in drop} == \
-        {k: v for k, v in fresh["results"]["base"].items() if k not in drop}
+    assert {k: v for k, v in resumed["results"]["base"].items() if k != "reused_answers"} == \
+        {k: v for k, v in fresh["results"]["base"].items() if k != "reused_answers"}
     assert len(cache.read_text().splitlines()) == 4          # the cut line + two whole ones
     calls.clear()
     again, _ = run(tmp_path, *argv)
