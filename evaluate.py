@@ -578,8 +578,7 @@ TASKS = {
         rows=lambda res: [{"dataset": n, "score": v} for n, v in {**res["datasets"], **res["categories"]}.items()],
         summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "max_length")})),
     "niah": (niah_samples, run_niah, dict(
-        lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"],
-        flags=["depths", "haystack"],
+        lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"], flags=["depths", "haystack"],
         data=lambda a: file_tag(a.haystack) if a.haystack else "prose",
         rows=lambda res: [{k: c[k] for k in ("length", "depth", "score")} for c in res["cells"]],
         summary=lambda res, _: {"mean_score": res["mean_score"], "n": len(res["cells"]), "cells": [
@@ -785,6 +784,9 @@ def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
     M = int(adapter_cfg.get("num_rejected") or 2)
     return "sft" if adapter_cfg.get("loss") == "sft" else "logo" if M == 2 else f"logo_m{M}"
 
+def eval_data_tag(args):
+    return TASKS[args.task][2]["data"](args)
+
 def plan_summaries(args, runs, lengths):
     """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json (lengths in K
     where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun of
@@ -796,7 +798,7 @@ def plan_summaries(args, runs, lengths):
         seed = cfg.get("seed") if with_adapter else None             # base / rope: untrained
         parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + (
             ["-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
-        parts += [TASKS[args.task][2]["data"](args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
+        parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
         path = os.path.join(args.results_dir, "_".join(parts) + ".json")
         adapter = os.path.normpath(args.adapter) if with_adapter else None
         # written atomically: a summary on file is whole
@@ -839,7 +841,7 @@ def write_summary(args, plan, config, res, samples, total):
     write_text(path, json.dumps({
         "format_version": 1, "task": args.task, "model": args.preset["name"], **plan,
         "eval_seed": args.seed if "seed" in spec["flags"] and not args.data else None,
-        "eval_data": spec["data"](args), "lengths": config["lengths"],
+        "eval_data": eval_data_tag(args), "lengths": config["lengths"],
         "data_fingerprint": cfg.get("data_fingerprint") if adapter else None,
         "git_commit": commit, "git_dirty": dirty, "metrics": metrics,
         # wall_s: this run's only (answers from an earlier, killed run of the command are free)

@@ -312,7 +312,7 @@ def test_answer_rates_have_no_distractor_rate_without_ground_truth():
 
 @pytest.fixture(scope="module")
 def nlp():
-    return ev.load_ner(ev.parse_args(["--task", "qa"]))
+    return ev.load_ner()
 
 
 def test_error_patterns_of_hand_made_predictions(nlp):
