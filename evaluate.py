@@ -13,8 +13,8 @@ built-in corpus with another seed than training, or a JSONL) with App. C's error
 
 Writes into --out_dir (default eval/MODEL[+LABEL]/TASK, LABEL: the adapter's run folder), each file renamed into place
 when whole: TASK.json (config + results), TASK.csv, TASK.png, answers_LABEL.jsonl (niah, mvniah, qa: every answer as
-made; the same command again reuses them, so a killed run goes on). --results_dir: a summary per model for
-results/make_table.py. --dry_run: TASK_samples.jsonl, every prompt, no model loaded. Unset flags: the task's defaults.
+made; the same command again reuses them, so a killed run goes on). --results_dir: a summary per model (summaries.py)
+for results/make_table.py. --dry_run: TASK_samples.jsonl, every prompt, no model loaded. Unset flags: task defaults.
 """
 
 import argparse
@@ -22,10 +22,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -41,8 +39,8 @@ from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from longbench import normalize_answer, read_jsonl
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
-from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model, load_tokenizer,
-                    resolve_model)
+from models import MODELS, UserError, atomic_path, generate_batch, load_model, load_tokenizer, resolve_model
+from summaries import file_tag, mvniah_summary, plan_summaries, qa_summary, summary_text
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -310,11 +308,10 @@ def cut_tokens(tok, text, num_tokens):
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     return text if len(enc.input_ids) <= num_tokens else text[:enc.offset_mapping[num_tokens - 1][1]]
 
-def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
+def context_budget(tok, template, length, use_chat, extra=0, answer_prefix="", **fields):
     """Haystack tokens for a prompt of about `length`: the prompt with an empty context (template, chat markup, answer
-    prefix) and the needles' extra_tokens come off."""
-    prompt = prompt_ids(tok, template.format(context="", **fields), use_chat, answer_prefix)
-    budget = length - extra_tokens - len(prompt)
+    prefix) and the needles' extra tokens come off."""
+    budget = length - extra - len(prompt_ids(tok, template.format(context="", **fields), use_chat, answer_prefix))
     if budget < 16:
         raise UserError(f"context length {length} leaves no room for a haystack next to the prompt; use "
                         "--lengths above a few hundred tokens")
@@ -530,42 +527,6 @@ def run_longbench(args, lm, tok, samples, label, cache):
     return {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
             "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
 
-# The summaries' metrics (see write_summary below): by default the result with its samples' ids and without the
-# predictions; a task whose TASK.json layout predates that names its own fields.
-def sample_ids(res, samples):
-    """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt tokens: two models pair
-    on a question only when they read the same prompt)."""
-    seen = Counter()
-    for r, s in zip(res["samples"], samples):
-        seen[r["length"]] += 1
-        yield f"{r['length']}/{seen[r['length']] - 1}/{digest(s['ids'])[:10]}"
-
-def qa_summary(res, samples):
-    qs = [{"id": i, "length": r["length"], "correct": r["correct"], "pattern": r["pattern"],
-           "distractor": r["distractor"]} for i, r in zip(sample_ids(res, samples), res["samples"])]
-    rates = ("empty_rate", "accuracy_nonempty", "distractor_rate")
-    return {"accuracy": res["accuracy"], "n": len(qs), "questions": qs, **{k: res[k] for k in rates},
-            "lengths": {L: {"accuracy": v["accuracy"], "n": v["samples"], "patterns": v["patterns"],
-                            "correct": sum(q["correct"] for q in qs if str(q["length"]) == L),
-                            "pattern_counts": v["pattern_counts"], **{k: v[k] for k in rates}}
-                        for L, v in res["lengths"].items()}}
-
-def mvniah_summary(res, samples):
-    ss = [{"id": i, "length": r["length"], "recall": r["recall"], "values": len(r["values"])}
-          for i, r in zip(sample_ids(res, samples), res["samples"])]
-    got = lambda L: [x for x in ss if str(x["length"]) == L]
-    # recall x values = values found; head scores of one length only: make_table pools App. B's score from them
-    return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss), "samples": ss,
-            "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
-            "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"], "n": v["samples"],
-                            "values": sum(x["values"] for x in got(L)),
-                            "values_found": round(sum(x["recall"] * x["values"] for x in got(L)))}
-                        for L, v in res["lengths"].items()}}
-
-def file_tag(path):
-    """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
-
 # name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary name's data tag ('e1234'
 # = the built-in corpus, seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's columns,
 # the first one plotted. Optional: "lengths" / "samples" (--lengths / --max_samples defaults), "new_tokens" (the
@@ -654,6 +615,9 @@ def parse_lengths(spec):
         raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; write e.g. 1K,2K,4096")
     return sorted(out)
 
+def eval_data_tag(args):
+    return TASKS[args.task][2]["data"](args)     # the summaries' data tag
+
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
     if args.compare and not args.adapter:
@@ -695,7 +659,7 @@ def evaluate(args):
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=cfg or None, jieba=longbench.jieba is not None)
     # summary names (and clashes with another model's file) settled before any model loads
-    plans = plan_summaries(args, runs, lengths) if args.results_dir else {}
+    plans = plan_summaries(args, runs, lengths, eval_data_tag(args)) if args.results_dir else {}
     results = {}                                     # label -> run_fn's result
     for run_label, with_adapter, rope in runs:       # one model in memory at a time
         t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
@@ -717,8 +681,18 @@ def evaluate(args):
     write_text(f"{args.out_dir}/{args.task}.json", json.dumps(out, indent=1, default=str, ensure_ascii=False))
     print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
     for run_label, plan in plans.items():
-        write_summary(args, plan, config, results[run_label], samples, time.time() - t0)
+        write_text(path := plan.pop("path"), summary_text(args, spec, plan, config, results[run_label], samples,
+                                                          eval_data_tag(args), time.time() - t0))
+        print(f"wrote {path}")
     return out
+
+def main(argv=None):
+    args = parse_args(argv)                 # a bad flag: argparse's message, exit 2 too
+    try:
+        return evaluate(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # one line on stderr, no traceback
 
 
 # ----------------------------------------------------------------------------------------
@@ -771,96 +745,6 @@ def plot(spec, results, path, title):
     ax.legend(fontsize=7)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
-# ----------------------------------------------------------------------------------------
-# Results summaries: one small JSON per model in --results_dir, the only input of results/make_table.py, so the
-# README's results table is never typed by hand.
-def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
-    """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft / logo / logo_mM (the
-    adapter's loss and M = num_rejected; plain logo for M = 2)."""
-    if not with_adapter:
-        return "rope" if args.rope_theta not in (None, checkpoint_theta) else "base"
-    M = int(adapter_cfg.get("num_rejected") or 2)
-    return "sft" if adapter_cfg.get("loss") == "sft" else "logo" if M == 2 else f"logo_m{M}"
-
-def eval_data_tag(args):
-    return TASKS[args.task][2]["data"](args)
-
-def plan_summaries(args, runs, lengths):
-    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json (lengths in K
-    where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun of
-    the same model is."""
-    theta = None if args.rope_theta is None else get_rope_theta(load_config(args.preset["path"]))  # no weights loaded
-    plans, cfg = {}, args.adapter_cfg
-    for label, with_adapter, rope in runs:
-        method = method_of(args, cfg, with_adapter, theta)
-        seed = cfg.get("seed") if with_adapter else None             # base / rope: untrained
-        parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + (
-            ["-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
-        parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
-        path = os.path.join(args.results_dir, "_".join(parts) + ".json")
-        adapter = os.path.normpath(args.adapter) if with_adapter else None
-        # written atomically: a summary on file is whole
-        old = json.loads(Path(path).read_text("utf-8")) if os.path.isfile(path) else \
-            {"adapter": adapter, "rope_theta_arg": rope}
-        if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
-            raise UserError(f"{path} holds the summary of another model (adapter {old.get('adapter')}, rope_theta "
-                            f"{old.get('rope_theta_arg')}); pass --results_tag NAME to keep both, or delete the file")
-        plans[label] = dict(path=path, method=method, seed=seed, label=label, adapter=adapter, rope_theta_arg=rope)
-    return plans
-
-def git_state():
-    """(commit, dirty) of this checkout; dirty = tracked code differs from the commit (results/ left out: summaries
-    are data). (None, None) outside git."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                    capture_output=True, text=True, timeout=30, check=True).stdout
-    try:
-        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-        return git("rev-parse", "HEAD").strip(), bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-def cpu_model(cpuinfo="/proc/cpuinfo"):
-    """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU generations whose float bits and
-    speeds differ; then the kernels torch picked."""
-    # the first processor's block; a field's first value
-    block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0] if os.path.exists(cpuinfo) else ""
-    fields = dict(reversed([[s.strip() for s in line.split(":", 1)] for line in block.splitlines() if ":" in line]))
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']} model {fields['model']})"
-    return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}"
-
-def write_summary(args, plan, config, res, samples, total):
-    spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()    # which code made it
-    path, adapter = plan.pop("path"), plan["adapter"] is not None
-    metrics = spec["summary"](res, samples) if "summary" in spec else {**res, "samples": [
-        {**{k: v for k, v in r.items() if k != "prediction"}, "id": i} for r, i in zip(res["samples"],
-                                                                                      sample_ids(res, samples))]}
-    write_text(path, json.dumps({
-        "format_version": 1, "task": args.task, "model": args.preset["name"], **plan,
-        "eval_seed": args.seed if "seed" in spec["flags"] and not args.data else None,
-        "eval_data": eval_data_tag(args), "lengths": config["lengths"],
-        "data_fingerprint": cfg.get("data_fingerprint") if adapter else None,
-        "git_commit": commit, "git_dirty": dirty, "metrics": metrics,
-        # wall_s: this run's only (answers from an earlier, killed run of the command are free)
-        "command_wall_s": round(total, 2), "reused_answers": res.get("reused_answers"), "cpu": cpu_model(),
-        "device": args.device,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "config": {k: v for k, v in config.items() if k != "adapter_config"},
-        # the training config without the reload check's log-probs (numbers, not settings)
-        "train_config": {k: v for k, v in cfg.items() if k != "check_logps"} or None if adapter else None,
-    }, indent=1, default=str, ensure_ascii=False) + "\n")
-    print(f"wrote {path}")
-
-def main(argv=None):
-    args = parse_args(argv)                 # a bad flag: argparse's message, exit 2 too
-    try:
-        return evaluate(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)  # one line on stderr, no traceback
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ import torch
 
 import corpus
 import evaluate as ev
+import summaries
 import longbench
 from models import load_model, tiny_tokenizer, tokenizer_fingerprint
 
@@ -651,7 +652,7 @@ def test_cpu_model_names_family_model_and_kernels(tmp_path):
                     "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
                     "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: Other\n\n")
     kernels = torch.backends.cpu.get_cpu_capability()
-    assert ev.cpu_model(str(info)) == f"AMD EPYC (family 25 model 17), torch {kernels}"
+    assert summaries.cpu_model(str(info)) == f"AMD EPYC (family 25 model 17), torch {kernels}"
     info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n")   # no numbers
-    assert ev.cpu_model(str(info)) == f"Intel(R) Xeon(R) Processor, torch {kernels}"
-    assert ev.cpu_model(str(tmp_path / "missing")).endswith(f", torch {kernels}")
+    assert summaries.cpu_model(str(info)) == f"Intel(R) Xeon(R) Processor, torch {kernels}"
+    assert summaries.cpu_model(str(tmp_path / "missing")).endswith(f", torch {kernels}")

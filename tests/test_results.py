@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import summaries
 from test_evaluate import make_adapter
 from models import tiny_tokenizer
 
@@ -368,18 +369,18 @@ def test_raised_rope_theta_is_the_rope_method_and_a_clash_is_refused_before_load
     rope = json.loads((results / "rope_ppl_64_prose.json").read_text())
     row = rope["metrics"]["lengths"]["64"]
     assert rope["rope_theta"] == 20000.0 and row["tokens"] == 128 - 2 and row["ppl"] > 1
-    assert ev.method_of(ev.parse_args(["--task", "ppl", "--rope_theta", "1e4"]), {}, False,
-                        1e4) == "base"
+    assert summaries.method_of(ev.parse_args(["--task", "ppl", "--rope_theta", "1e4"]), {}, False,
+                               1e4) == "base"
     with pytest.raises(SystemExit) as e:                       # another rope_theta, same name
         ev.main(common + ["--rope_theta", "40000"])
     assert e.value.code == 2
     assert "holds the summary of another model" in capsys.readouterr().err
     ev.main(common + ["--rope_theta", "40000", "--results_tag", "theta4e4"])
     assert "rope_ppl_64_prose_theta4e4.json" in os.listdir(results)
-    assert ev.method_of(ev.parse_args(["--task", "qa"]), {"loss": "sft", "num_rejected": 2},
-                        True, None) == "sft"
-    assert ev.method_of(ev.parse_args(["--task", "qa"]), {"loss": "logo", "num_rejected": 1},
-                        True, None) == "logo_m1"
+    assert summaries.method_of(ev.parse_args(["--task", "qa"]), {"loss": "sft", "num_rejected": 2},
+                               True, None) == "sft"
+    assert summaries.method_of(ev.parse_args(["--task", "qa"]), {"loss": "logo", "num_rejected": 1},
+                               True, None) == "logo_m1"
 
 
 def test_pair_prints_wilson_intervals_patterns_and_the_exact_mcnemar_test(tmp_path):
