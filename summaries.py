@@ -1,8 +1,9 @@
 """
-Results summaries: one small JSON per model in evaluate.py's --results_dir,
+Results summaries: one small JSON per model in evaluate.py's --results_dir, named
 METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json (e.g. results/logo_s1_qa_2K_e1234.json), the only input of
-results/make_table.py, so the README's results table is never typed by hand. evaluate.py settles their names before
-any model loads and writes them last.
+results/make_table.py, so the README's results table is never typed by hand. evaluate.py settles their names before any
+model loads (plan_summaries) and writes them last (summary_text); a task's entry in evaluate.py's TASKS names its data
+tag and, where it has one, its own metrics.
 """
 
 import hashlib
@@ -19,6 +20,8 @@ import torch
 from model_patch import get_rope_theta
 from models import UserError, load_config
 
+
+# ----------------------------------------------------------------------------------------
 # A summary's metrics (summary_text below): by default the result with its samples' ids and without the predictions;
 # a task whose TASK.json layout predates that names its own fields (TASKS' "summary" in evaluate.py).
 def sample_ids(res, samples):
@@ -56,6 +59,9 @@ def file_tag(path):
     """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
     return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
 
+
+# ----------------------------------------------------------------------------------------
+# Names (method, seed, task, lengths, data), the clash check, which code and machine made it, the summary itself.
 def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
     """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft / logo / logo_mM (the
     adapter's loss and M = num_rejected; plain logo for M = 2)."""
