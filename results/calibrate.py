@@ -44,7 +44,7 @@ def main(argv=None):
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--task", "qa", "--model", args.model, "--lengths", args.length,
-                  "--max_samples", args.num, "--threads", os.cpu_count()]
+                  "--max_samples", args.num]
         evaluate(*common, "--seed", args.seed, "--dry_run", "--out_dir", f"{tmp}/records")
         records = [json.loads(x)["record"] for x in open(f"{tmp}/records/qa_samples.jsonl")]
         with open(f"{tmp}/critical.jsonl", "w") as f:       # the paragraph holding the answer

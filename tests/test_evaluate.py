@@ -12,6 +12,7 @@ import torch
 
 import corpus
 import evaluate as ev
+import summaries
 import longbench
 from models import load_model, tiny_tokenizer, tokenizer_fingerprint
 
@@ -241,10 +242,9 @@ def test_ppl_of_a_random_model_is_near_the_vocabulary_size(tmp_path):
     assert all(200 < r["ppl"] < 330 for r in rows)             # near-uniform over 261 tokens
 
 
-def test_qa_reports_accuracy_per_context_length_even_beyond_the_native_window(tmp_path, capsys):
+def test_qa_reports_accuracy_per_context_length_even_beyond_the_native_window(tmp_path):
     saved, _ = run(tmp_path, "--task", "qa", "--lengths", "2K,5K", "--max_samples", "2",
                    "--max_new_tokens", "4")
-    assert "exceed tiny's native window of 4096" in capsys.readouterr().out
     lengths = saved["results"]["base"]["lengths"]
     assert set(lengths) == {"2048", "5120"}
     for L, v in lengths.items():
@@ -304,7 +304,7 @@ def test_answer_rates_have_no_distractor_rate_without_ground_truth():
 
 @pytest.fixture(scope="module")
 def nlp():
-    return ev.load_ner(ev.parse_args(["--task", "qa"]))
+    return ev.load_ner()
 
 
 def test_error_patterns_of_hand_made_predictions(nlp):
@@ -435,7 +435,7 @@ def test_longbench_prompts_templates_truncation_and_metrics(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------------------
 # Adapters.
 
-def make_adapter(path, rope_theta=None, model="tiny", fingerprint=None, hidden_size=None):
+def make_adapter(path, rope_theta=None, model="tiny", hidden_size=None):
     """A random (non-zero) LoRA on a tiny model, saved the way train.py does."""
     from peft import LoraConfig, get_peft_model
     from models import LlamaForCausalLM, tiny_config
@@ -449,7 +449,7 @@ def make_adapter(path, rope_theta=None, model="tiny", fingerprint=None, hidden_s
     with open(os.path.join(path, "logo_config.json"), "w") as f:
         json.dump({"model": model, "model_path": model, "rope_theta": rope_theta,
                    "target_len": 4096,
-                   "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tiny_tokenizer())},
+                   "tokenizer_fingerprint": tokenizer_fingerprint(tiny_tokenizer())},
                   f)
     return path
 
@@ -534,10 +534,8 @@ def test_a_killed_qa_run_continues_from_its_cached_answers(tmp_path, monkeypatch
     resumed, _ = run(tmp_path, *argv)
     assert "resuming: 1 answers on file" in capsys.readouterr().out
     assert len(calls) == 2 and resumed["results"]["base"]["reused_answers"] == 1
-    assert sum(resumed["results"]["base"]["answer_sources"].values()) == 3
-    drop = ("reused_answers", "answer_sources")
-    assert {k: v for k, v in resumed["results"]["base"].items() if k not in drop} == \
-        {k: v for k, v in fresh["results"]["base"].items() if k not in drop}
+    assert {k: v for k, v in resumed["results"]["base"].items() if k != "reused_answers"} == \
+        {k: v for k, v in fresh["results"]["base"].items() if k != "reused_answers"}
     assert len(cache.read_text().splitlines()) == 4          # the cut line + two whole ones
     calls.clear()
     again, _ = run(tmp_path, *argv)
@@ -627,7 +625,7 @@ def test_cpu_model_names_family_model_and_kernels(tmp_path):
                     "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
                     "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: Other\n\n")
     kernels = torch.backends.cpu.get_cpu_capability()
-    assert ev.cpu_model(str(info)) == f"AMD EPYC (family 25 model 17), torch {kernels}"
+    assert summaries.cpu_model(str(info)) == f"AMD EPYC (family 25 model 17), torch {kernels}"
     info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n")   # no numbers
-    assert ev.cpu_model(str(info)) == f"Intel(R) Xeon(R) Processor, torch {kernels}"
-    assert ev.cpu_model(str(tmp_path / "missing")).endswith(f", torch {kernels}")
+    assert summaries.cpu_model(str(info)) == f"Intel(R) Xeon(R) Processor, torch {kernels}"
+    assert summaries.cpu_model(str(tmp_path / "missing")).endswith(f", torch {kernels}")
