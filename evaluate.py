@@ -525,7 +525,7 @@ def run_longbench(args, lm, tok, samples, label, cache):
                                      preds[d][-1]["all_classes"])
         print(f"{label} {d}: {scores[d]:.2f} ({len(preds[d])} samples)")
     return {"datasets": scores, "samples": {d: len(p) for d, p in preds.items()}, "max_length": max_length,
-            "categories": longbench.category_scores(scores), "skipped": lb["skipped"]}
+            "categories": longbench.category_scores(scores)}
 
 # name: (samples, run, spec). "flags": the task's flags saved in configs; "data": the summary name's data tag ('e1234'
 # = the built-in corpus, seed 1234; 'prose' = the filler prose; else the file's name); "metrics": the CSV's columns,
@@ -657,7 +657,7 @@ def evaluate(args):
         [(label, True, rope)] * bool(args.adapter)
     config = {**{k: getattr(args, k) for k in COMMON_FLAGS + spec["flags"]}, "lengths": lengths, "label": label}
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
-    config.update(resolved_model=preset, adapter_config=cfg or None, jieba=longbench.jieba is not None)
+    config.update(resolved_model=preset, adapter_config=cfg or None)
     # summary names (and clashes with another model's file) settled before any model loads
     plans = plan_summaries(args, runs, lengths, eval_data_tag(args)) if args.results_dir else {}
     results = {}                                     # label -> run_fn's result
