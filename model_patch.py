@@ -26,7 +26,6 @@ FlexAttention on CUDA (see "The packed forward" below; bench.py measures the gai
 
 import functools
 import sys
-import warnings
 
 import torch
 
@@ -44,24 +43,6 @@ def set_rope_theta(config, rope_theta):
     params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
     params["rope_theta"] = float(rope_theta)
     config.rope_parameters = params
-
-def check_rope(config, target_len, native_len=None, rope_theta_changed=False):
-    """Warn when positions up to target_len go beyond what the RoPE settings were trained for.
-
-    Rotary embeddings compute any position, so nothing breaks; but a model has only seen
-    distances up to its native window, and extending the window without raising the RoPE
-    base (or training, which is what LOGO's position synthesis does) degrades quality.
-    """
-    native = native_len or getattr(config, "max_position_embeddings", None)
-    if native and target_len > native:
-        how = (f"rope_theta={get_rope_theta(config):g} was raised for this"
-               if rope_theta_changed else
-               f"unchanged RoPE settings (rope_theta={get_rope_theta(config):g}); "
-               "consider --rope_theta (the released code used 2e8 for Llama-3 8K -> 64K)")
-        warnings.warn(f"positions up to {target_len} exceed the model's native window of "
-                      f"{native} tokens, with {how}", stacklevel=2)
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------

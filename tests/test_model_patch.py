@@ -324,15 +324,6 @@ def test_positions_up_to_131072_run_forward_and_backward(arch):
     torch.testing.assert_close(logps["split"].detach(), logps["unpacked"].detach(), rtol=0, atol=1e-5)
 
 
-def test_rope_helper_warns_when_the_target_length_exceeds_the_native_window():
-    config = models.tiny_config(V)                  # native window 4096
-    with pytest.warns(UserWarning, match="exceed the model's native window of 4096"):
-        assert model_patch.check_rope(config, 8192) is False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert model_patch.check_rope(config, 4096) is True
-
-
 def test_rope_theta_from_a_preset_reaches_the_rotary_tables():
     model = models.load_model("tiny", rope_theta=1e6)
     assert model_patch.get_rope_theta(model.config) == 1e6
