@@ -1,7 +1,9 @@
 """
 prepare.py: LOGO's training data, long-context QA -> packed tensors on disk (paper Sec. 3.2.2). make_shard()
 runs the paper's steps 1-7 in order, one function each (chunk_and_score, build_contexts, generate checked by our
-response evaluator, synthesize_and_pack), on the built-in corpus (corpus.py) or an --input JSONL file.
+response evaluator, synthesize_and_pack), on the built-in corpus or an --input JSONL file (corpus.py), into
+--out_dir: shard_*.safetensors (rows prefix | chosen | rejected 1..M; seeded per sample and written atomically,
+so a killed and rerun job writes the same bytes), meta.json (counts, skips per reason, quality), preview.jsonl.
 
     python prepare.py                                   # CPU demo: 64 built-in samples
     python prepare.py --model llama3-8b-80k --input long.jsonl --out_dir data/l3
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 import model_patch
 import models
-from corpus import qa_record
+from corpus import read_records
 from entities import doc_features, load_sentencizer, load_spacy, sentence_starts, sentence_token_starts, split_chunks
 from models import UserError
 from positions import distance_coverage, draw_mode, pack_position_ids, synthesize_position_ids
@@ -129,55 +131,6 @@ def resolve(args):
             raise user_error("invalid flags", where, todo)
     return preset
 
-def read_records(args):
-    """Every record as (index, record or None, skip reason). This worker's records are parsed
-    now, so a malformed line stops the run before any model loads; the other workers' are left to them
-    (record i is in shard i // shard_size, shard j belongs to worker j % num_shards)."""
-    mine = lambda i: (i // args.shard_size) % args.num_shards == args.shard_id
-    if args.input is None:       # built-in corpus: record i is generated from (i, --seed)
-        chars = 5 * args.chunk_len * args.num_chunks   # ~1.25 N chunks at ~4 chars per token: C' is a draw
-        return [(i, qa_record(i, chars, args.seed) if mine(i) else None, None) for i in range(args.num_samples)]
-    try:
-        lines = Path(args.input).read_bytes().split(b"\n")
-    except OSError as e:
-        raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the --input path") from None
-    numbered = [(n, raw) for n, raw in enumerate(lines, 1) if raw.strip()][:args.num_samples]  # blank: no record
-    items = [(i,) + (parse_record(raw, f"{args.input}:{n}") if mine(i) else (None, None))
-             for i, (n, raw) in enumerate(numbered)]
-    if not items:
-        raise user_error("the input has no records", args.input,
-                         "give a JSONL file with one {context, question, answer} object per line")
-    return items
-
-def parse_record(raw, where):
-    """One JSONL line -> (record, None), or (None, reason) for a record that can make no sample (counted). A
-    malformed line is an error: a file that is not the JSONL it should be is better fixed than half read."""
-    bad = lambda what, todo: user_error(what, where, todo)
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise bad(f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise bad(f"malformed JSON: {e.msg} at column {e.colno}", "fix the line: one JSON object per line") from None
-    if not isinstance(obj, dict):
-        raise bad("the line is not a JSON object", "write one {...} object per line")
-    fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}
-    for name, value in fields.items():                 # LongBench's question is its 'input'
-        if not isinstance(value, str):
-            alias = " (or LongBench's 'input')" if name == "question" else ""
-            raise bad(f"record has no text field '{name}'{alias}", "every record needs 'context' and 'question' "
-                      "strings")
-    empty = [name for name, value in fields.items() if not value.strip()]
-    if empty:                          # LongBench's gov_report, multi_news: 'input' is empty
-        return None, f"empty_{empty[0]}"
-    answer = obj.get("answer", obj.get("answers"))     # LongBench: 'answers', the first one is gold
-    answer = (answer[0] if answer else None) if isinstance(answer, list) else answer
-    answer = None if answer is None else str(answer) or None   # a bare number (a year) counts
-    # answer_sentence counts only next to an answer: it stands in for a wrong chosen answer.
-    sentence = obj.get("answer_sentence")
-    sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
-    return dict(fields, answer=answer, answer_sentence=sentence), None
-
 
 # The per-sample record and the counts.
 
@@ -232,7 +185,7 @@ def score_chunks(question_feats, chunk_feats):
 def chunk_and_score(args, tok, nlp, items, counts):
     """Steps 1-2 for a shard's records -> Samples with chunks and scores."""
     samples = [Sample(index, rec) for index, rec, _ in items if rec is not None]
-    counts.update("skipped/" + reason for _, rec, reason in items if rec is None)  # read_records'
+    counts.update("skipped/" + reason for _, rec, reason in items if rec is None)  # corpus.read_records'
     # Sentence borders: rule-based, ~1M chars per CPU-second, cheap next to NER.
     docs = load_sentencizer().pipe([s.rec["context"] for s in samples], batch_size=8)
     kept = []
@@ -620,7 +573,11 @@ def summarize(args, config, num_records):
 def run(args):
     t_start = time.time()
     preset = resolve(args)
-    records = read_records(args)                       # fails fast on malformed lines
+    # This worker's records only, so a malformed line stops it before any model loads (record i is in shard
+    # i // shard_size, shard j belongs to worker j % num_shards). Built-in contexts of ~1.25 N chunks at ~4
+    # chars per token: C' is a draw from the context, not all of it.
+    records = read_records(args.input, args.num_samples, 5 * args.chunk_len * args.num_chunks, args.seed,
+                           lambda i: (i // args.shard_size) % args.num_shards == args.shard_id)
     num_total = math.ceil(len(records) / args.shard_size)
     mine = [j for j in range(num_total) if j % args.num_shards == args.shard_id]
     if args.threads:
