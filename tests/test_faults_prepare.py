@@ -11,9 +11,11 @@ import sys
 import pytest
 import safetensors.torch
 
+import models
 import prepare
 from corpus import qa_record
 from models import tiny_tokenizer
+from train_helpers import answers_finished
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--max_new_tokens", "6"]
@@ -56,7 +58,7 @@ def test_a_malformed_json_line_stops_with_its_file_and_line_from_the_command_lin
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: malformed JSON")
-    assert f"({src}:2)" in r.stderr and "--skip_bad" in r.stderr
+    assert f"({src}:2)" in r.stderr and "fix the line" in r.stderr
     no_partial_files(out)
 
 
@@ -89,37 +91,21 @@ def test_an_empty_input_file_is_an_error(tmp_path, capsys):
     no_partial_files(tmp_path / "o")
 
 
-# Per-record misses: skipped and counted by default (real corpora hold them by the hundred),
-# the one-line error with --strict.
+# Per-record misses: skipped and counted (real corpora hold them by the hundred).
 PER_RECORD_MISSES = [
-    ("short_context", dict(context="Maria Lopez lives in Boston."), [],      # 28 bytes < 64
-     ["context has 28 tokens", "--chunk_len 64"]),
-    ("no_entity_overlap", dict(question="What colour is the sky on a clear day?"), [],
-     ["shares no named entity"]),
-    ("answer_too_long", dict(answer="a very long gold answer of many bytes"),   # 37 byte tokens
-     ["--chosen", "gold", "--max_new_tokens", "20"], ["gold answer has 37 tokens", "--max_new_tokens 20"]),
-    ("empty_question", dict(question="  "), [], ["the record's 'question' is empty"]),
-    ("empty_context", dict(context=""), [], ["the record's 'context' is empty"]),
+    ("short_context", dict(context="Maria Lopez lives in Boston.")),      # 28 bytes < 64
+    ("no_entity_overlap", dict(question="What colour is the sky on a clear day?")),
+    ("empty_question", dict(question="  ")),
+    ("empty_context", dict(context="")),
 ]
 
 
-@pytest.mark.parametrize("reason,change,flags,expected", PER_RECORD_MISSES,
-                         ids=[m[0] for m in PER_RECORD_MISSES])
-def test_a_record_that_cannot_make_a_sample_is_an_error_with_strict(tmp_path, capsys, reason, change,
-                                                                      flags, expected):
-    src = write_jsonl(tmp_path / "in.jsonl", [dict(good(), **change)])
-    fails(capsys, TINY + ["--input", src, "--out_dir", str(tmp_path / "o"), "--strict"] + flags,
-          *expected, f"{src}:1", "drop --strict")
-    no_partial_files(tmp_path / "o")
-
-
-@pytest.mark.parametrize("reason,change,flags,expected", PER_RECORD_MISSES,
-                         ids=[m[0] for m in PER_RECORD_MISSES])
-def test_a_record_that_cannot_make_a_sample_is_skipped_and_counted_by_default(tmp_path, capsys, reason,
-                                                                             change, flags, expected):
+@pytest.mark.parametrize("reason,change", PER_RECORD_MISSES, ids=[m[0] for m in PER_RECORD_MISSES])
+def test_a_record_that_cannot_make_a_sample_is_skipped_and_counted(tmp_path, capsys, monkeypatch, reason, change):
+    monkeypatch.setattr(models, "generate_batch", answers_finished(models.generate_batch))   # train_helpers
     src = write_jsonl(tmp_path / "in.jsonl", [good(1), dict(good(), **change)])
     out = str(tmp_path / "o")
-    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--cut_answers", "open"] + flags) == 0
+    assert prepare.main(TINY + ["--input", src, "--out_dir", out]) == 0
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["counts"]["skipped"] == {reason: 1} and meta["counts"]["kept"] == 1
     assert f"skipped 1 ({reason} 1)" in capsys.readouterr().out
@@ -169,15 +155,17 @@ def test_a_full_disk_while_writing_a_shard_leaves_no_partial_file(tmp_path, caps
     no_partial_files(out)
 
 
-def test_a_longbench_file_with_an_empty_input_and_a_record_sharing_no_entity_runs_to_the_end(tmp_path, capsys):
-    lb = lambda r, **kw: dict({"context": r["context"], "input": r["question"], "answers": [r["answer"]],
+def test_a_longbench_file_with_an_empty_input_and_a_record_sharing_no_entity_runs_to_the_end(tmp_path, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(models, "generate_batch", answers_finished(models.generate_batch))   # train_helpers
+    # no 'answers': the chosen is the model's own answer (the random model would never state a gold one)
+    lb = lambda r, **kw: dict({"context": r["context"], "input": r["question"],
                                "length": 300, "dataset": "hotpotqa", "_id": "x"}, **kw)
     lines = [lb(good(1)), lb(good(2), input=""),                      # gov_report-style: no question
              lb(good(3), input="What colour is the sky on a clear day?"), lb(good(4))]
     src = write_jsonl(tmp_path / "lb.jsonl", lines)
     out = str(tmp_path / "o")
-    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--cut_answers", "open",
-                                "--chosen", "model"]) == 0
+    assert prepare.main(TINY + ["--input", src, "--out_dir", out]) == 0
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["counts"]["skipped"] == {"empty_question": 1, "no_entity_overlap": 1}
     assert meta["counts"]["read"] == 4 and meta["counts"]["kept"] == 2

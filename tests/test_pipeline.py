@@ -7,11 +7,11 @@ import math
 
 from safetensors import safe_open
 
-from train_helpers import run_script
+from train_helpers import ANSWERS_FINISHED, planted, run_script
 
 
-def script(name, *args):
-    r = run_script(name, *args)
+def script(name, *args, env=None):
+    r = run_script(name, *args, env=env)
     assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -19,9 +19,9 @@ def script(name, *args):
 def test_prepare_then_train_then_evaluate_on_the_tiny_preset(tmp_path):
     data, run, ev = tmp_path / "data", tmp_path / "logo", tmp_path / "eval"   # label: run folder
 
-    # --cut_answers open: the random tiny model never ends a sentence (see test_prepare.py)
+    # The random tiny model never ends a sentence: its answers count as finished (train_helpers)
     script("prepare.py", "--model", "tiny", "--num_samples", 4, "--max_new_tokens", 6,
-           "--seed", 0, "--threads", 1, "--cut_answers", "open", "--out_dir", data)
+           "--seed", 0, "--threads", 1, "--out_dir", data, env=planted(tmp_path, ANSWERS_FINISHED))
     meta = json.loads((data / "meta.json").read_text())
     assert meta["complete"] and meta["counts"]["kept"] == 4
     with safe_open(str(data / "shard_00000.safetensors"), "np") as f:

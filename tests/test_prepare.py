@@ -21,14 +21,18 @@ import models
 import prepare
 from corpus import qa_record
 from models import UserError, tiny_tokenizer
+from train_helpers import ANSWERS_FINISHED, answers_finished, planted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --threads 1: float sums may round differently across thread counts, and byte-for-byte
 # comparisons need the same arithmetic in every run.
-# --cut_answers open: the random tiny model never writes a sentence, so its cut answers are
-# kept, without end-of-turn (the real model's are trimmed to their last sentence).
-TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0", "--threads", "1",
-        "--cut_answers", "open"]  # chunk_len 64, N 8, K 4096
+TINY = ["--model", "tiny", "--max_new_tokens", "6", "--seed", "0", "--threads", "1"]  # chunk_len 64, N 8, K 4096
+
+
+@pytest.fixture(autouse=True)
+def tiny_answers_finish(monkeypatch):
+    """The tiny model's answers count as finished, closed by end-of-turn (train_helpers.answers_finished)."""
+    monkeypatch.setattr(models, "generate_batch", answers_finished(models.generate_batch))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,9 @@ def nlp():
 def demo_run(tmp_path_factory):
     """6 built-in records in 3 shards of 2, built once for the tests below."""
     out = str(tmp_path_factory.mktemp("demo"))
-    assert prepare.main(TINY + ["--out_dir", out, "--num_samples", "6", "--shard_size", "2"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "generate_batch", answers_finished(models.generate_batch))
+        assert prepare.main(TINY + ["--out_dir", out, "--num_samples", "6", "--shard_size", "2"]) == 0
     return out
 
 
@@ -137,9 +143,6 @@ def test_chunks_reaching_delta_are_critical_in_original_order():
 def test_too_few_chunks_reaching_delta_fall_back_to_rank_order():
     # nothing reaches 6: the best-ranked chunk (score 4) is taken, ties go to the earlier chunk
     assert prepare.select_critical([0, 3, 4, 1, 4], delta=6) == ([2], True)
-    assert prepare.select_critical([0, 3, 4, 1, 4], delta=6, min_critical=2) == ([2, 4], True)
-    # zero-score chunks are never critical, even to reach min_critical
-    assert prepare.select_critical([0, 2, 0], delta=6, min_critical=3) == ([1], True)
 
 
 def test_a_question_sharing_no_entity_gives_no_critical_chunk():
@@ -160,7 +163,7 @@ def test_shared_context_keeps_every_critical_chunk_and_the_original_order():
 def test_rejected_contexts_hold_irrelevant_chunks_or_half_the_critical_ones():
     chunks = [[10 * i + j for j in range(4)] for i in range(10)]       # chunk i = tokens 10i..10i+3
     g = torch.Generator().manual_seed(0)
-    sample = lambda critical: prepare.Sample(0, "t:1", {}, chunks=chunks, critical=critical,
+    sample = lambda critical: prepare.Sample(0, {}, chunks=chunks, critical=critical,
                                              irrelevant=[0, 1, 6, 7, 9], g=g)
     critical, irrelevant = [2, 5], [0, 1, 6, 7, 9]
     contexts, kinds = prepare.response_contexts(sample(critical), 4, None)
@@ -260,15 +263,14 @@ def test_rows_are_prefix_then_chosen_then_rejected_with_synthesized_positions(de
         assert tok.decode(ids[:P].tolist()) == expected_prefix
         # segments 0 | 1 | 2 | 3 in that order. The random model never states the answer:
         # chosen is the record's answer sentence, closed by end-of-turn; the rejected ones are
-        # its 6-token answers, cut by the budget with no sentence in them, stored open (or,
-        # when the 6th token is end-of-turn, a 5-token answer that finished in the budget).
+        # its answers of at most 6 tokens (finished: tiny_answers_finish), closed by end-of-turn.
         s = seg.tolist()
         assert s == sorted(s) and set(s) == {0, 1, 2, 3}
         assert p["chosen_source"] == "gold_sentence"
         assert tok.decode(ids[seg == 1].tolist()) == rec["answer_sentence"] + "<|im_end|>"
         for k in (2, 3):
             resp = ids[seg == k]
-            assert len(resp) == 6 and (resp[:-1] != eot).all()
+            assert len(resp) <= 7 and resp[-1] == eot and (resp[:-1] != eot).all()
         prefix = pos[:P]
         assert (prefix[1:] > prefix[:-1]).all()
         starts = {int(pos[seg == k][0]) for k in (1, 2, 3)}
@@ -276,18 +278,21 @@ def test_rows_are_prefix_then_chosen_then_rejected_with_synthesized_positions(de
         assert int(pos.max()) < 4096
 
 
-def test_counts_nest_into_the_shard_header_layout_and_add_up_across_shards():
+def test_counts_nest_into_the_meta_json_layout_and_add_up_across_shards():
     c = Counter({"read": 3, "kept": 2, "skipped/short_context": 1, "states_gold/chosen": 1, "checked/chosen": 2,
-                 "responses/generated": 6, "chosen_source/model": 2, "chunking/sentence": 2})
+                 "responses/generated": 6, "chosen_source/model": 2})
     n = prepare.nest(c)
     assert n["skipped"] == {"short_context": 1} and n["read"] == 3 and n["rows"] == 0
     assert n["quality"] == {"chosen": [1, 2], "irrelevant": [0, 0], "partial": [0, 0], "similar": [0, 0]}
     assert n["responses"]["generated"] == 6 and n["chosen_source"] == dict(
-        model=2, gold_sentence=0, model_hinted=0, gold=0, model_unchecked=0)
-    # two shard headers (read back from JSON) sum to the counts of both shards, nested
+        model=2, gold_sentence=0, model_hinted=0, model_unchecked=0)
+    # two shard headers' counts (read back from JSON) sum to the counts of both shards, nested
     c2 = Counter({"read": 2, "kept": 1, "skipped/no_entity_overlap": 1, "skipped/short_context": 1,
-                  "checked/chosen": 1, "responses/generated": 3, "slot_n/1": 1, "chunking/fixed": 1})
-    both = prepare.add(json.loads(json.dumps(n)), json.loads(json.dumps(prepare.nest(c2))))
+                  "checked/chosen": 1, "responses/generated": 3, "slot_n/1": 1})
+    both = Counter()
+    for header_counts in (json.loads(json.dumps(c)), json.loads(json.dumps(c2))):
+        both.update(header_counts)
+    both = prepare.nest(both)
     assert both == prepare.nest(c + c2) and both["skipped"] == {"short_context": 2, "no_entity_overlap": 1}
     assert both["quality"]["chosen"] == [1, 3] and both["slot_n"] == {"1": 1}
 
@@ -332,39 +337,23 @@ def write_jsonl(path, lines):
     return str(path)
 
 
-def test_skip_bad_counts_every_skipped_record_by_reason(tmp_path):
+def test_every_skipped_record_is_counted_by_reason(tmp_path):
     good = [qa_record(i, 1200, 7) for i in range(3)]
-    lines = [good[0], b"{not json", {"context": "x" * 500}, b"\xff\xfe bad bytes",
-             {"context": "Too short.", "question": "Where is Maria Lopez?"},
+    lines = [good[0], {"context": "Too short.", "question": "Where is Maria Lopez?"},
              {"context": good[1]["context"], "question": "What is the colour of the sky?"},
              {"context": good[1]["context"], "input": good[1]["question"], "answers": [good[1]["answer"]]},
              good[2]]
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out = str(tmp_path / "out")
-    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--skip_bad", "--delta", "2",
-                                "--shard_size", "3", "--chosen", "model"]) == 0
+    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--delta", "2", "--shard_size", "3"]) == 0
     c = json.load(open(os.path.join(out, "meta.json")))["counts"]
     # (with the corpus before its calibration, the random tiny model also repeated its
     # chosen answer in every rejected one for one record: rejected_same_as_chosen, tested on
     # its own in test_rejected_answers_identical_to_the_chosen_one_are_never_kept; not here)
-    assert c["skipped"] == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1,
-                            "short_context": 1, "no_entity_overlap": 1}
-    assert (c["read"], c["kept"]) == (8, 3) and len(rows(out)) == 3
-
-
-def test_gold_chosen_responses_are_the_answer_sentence_or_the_bare_answer_and_end_of_turn(tmp_path):
-    recs = [qa_record(i, 1200, 3) for i in range(2)]
-    recs[1].pop("answer_sentence")                     # a record without one: the bare answer
-    src = write_jsonl(tmp_path / "in.jsonl", recs)
-    out = str(tmp_path / "out")
-    assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--chosen", "gold", "--delta", "2",
-                                "--max_new_tokens", "48"]) == 0
-    tok = tiny_tokenizer()
-    got = [tok.decode(ids[seg == 1].tolist()) for ids, _, seg in rows(out)]
-    assert got == [recs[0]["answer_sentence"] + "<|im_end|>", recs[1]["answer"] + "<|im_end|>"]
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["quality"]["contains_gold"]["chosen"] == 1.0
-    assert meta["chosen_source"] == dict(model=0, gold_sentence=1, model_hinted=0, gold=1, model_unchecked=0)
+    # The LongBench record has no answer_sentence, and the random model never states its answer, not even
+    # with it given: chosen_unverified.
+    assert c["skipped"] == {"short_context": 1, "no_entity_overlap": 1, "chosen_unverified": 1}
+    assert (c["read"], c["kept"]) == (5, 2) and len(rows(out)) == 2
 
 
 def test_workers_splitting_the_shards_write_the_same_bytes_as_one_process(demo_run, tmp_path):
@@ -382,7 +371,8 @@ def test_a_run_killed_after_its_first_shard_resumes_to_identical_bytes(demo_run,
     out = str(tmp_path / "killed")
     cmd = [sys.executable, "prepare.py"] + TINY + ["--out_dir", out, "--num_samples", "6",
                                                    "--shard_size", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, **planted(tmp_path, ANSWERS_FINISHED))            # as demo_run's answers
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = os.path.join(out, "shard_00000.safetensors")
     deadline = time.time() + 300
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
@@ -392,7 +382,7 @@ def test_a_run_killed_after_its_first_shard_resumes_to_identical_bytes(demo_run,
     done = shards(out)
     assert "shard_00000.safetensors" in done and len(done) < 3, f"not killed mid-run: {done}"
     assert not os.path.exists(os.path.join(out, "meta.json"))
-    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "1 already done" in rerun.stdout or "2 already done" in rerun.stdout
     assert sorted(os.listdir(out)) == ["meta.json", "preview.jsonl"] + shards(demo_run)
@@ -423,8 +413,7 @@ def run_evaluator(tmp_path, monkeypatch, rule, recs, *flags):
     out = str(tmp_path / "out")
     # 256-byte chunks: a corpus sentence (<= ~130 bytes) is never longer than half a chunk
     assert prepare.main(TINY + ["--input", src, "--out_dir", out, "--delta", "2", "--chunk_len", "256",
-                                "--max_new_tokens", "64", "--preview", "20", "--cut_answers", "trim"]
-                        + list(flags)) == 0
+                                "--max_new_tokens", "64"] + list(flags)) == 0
     meta = json.load(open(os.path.join(out, "meta.json")))
     preview = [json.loads(line) for line in open(os.path.join(out, "preview.jsonl"))]
     return meta, preview, rows(out)
@@ -472,7 +461,7 @@ def test_a_wrong_chosen_answer_is_replaced_by_the_gold_answer_in_a_sentence(tmp_
     rule = lambda p: (f"Surely it was {gold(p)}." if "Correct answer:" in p else "It was Nowhere.", True)
     meta, preview, all_rows = run_evaluator(tmp_path, monkeypatch, rule, recs)
     assert meta["counts"]["kept"] == 4 and meta["quality"]["contains_gold"]["chosen"] == 1.0
-    assert meta["chosen_source"] == dict(model=0, gold_sentence=2, model_hinted=2, gold=0, model_unchecked=0)
+    assert meta["chosen_source"] == dict(model=0, gold_sentence=2, model_hinted=2, model_unchecked=0)
     assert [p["chosen"] for p in preview] == [recs[0]["answer_sentence"], recs[1]["answer_sentence"],
                                               f"Surely it was {recs[2]['answer']}.",
                                               f"Surely it was {recs[3]['answer']}."]
@@ -490,8 +479,9 @@ def test_a_hinted_answer_that_still_misses_the_gold_answer_skips_the_sample(tmp_
 
 def test_rejected_answers_identical_to_the_chosen_one_are_never_kept(tmp_path, monkeypatch):
     recs = [qa_record(i, 2400, 14) for i in range(3)]
-    meta, _, _ = run_evaluator(tmp_path, monkeypatch, lambda p: ("It was  nowhere.", True), recs,
-                               "--chosen", "model")
+    for r in recs:                                     # no gold answer: the model's own chosen, unchecked
+        r.pop("answer"), r.pop("answer_sentence")
+    meta, _, _ = run_evaluator(tmp_path, monkeypatch, lambda p: ("It was  nowhere.", True), recs)
     assert meta["counts"]["kept"] == 0 and meta["counts"]["skipped"] == {"rejected_same_as_chosen": 3}
     assert meta["responses"]["redrawn"] == 3 * 2 * 2          # 3 samples x M = 2 x --redraws 2
 
@@ -506,7 +496,7 @@ def test_cut_answers_end_at_their_last_sentence_and_are_never_stored_as_finished
         return "Nobody knows where she was born and", False               # cut: no sentence
     meta, preview, all_rows = run_evaluator(tmp_path, monkeypatch, rule, recs, "--redraws", "0")
     r = meta["responses"]
-    assert r["cut_trimmed"] + r["cut_dropped"] == r["generated"] and r["finished"] == r["cut_open"] == 0
+    assert r["cut_trimmed"] + r["cut_dropped"] == r["generated"] and r["finished"] == 0
     assert r["cut_trimmed"] >= 4 and r["cut_dropped"] >= 4
     # the dropped rejected answers leave no usable sample; nothing cut was stored open
     assert meta["counts"]["kept"] == 0 and set(meta["counts"]["skipped"]) <= {"rejected_cut", "rejected_states_answer"}
@@ -562,7 +552,7 @@ def planted_fact_rate(recs, tok, flags):
     args = prepare.parse_args(flags)
     prepare.resolve(args)
     counts = Counter()
-    items = [(i, f"planted:{i + 1}", r, None) for i, r in enumerate(recs)]
+    items = [(i, r, None) for i, r in enumerate(recs)]
     samples = prepare.build_contexts(args, tok, prepare.chunk_and_score(args, tok, entities.load_spacy(), items,
                                                                         counts), counts)
     squash = lambda s: re.sub(r"\s+", " ", s)
@@ -607,17 +597,9 @@ def test_a_planted_fact_is_never_cut_at_a_chunk_border(tmp_path):
 
 # ---------------------------------------------------------------------------- positions, device
 
-def test_several_syntheses_per_sample_repeat_the_responses_with_independent_positions(tmp_path):
-    out = str(tmp_path / "k3")
-    assert prepare.main(TINY + ["--out_dir", out, "--num_samples", "2", "--syntheses_per_sample", "3"]) == 0
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    all_rows = rows(out)
-    assert len(all_rows) == 6 == meta["counts"]["rows"] and meta["counts"]["kept"] == 2
-    for k in range(2):
-        same = all_rows[3 * k:3 * k + 3]
-        for ids, pos, seg in same[1:]:
-            assert torch.equal(ids, same[0][0]) and torch.equal(seg, same[0][2])   # same tokens
-            assert not torch.equal(pos, same[0][1])                                # new positions
+def test_distance_coverage_counts_every_position_of_a_row(demo_run):
+    meta = json.load(open(os.path.join(demo_run, "meta.json")))
+    all_rows = rows(demo_run)
     # coverage counts every position of a row: with only prefix positions it is lower
     from positions import distance_coverage
     prefix_only = distance_coverage([pos[seg == 0] for _, pos, seg in all_rows], 4096)
@@ -654,7 +636,7 @@ def test_similar_rejected_context_leaves_out_the_critical_chunks_and_draws_the_m
     the most entities (1, 5); 0 and 3 hold none. One critical chunk: k = 1 drawn
     from the 2k = 2 most alike (4 and 1), never the critical one."""
     feats = [set(), {"a", "b", "c"}, {"ann", "oslo"}, set(), {"oslo"}, {"x"}]
-    s = prepare.Sample(0, "t:1", {}, chunks=[[10 * i + t for t in range(3)] for i in range(6)],
+    s = prepare.Sample(0, {}, chunks=[[10 * i + t for t in range(3)] for i in range(6)],
                        chunk_feats=feats, critical=[2], irrelevant=[0, 3])
     crit = set().union(*(s.chunk_feats[i] for i in s.critical))
     s.similar = sorted((i for i in range(6) if i not in s.critical),
@@ -671,7 +653,10 @@ def test_similar_rejected_context_leaves_out_the_critical_chunks_and_draws_the_m
 
 def test_meta_reports_each_rejected_slot_and_the_base_models_reward_accuracy_on_the_rows(tmp_path):
     out = tmp_path / "hard"
-    meta = prepare.run(prepare.parse_args(TINY + ["--num_samples", "6", "--chosen", "model", "--out_dir", str(out),
+    # Records without a gold answer: the chosen is the model's own answer, unchecked.
+    recs = [{k: qa_record(i, 5 * 64 * 8, 0)[k] for k in ("context", "question")} for i in range(6)]
+    src = write_jsonl(tmp_path / "in.jsonl", recs)
+    meta = prepare.run(prepare.parse_args(TINY + ["--input", src, "--delta", "2", "--out_dir", str(out),
                                                  "--rejected_kinds", "similar,irrelevant,similar"]))
     assert meta["num_rejected"] == 3 and [v["kind"] for v in meta["rejected_slots"].values()] == \
         ["similar", "irrelevant", "similar"]
@@ -684,7 +669,7 @@ def test_meta_reports_each_rejected_slot_and_the_base_models_reward_accuracy_on_
         with torch.no_grad():
             rows.append(model_patch.response_logps_unpacked(model, ids, pos, seg)[0][0])
     assert len(rows) == meta["counts"]["rows"] > 0
-    assert 0 < meta["base_reward_accuracy"] < 1              # --chosen model: the model's own answers, mixed
+    assert 0 < meta["base_reward_accuracy"] < 1              # the model's own answers: mixed
     assert meta["base_reward_accuracy"] == pytest.approx(sum(float(r[0] > r[1:].mean()) for r in rows) / len(rows))
     for m, v in meta["rejected_slots"].items():
         assert v["base_reward_accuracy"] == pytest.approx(sum(float(r[0] > r[int(m)]) for r in rows) / len(rows))

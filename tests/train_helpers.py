@@ -1,7 +1,8 @@
 """Shared by test_train.py and test_faults_train.py: a small prepared data set for the tiny
 preset written the way prepare.py writes it (shards + meta.json), a train.py runner, and
 faults planted in a train.py process (and each process under the deepspeed launcher) by a
-sitecustomize.py that patches a function at interpreter start."""
+sitecustomize.py that patches a function at interpreter start. Also the tiny model's answers
+counted as finished, for the tests that run prepare.py."""
 
 import json
 import os
@@ -80,6 +81,19 @@ def planted(tmp_path, code):
     with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
         f.write(code)
     return {"PYTHONPATH": os.pathsep.join([folder, ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def answers_finished(generate):
+    """models.generate_batch with every answer counted as finished. The random tiny model never writes a
+    sentence, so prepare.py would drop every answer its budget cuts (a real model's: trimmed to the last one)."""
+    return lambda *a, **k: [(toks, True) for toks, _ in generate(*a, **k)]
+
+
+# The same in a prepare.py process: env=planted(tmp_path, ANSWERS_FINISHED).
+ANSWERS_FINISHED = """
+import models
+models.generate_batch = (lambda g: lambda *a, **k: [(t, True) for t, _ in g(*a, **k)])(models.generate_batch)
+"""
 
 
 def nan_at_steps(tmp_path, steps, micro_batches_per_step=2):
