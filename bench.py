@@ -82,7 +82,6 @@ a("--warmup", type=int, default=1, help="untimed steps first")
 a("--steps", type=int, default=3, help="timed steps (median reported)")
 a("--mem_limit_gib", type=float, default=18.0, help="CPU: address space a layout may add once "
   "loaded; beyond it the layout is reported as not fitting (not the kernel's OOM killer)")
-a("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
 a("--seed", type=int, default=0)
 a("--variant", choices=["packed", "unpacked", "reference"], default=None,
   help="internal: run one layout in this process, driven by the main one")
@@ -161,8 +160,6 @@ def run_variant():
     ready, then for each "step" line one step and a JSON line with its times, then after
     "stop" a JSON line with the memory and the log-probs."""
     from torch.utils._triton import has_triton
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, preset = load(getattr(torch, args.dtype))
     model.train()
     if args.grad_ckpt:
@@ -223,25 +220,6 @@ def run_variant():
                              f"{'an allocation of ' + asked.group(0)[9:] if asked else 'an allocation'} failed")
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
     say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
-
-def forward_flops(layers, packed):
-    """Forward FLOPs of one sample in a layout (2 per multiply-add): the transformer layers'
-    matmuls over every token, causal attention over the keys each query sees, and the output
-    layer over the positions that get logits (packed: the predictors of response tokens;
-    unpacked: every position, as the authors' code computes). Backward scales all parts
-    about alike, so the ratio of two layouts is the expected speed-up."""
-    c = RANDOM_MODELS[args.random_model] if args.random_model else {}
-    h = args.hidden_size or c.get("hidden_size")
-    i = h * 7 // 2 if args.hidden_size else c["intermediate_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    k, r, m = args.num_chunks * args.chunk_len + args.question_len, args.response_len, args.num_rejected
-    per_token = 2 * (2 * h * h + 2 * h * kv + 3 * h * i)            # q, o; k, v; gate, up, down
-    tri = lambda n: n * (n + 1) / 2                                   # causal query-key pairs
-    if packed:
-        tokens, pairs, scored = k + (m + 1) * r, tri(k) + (m + 1) * (r * k + tri(r)), (m + 1) * r
-    else:
-        tokens, pairs, scored = (m + 1) * (k + r), (m + 1) * tri(k + r), (m + 1) * (k + r)
-    return layers * (per_token * tokens + 4 * h * pairs) + 2 * h * c["vocab_size"] * scored
 
 def main():
     preset = bench_preset()
@@ -326,13 +304,6 @@ def main():
               f"{p['peak_mem'] / 2**30:.1f} GiB, unpacked {u['peak_mem'] / 2**30:.1f} GiB")
     print(f"{args.steps} timed steps after {args.warmup} warm-up; each layout in its own process, "
           f"taking turns step by step; {p['threads']} threads on {p['device']}")
-    if args.random_model:
-        L, cfg = args.num_layers, RANDOM_MODELS[args.random_model]
-        ratio = {n: forward_flops(n, False) / forward_flops(n, True) for n in (L, 32)}
-        head = 2 * (args.hidden_size or cfg["hidden_size"]) * cfg["vocab_size"] * (m + 1) * (k + r)
-        print(f"forward FLOPs unpacked / packed: {ratio[L]:.2f}x at the {L} layers run (output layer "
-              f"{100 * head / forward_flops(L, False):.0f}% of the unpacked FLOPs), {ratio[32]:.2f}x "
-              f"expected at 32 layers; measured step time ratio {med('unpacked') / med('packed'):.2f}x")
     if args.dtype != "float32" or args.device_check:
         failed = parity(lp, lu, p.get("attention", "?"))
         if failed:

@@ -178,46 +178,44 @@ def resolve_path(path):
     """Preset path -> what from_pretrained takes (hub id, local folder), or 'tiny'."""
     return _convert_gguf(path) if path.startswith("gguf:") else path
 
-def load_tokenizer(path, trust_remote_code=False):
+def load_tokenizer(path):
     if path == "tiny":
         return tiny_tokenizer()
-    tok = AutoTokenizer.from_pretrained(resolve_path(path), trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(resolve_path(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
-def load_config(path, rope_theta=None, trust_remote_code=False, arch="llama"):
+def load_config(path, rope_theta=None, arch="llama"):
     if path == "tiny":
         config = tiny_config(len(tiny_tokenizer()), arch=arch)
     else:
-        config = AutoConfig.from_pretrained(resolve_path(path), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(resolve_path(path))
     if rope_theta is not None:
         set_rope_theta(config, rope_theta)
     return config
 
-def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta=None,
-               seed=0, trust_remote_code=False, zero3=None):
+def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta=None, seed=0, zero3=None):
     """A causal LM from a preset path, hub id or local folder, with RoPE settings applied
     before the rotary tables are built. 'tiny' is random-initialised from `seed`, always whole
     (a random init under zero.Init draws other numbers; deepspeed.initialize partitions it).
     zero3: train.py's DeepSpeed config (stage 3): every process reads only its 1/world_size
     share of every weight (_load_partitioned; 8B in bf16: ~2 GB per process on 8 GPUs, not
     16 GB each). Needs torch.distributed initialised."""
-    config = load_config(path, rope_theta, trust_remote_code)
+    config = load_config(path, rope_theta)
     if path == "tiny":
         torch.manual_seed(seed)
         config._attn_implementation = attn_implementation
         return LlamaForCausalLM(config).to(dtype)
     load = functools.partial(AutoModelForCausalLM.from_pretrained, resolve_path(path), config=config,
-                             dtype=dtype, attn_implementation=attn_implementation,
-                             trust_remote_code=trust_remote_code)
+                             dtype=dtype, attn_implementation=attn_implementation)
     if zero3 is None:
         return load()
     if zero3.get("zero_optimization", {}).get("stage") != 3:
         raise ValueError("load_model(zero3=...) needs a DeepSpeed config with ZeRO stage 3")
     index = checkpoint_index(resolve_path(path))
     if index:
-        return _load_partitioned(config, index, dtype, attn_implementation, trust_remote_code, zero3)
+        return _load_partitioned(config, index, dtype, attn_implementation, zero3)
     # No safetensors (pytorch_model.bin): transformers' DeepSpeed integration, which also builds
     # the model under zero.Init but has rank 0 read the whole checkpoint and gathers each
     # module on every process to fill it (peaks above the share; see README "ZeRO-3 memory").
@@ -284,7 +282,7 @@ def _init_unsynced():
             param.partition()
     return InitUnsynced
 
-def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_code, ds_config):
+def _load_partitioned(config, index, dtype, attn_implementation, ds_config):
     """Build the model under deepspeed.zero.Init (each module's weights are partitioned as
     soon as it is built, and left uninitialised: no_init_weights), then every process reads
     its own slice of every weight from the checkpoint into its partition (p.ds_tensor):
@@ -298,8 +296,7 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
     # neither; deepspeed 0.19.8 ignores its dtype= on CPU): checked below.
     device = deepspeed.get_accelerator().current_device_name()    # zero.Init builds there
     with no_init_weights(), _InitUnsynced(config_dict_or_path=ds_config):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()                 # from_config leaves tied embeddings apart (from_pretrained ties)
     # RoPE tables rebuilt outside zero.Init, whose tensor constructors may cast torch.arange
     # to the model's dtype (transformers 5.24 guards it with prevent_arange_dtype_change, 5.0-5.20 do not)
@@ -333,11 +330,10 @@ def _load_partitioned(config, index, dtype, attn_implementation, trust_remote_co
             p.ds_tensor.data[count:].zero_()                               # the padding
     return model.eval()                 # as from_pretrained returns it
 
-def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, temperature=0.0,
-                   top_p=1.0, seed=0, bar=None):
-    """Greedy (temperature 0) or sampled answers to token-id prompts, batch_size at a time with
-    left padding, longest first (prepare.py's responses, evaluate.py --gen_batch). Returns per
-    prompt (tokens without the stop token, finished: the stop token was produced)."""
+def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, bar=None):
+    """Greedy answers to token-id prompts, batch_size at a time with left padding, longest first
+    (prepare.py's responses, evaluate.py --gen_batch). Returns per prompt (tokens without the
+    stop token, finished: the stop token was produced)."""
     # Longest first: a batch's prompts are of similar length (little padding), and the first
     # batch is the longest, so a memory limit shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -351,12 +347,10 @@ def generate_batch(model, tok, prompts, stop_ids, max_new_tokens, batch_size, te
         for r, i in enumerate(idx):
             ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, T - len(prompts[i]):] = 1
-        torch.manual_seed(seed * 7919 + b)             # sampling draws, reproducible per batch
-        kw = dict(temperature=temperature, top_p=top_p) if temperature > 0 else {}
         with torch.no_grad():           # left padding: the new tokens start at column T in every row
             gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 do_sample=temperature > 0, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stop_ids, pad_token_id=pad, **kw)[:, T:]
+                                 do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad)[:, T:]
         for r, i in enumerate(idx):
             toks = gen[r].tolist()
             # (<= max_new_tokens,) new tokens; after the first stop token comes padding.

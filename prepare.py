@@ -61,7 +61,6 @@ def parse_args(argv=None):
     a("--model", default="smollm2-135m", help="preset (models.MODELS), folder or cached hub id")
     a("--dtype", help="generation dtype (default: the preset's on CUDA, float32 on CPU)")
     a("--device", help="default: cuda:(shard_id mod the visible GPUs) if any, else cpu")
-    a("--trust_remote_code", action="store_true", help="allow model code from the hub")
     # chunking and scoring (Sec. 3.2.2)
     a("--chunk_len", type=int, help="tokens per chunk (paper 512; default: the preset's)")
     a("--num_chunks", type=int, help="N: chunks in the shared context C' (paper 16; the preset's)")
@@ -583,7 +582,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        tok = models.load_tokenizer(preset["path"], args.trust_remote_code)
+        tok = models.load_tokenizer(preset["path"])
     except OSError as e:
         raise user_error(f"cannot load the tokenizer: {e}".splitlines()[0], "--model",
                          "give a preset, a local model folder, or a hub id already in your HF cache") from None
@@ -614,8 +613,7 @@ def run(args):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = models.load_model(preset["path"], dtype=getattr(torch, args.dtype), seed=args.seed,
-                                          trust_remote_code=args.trust_remote_code)
+                model = models.load_model(preset["path"], dtype=getattr(torch, args.dtype), seed=args.seed)
         except OSError as e:
             raise user_error(f"cannot load the model: {e}".splitlines()[0], "--model",
                              "give a preset, a local model folder, or a cached hub id") from None

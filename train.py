@@ -70,7 +70,6 @@ def parse_args(argv=None):
     a("--rope_theta", type=float, default=None, help="RoPE base; default the preset's (None keeps the checkpoint's)")
     a("--dtype", choices=["float32", "bfloat16"], default=None, help="default the preset's on GPU, float32 on CPU")
     a("--attention", choices=["auto", "split", "flex", "mask"], default="auto", help="packed attention kernel")
-    a("--trust_remote_code", action="store_true", help="allow model code from the hub")
     a = p.add_argument_group("LoRA (peft)").add_argument
     a("--lora_r", type=int, default=None, help="LoRA rank")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (update scaled by alpha/r)")
@@ -178,8 +177,8 @@ def load_data(cfg):
     need(meta.get("complete") is not False, f"the data is incomplete, shards {meta.get('missing_shards')} are not "
          f"written yet ({path}); wait for the other prepare.py workers (--num_shards) to finish, or {hint}")
     try:
-        tok = models.load_tokenizer(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
-        config = models.load_config(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        tok = models.load_tokenizer(cfg["model_path"])
+        config = models.load_config(cfg["model_path"])
     except OSError as e:              # FileNotFoundError included: a missing package or folder
         raise models.UserError(f"cannot load {cfg['model']}: {str(e).splitlines()[0]}; install what it names, or "
                                "pass a local model folder / a hub id already in your HF cache") from None
@@ -286,7 +285,6 @@ def build(cfg, rank, resume_from=None):
     # transformers 5 deprecates the attribute that peft and DeepSpeed still read: noise only
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     model = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]), rope_theta=cfg["rope_theta"],
-                              trust_remote_code=cfg["trust_remote_code"],
                               zero3=ds_config(cfg) if cfg["zero_stage"] == 3 else None)
     held = [p for p in model.parameters() if hasattr(p, "ds_tensor")]   # ds_tensor: this process's share
     if cfg["gradient_checkpointing"]:
@@ -345,8 +343,7 @@ def merge(cfg, tok):
     """<out_dir>/merged: a fresh base with the exported adapter folded in ((alpha / r) * B @ A
     added to the weights): loads without peft. Rank 0 alone, no DeepSpeed."""
     from peft import PeftModel
-    base = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]),
-                             rope_theta=cfg["rope_theta"], trust_remote_code=cfg["trust_remote_code"])
+    base = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]), rope_theta=cfg["rope_theta"])
     if base.config.tie_word_embeddings and "embed_tokens" in cfg["lora_targets"]:
         # The adapter changes the input embeddings only (lm_head reads the base matrix):
         # merged into a tied matrix it would change the output layer too. Untie first.

@@ -395,8 +395,7 @@ def test_a_run_killed_after_its_first_shard_resumes_to_identical_bytes(demo_run,
 def fake_generate(rule):
     """A stand-in for models.generate_batch: answers each prompt by rule(prompt text) ->
     (text, finished), so every path of the response evaluator can be driven exactly."""
-    def generate(model, tok, prompts, stop_ids, max_new_tokens, batch_size, temperature=0.0,
-                 top_p=1.0, seed=0, bar=None):
+    def generate(model, tok, prompts, stop_ids, max_new_tokens, batch_size, bar=None):
         out = []
         for p in prompts:
             text, finished = rule(tok.decode(p))
