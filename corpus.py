@@ -15,20 +15,10 @@ standard library and Faker (models, for an error message about a JSONL file).
     recs[0]["answer_sentence"]   # 'Peter Richard joined Tucker Foods in 1996.'
     text = haystack(20000, seed=0)   # ~20,000 characters of plain prose, no names, no numbers
 
-What a QA record looks like, and why (LOGO paper Sec. 3.2.2, prepare.py steps 2-5):
-- The context is entity-free filler prose (haystack() below) with PEOPLE = 4 two-sentence
-  biographies of fake people at random paragraph boundaries. Every biography states the same
-  kinds of facts (born in a city in a year, joined an organisation in a year as a role), so
-  a model answering from the wrong paragraph gives a plausible but wrong answer: the
-  distractors LOGO's rejected responses need.
-- The question names the target person plus one or two other facts of their paragraph
-  (PERSON, ORG, GPE entities) and asks for a third: a city, an organisation or a year. Its
-  entities occur together only in the target paragraph, so entity-overlap scoring
-  (prepare.py --delta) finds it. The gold answer occurs nowhere else in the context.
-- The wording is plain, so spaCy's small English NER model finds the names, organisations,
-  places and years.
-- Calibrated on SmolLM2-135M-Instruct (results/README.md): hard from the full context,
-  easy from the answer's paragraph alone.
+Why a record looks as it does (LOGO paper Sec. 3.2.2, prepare.py steps 2-5): see PEOPLE,
+QUESTIONS and ANSWER_SENTENCES below; every person's biography states the same kinds of
+facts, so an answer from the wrong paragraph is plausible but wrong: the distractors LOGO's
+rejected responses need.
 """
 
 import functools
