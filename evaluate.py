@@ -100,16 +100,14 @@ def stop_token_ids(tok, lm):
     return (set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}) - {None}
 
 def kv_cache(out):
-    # transformers 5.2x renamed past_key_values to cache (the old keyword warns); 5.0 has only the old one. A
-    # ModelOutput is a dict of its set fields, so `in` tells which.
+    # transformers 5.2x renamed past_key_values to cache (the old name warns), 5.0 has only the old: `in` tells which
     return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
 
 @torch.no_grad()
 def generate(lm, ids, max_new_tokens, stop_ids=(), min_new_tokens=0, needle_mask=None):
-    """Greedy decoding of one prompt with a KV cache. Returns (new_ids, copies): with needle_mask (bool (T,)) copies
-    is bool (layers, heads, T), the needle positions each head copied (App. B). Attention weights exist only in eager
-    attention, so the prompt is prefilled with SDPA but its last token, and only decode steps run eager: a (1, T) row
-    per head, cheap even at 64K tokens."""
+    """Greedy decoding of one prompt with a KV cache -> (new_ids, copies): with needle_mask (bool (T,)) copies is bool
+    (layers, heads, T), the needle positions each head copied (App. B). Attention weights exist only in eager attention:
+    the prompt is prefilled with SDPA but its last token, only decode steps run eager (a (1, T) row per head, cheap)."""
     device, track, impl = next(lm.parameters()).device, needle_mask is not None, lm.config._attn_implementation
     prompt, copies, new = torch.tensor(ids, device=device), None, []
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)      # (S,)
@@ -572,11 +570,13 @@ def read_adapter(path):
         if not os.path.exists(os.path.join(path, f)):
             what = f"{f} missing in the adapter folder" if f else "adapter folder not found"
             raise UserError(f"{what} ({path}); pass the RUN/final folder train.py wrote")
-    return json.loads(Path(path, "logo_config.json").read_text())
+    try:
+        return json.loads(Path(path, "logo_config.json").read_text())
+    except json.JSONDecodeError as e:       # a hand edit gone wrong
+        raise UserError(f"not valid JSON ({path}/logo_config.json:{e.lineno}); rerun train.py") from None
 
 def load_for_eval(args, preset, rope, with_adapter):
-    """The base, or base + adapter (with the rope_theta it was trained with: a LoRA trained with a raised rope_theta
-    works only with it), in eval mode on args.device."""
+    """The base, or base + adapter (with the rope_theta it was trained with, the only one it fits), on args.device."""
     auto = "float32" if args.device == "cpu" else preset["dtype"]      # bf16 is several times slower on a CPU
     dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
     try:

@@ -1,8 +1,8 @@
 """
 LongBench v1's English datasets (the paper's Table 1 uses only those) for evaluate.py --task
-longbench: the records, the official prompts and their middle truncation, and the official metrics. A port of LongBench's scorer (THUDM/LongBench,
-LongBench/metrics.py and eval.py, with pred.py's prompt handling): same names, signatures and
-behaviour, quirks included, so scores here equal the official ones (tests/test_evaluate.py
+longbench: the records, the official prompts and their middle truncation, and the official
+metrics. A port of LongBench's scorer (THUDM/LongBench, LongBench/metrics.py and eval.py, with
+pred.py's prompt handling): same names, signatures and behaviour, quirks included, so scores here equal the official ones (tests/test_evaluate.py
 checks them against values worked by hand). Do not edit it casually: a "fix" to a metric
 makes every score incomparable with the paper's Table 1 and with LongBench's leaderboard.
 

@@ -87,6 +87,15 @@ def test_a_chinese_longbench_dataset_is_refused_naming_the_ported_ones(tmp_path,
     assert "dureader" not in lb_module.dataset2metric and len(lb_module.PAPER_DATASETS) == 14
 
 
+def test_a_hand_broken_logo_config_names_the_file_and_line(tmp_path, capsys):
+    adapter = tmp_path / "run" / "final"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "logo_config.json").write_text('{"model": "tiny",\n "seed": }\n')
+    msg = inproc(tmp_path, capsys, "--task", "qa", "--adapter", str(adapter))
+    assert msg == f"error: not valid JSON ({adapter}/logo_config.json:2); rerun train.py"
+
+
 def test_an_adapter_for_another_base_model_is_refused(tmp_path):
     adapter = make_adapter(str(tmp_path / "run" / "final"), model="smollm2-135m")
     msg = cli(tmp_path, "--task", "ppl", "--model", "tiny", "--adapter", adapter)
