@@ -572,6 +572,22 @@ def objective_table(results_dir, ppl_text="pg-essays"):
             lines.append(f"- Training reward accuracy, {OBJ_ARMS[arm]}, first -> last quarter of the "
                          f"steps (mean of {len(runs)} runs): {sum(r[0] for r in runs) / len(runs):.2f}"
                          f" -> {sum(r[1] for r in runs) / len(runs):.2f}.")
+    # The experiment's CPU time so far: a training run once (seed 0's summary is in grid/ and in its arm's
+    # train/), every evaluation summary's command wall time (answers a killed run left are reused, not timed).
+    train_s, eval_s, reused, cpus = {}, 0.0, 0, set()
+    for path in glob.glob(os.path.join(root, "**", "*.json"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        cpus.add(d.get("cpu"))
+        if "step_seconds" in d:
+            train_s[d["out_dir"]] = d["step_seconds"]
+        elif "command_wall_s" in d:
+            eval_s, reused = eval_s + d["command_wall_s"], reused + (d.get("reused_answers") or 0)
+    if train_s or eval_s:
+        lines.append(f"- CPU time so far (one thread per job, two jobs at a time; {', '.join(sorted(map(str, cpus)))}): "
+                     f"training {sum(train_s.values()) / 3600:.1f} h ({len(train_s)} runs, their step times), "
+                     f"evaluation {eval_s / 3600:.1f} h (the runs that wrote the summaries; {reused} answers reused "
+                     "from killed runs are not timed).")
     return "\n".join(lines)
 
 

@@ -544,3 +544,23 @@ def test_objective_table_grid_picks_the_best_lr_ties_to_the_lower_and_reports_it
     table = mt.objective_table(str(tmp_path))
     assert "3e-4: 20/40, 1e-3: 25/40, 3e-3: 25/40; chosen 1e-3." in table
     assert "Primary test**: not yet" in table
+
+
+def test_objective_table_cpu_time_counts_each_training_run_once_and_every_summary(tmp_path):
+    root = tmp_path / "objective"
+    train = {"step_seconds": 1800.0, "out_dir": "runs/obj/sft_lr1e-3_s0", "cpu": "X",
+             "metrics": {"first_quarter": {"reward_accuracy": 0.5}, "last_quarter": {"reward_accuracy": 1.0}}}
+    for folder in ("grid/sft_lr1e-3/train", "sft/train"):                  # seed 0: one run, two copies
+        os.makedirs(root / folder)
+        write(str(root / folder), "sft_s0.json", train)
+    write(str(root / "sft" / "train"), "sft_s1.json", dict(train, out_dir="runs/obj/sft_lr1e-3_s1",
+                                                           step_seconds=3600.0))
+    for length, eval_seed, wall, reused in ((12288, 2468, 5400.0, 17), (2048, 5678, 1800.0, 0)):
+        objective_qa(str(root / "sft"), "sft", 0, [1] * 30 + [0] * 10, length, eval_seed)
+        path = root / "sft" / f"sft_s0_qa_{length // 1024}K_e{eval_seed}.json"
+        write(str(root / "sft"), path.name, dict(json.loads(path.read_text()), command_wall_s=wall,
+                                                 reused_answers=reused, cpu="X"))
+    table = mt.objective_table(str(tmp_path))
+    # training 1800 + 3600 s = 1.5 h (the seed-0 copy once); evaluation 5400 + 1800 s = 2.0 h
+    assert ("CPU time so far (one thread per job, two jobs at a time; X): training 1.5 h (2 runs, their step "
+            "times), evaluation 2.0 h (the runs that wrote the summaries; 17 answers reused") in table
