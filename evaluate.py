@@ -195,8 +195,7 @@ class AnswerCache:
         self.reused += 0 if None in hits else len(hits)         # the summary's reused_answers
         return None if None in hits else hits
 
-    def put(self, ids, value, tag=""):
-        # not added to done: only earlier runs' answers are reused
+    def put(self, ids, value, tag=""):     # not added to done: only earlier runs' answers are reused
         with open(self.path, "ab") as f:
             f.write(self.lead + json.dumps({"key": digest(self.ident, tag, ids), "value": value}).encode() + b"\n")
             f.flush()
@@ -328,8 +327,11 @@ NIAH_TEMPLATE = ("<document>\n{context}\n</document>\n\nWhat is the best thing t
                  "short sentence, using only the document above.")
 
 def niah_samples(args, tok, lengths, num):
-    depths = [float(d) for d in args.depths.split(",") if re.fullmatch(r"\d+(\.\d*)?", d.strip())]
-    if len(depths) != args.depths.count(",") + 1 or max(depths) > 100:
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 100 for d in depths):
         raise UserError(f"--depths {args.depths!r} is not a comma list of percentages in [0, 100]; write e.g. "
                         "0,25,50,75,100")
     chat, hay = not args.no_chat_template, haystack_text(tok, args, max(lengths))
@@ -384,9 +386,8 @@ def mvniah_samples(args, tok, lengths, num):
                 context = corpus.insert_at_depth(context, needle, depth)          # deepest first
             ids, offsets, prompt = prompt_ids(tok, MV_TEMPLATE.format(context=context, key=key), chat, prefix,
                                               offsets=True)
-            # the values' characters in the prompt, [a, b)
             spans = [(a, a + len(v)) for x, v in zip(needles, values) for a in [prompt.index(x) + x.index(v)]]
-            mask = torch.tensor([any(e > a and s < b for a, b in spans) for s, e in offsets])
+            mask = torch.tensor([any(e > a and s < b for a, b in spans) for s, e in offsets])  # overlaps a value
             samples.append({"length": L, "ids": ids, "values": values, "needle_mask": mask})
     return samples
 
@@ -615,11 +616,11 @@ def parse_lengths(spec):
         raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; write e.g. 1K,2K,4096")
     return sorted(out)
 
-def eval_data_tag(args):
-    return TASKS[args.task][2]["data"](args)     # the summaries' data tag
-
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
+    for flag, low in dict(max_samples=1, num_needles=1, stride=0, max_tokens=2, max_new_tokens=1, max_length=2).items():
+        if (value := getattr(args, flag)) is not None and value < low:
+            raise UserError(f"--{flag} {value} is below {low}; pass a larger value")
     if args.compare and not args.adapter:
         raise UserError("--compare needs --adapter; pass the RUN/final folder to compare with")
     cfg = args.adapter_cfg = read_adapter(args.adapter) if args.adapter else {}      # {}: no adapter
@@ -650,8 +651,7 @@ def evaluate(args):
                            for s in samples])
         print(f"wrote {path} ({len(samples)} samples; --dry_run: no model loaded)")
         return {"task": args.task, "samples": len(samples)}
-    # the base first (alone without --adapter, or with --compare), then the adapter with the rope_theta it was trained
-    # with, unless --rope_theta says otherwise
+    # the base first (alone, or with --compare), then the adapter at its training rope_theta unless --rope_theta
     rope = args.rope_theta if args.rope_theta is not None else cfg.get("rope_theta")
     runs = [("base", False, args.rope_theta)] * (not args.adapter or args.compare) + \
         [(label, True, rope)] * bool(args.adapter)
@@ -659,7 +659,7 @@ def evaluate(args):
     print("config:", json.dumps({k: v for k, v in config.items() if v not in (None, False)}))
     config.update(resolved_model=preset, adapter_config=cfg or None)
     # summary names (and clashes with another model's file) settled before any model loads
-    plans = plan_summaries(args, runs, lengths, eval_data_tag(args)) if args.results_dir else {}
+    plans = plan_summaries(args, runs, lengths, spec["data"](args)) if args.results_dir else {}
     results = {}                                     # label -> run_fn's result
     for run_label, with_adapter, rope in runs:       # one model in memory at a time
         t_model, lm = time.time(), load_for_eval(args, preset, rope, with_adapter)
@@ -682,7 +682,7 @@ def evaluate(args):
     print(f"wrote {args.out_dir}/{args.task}.json, .csv, .png ({out['wall_s']} s)")
     for run_label, plan in plans.items():
         write_text(path := plan.pop("path"), summary_text(args, spec, plan, config, results[run_label], samples,
-                                                          eval_data_tag(args), time.time() - t0))
+                                                          spec["data"](args), time.time() - t0))
         print(f"wrote {path}")
     return out
 

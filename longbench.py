@@ -2,9 +2,10 @@
 LongBench v1's English datasets (the paper's Table 1 uses only those) for evaluate.py --task
 longbench: the records, the official prompts and their middle truncation, and the official
 metrics. A port of LongBench's scorer (THUDM/LongBench, LongBench/metrics.py and eval.py, with
-pred.py's prompt handling): same names, signatures and behaviour, quirks included, so scores here equal the official ones (tests/test_evaluate.py
-checks them against values worked by hand). Do not edit it casually: a "fix" to a metric
-makes every score incomparable with the paper's Table 1 and with LongBench's leaderboard.
+pred.py's prompt handling): same names, signatures and behaviour, quirks included, so scores
+here equal the official ones (tests/test_evaluate.py checks them against values worked by
+hand). Do not edit it casually: a "fix" to a metric makes every score incomparable with the
+paper's Table 1 and with LongBench's leaderboard.
 
 Reads --data_dir (DATASET.jsonl of LongBench's data.zip) and --config_dir (LongBench/config:
 dataset2prompt.json, dataset2maxlen.json, optional model2maxlen.json). Writes nothing.
@@ -262,4 +263,6 @@ def load(args):
                             f"({cfg('dataset2prompt.json')}); use LongBench's own config "
                             "files") from None
         records[d] = recs[:args.max_samples] if args.max_samples else recs
+    if not records:
+        raise UserError(f"--datasets {args.datasets!r} names no dataset; pass 'paper', 'all' or a comma list")
     return {"records": records, "prompts": prompts, "maxgen": maxgen, "model2maxlen": model2maxlen}

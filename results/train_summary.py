@@ -116,9 +116,11 @@ def main(argv=None):
         path = os.path.join(args.results_dir, "train", f"{s['method']}_s{s['seed']}.json")
         if os.path.exists(path):
             with open(path) as f:
-                diff = differences(json.load(f), s)
-            # out_dir is where it ran, not what it trained
-            diff = [d for d in diff if d != "config.out_dir"]
+                old = json.load(f)
+            # out_dir is where it ran, not what it trained; a flag later code removed (trust_remote_code,
+            # tensorboard) changed nothing while it was off
+            diff = [d for d in differences(old, s) if d != "config.out_dir" and not (
+                d.startswith("config.") and d[7:] not in s["config"] and old["config"].get(d[7:]) in (False, None))]
             if not diff:
                 print(f"{run}: the same run as {path} (data fingerprint, config and metrics "
                       "equal): kept that file")

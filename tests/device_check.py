@@ -23,7 +23,7 @@ naming every failed part (0 when all passed). Logs: <work>/logs/<part>.log.
                sample shape (16 x 512 context, 32-token question, 3 x 256 responses) with
                Llama-3-8B's width, heads and vocabulary (4 layers), each against a float32
                unpacked SDPA reference, tolerances asserted; step time and peak memory of
-               both layouts, the FLOP ratio at 4 layers and the one expected at 32
+               both layouts
   cuda tests   pytest -k cuda: the tests the CPU suite skips (flex forward and backward with
                the Triton kernel against the unpacked layout); none may skip here
 """

@@ -87,6 +87,17 @@ def test_a_chinese_longbench_dataset_is_refused_naming_the_ported_ones(tmp_path,
     assert "dureader" not in lb_module.dataset2metric and len(lb_module.PAPER_DATASETS) == 14
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "mvniah", "--num_needles", "0"], "--num_needles 0 is below 1"),
+    (["--task", "ppl", "--stride", "-1"], "--stride -1 is below 0"),
+    (["--task", "qa", "--max_samples", "-1"], "--max_samples -1 is below 1"),
+    (["--task", "niah", "--depths", "0,150"], "--depths '0,150' is not a comma list of percentages"),
+    (["--task", "longbench", "--datasets", ",", "--data_dir", ".", "--config_dir", os.path.join(FIXTURES, "config")],
+     "--datasets ',' names no dataset")])
+def test_out_of_range_flags_are_one_line_errors_before_any_model_loads(tmp_path, capsys, flags, message):
+    assert message in inproc(tmp_path, capsys, "--model", "tiny", "--dry_run", *flags)
+
+
 def test_a_hand_broken_logo_config_names_the_file_and_line(tmp_path, capsys):
     adapter = tmp_path / "run" / "final"
     adapter.mkdir(parents=True)

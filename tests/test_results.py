@@ -194,7 +194,7 @@ def test_mvniah_cells_pool_evaluation_seeds_and_ppl_cells_get_a_t_interval(tmp_p
     for seed, ppl in ((0, 20.0), (1, 22.0)):
         write(str(tmp_path), f"logo_s{seed}_ppl.json",
               {"method": "logo", "seed": seed, "task": "ppl",     # the tag evaluate.py writes
-               "eval_data": ev.eval_data_tag(argparse.Namespace(task="ppl", text="x/pg_essays/")),
+               "eval_data": ev.TASKS["ppl"][2]["data"](argparse.Namespace(text="x/pg_essays/")),
                "config": {}, "metrics": {"lengths": {"2048": {"ppl": ppl, "tokens": 100}}}})
     write(str(tmp_path), "logo_s0_ppl_prose.json",             # other text: not in the table
           {"method": "logo", "seed": 0, "task": "ppl", "eval_data": "prose", "config": {},
@@ -244,7 +244,7 @@ def test_per_run_table_counts_each_runs_patterns_values_and_perplexity(tmp_path)
                        "samples": [{"id": f"12288/{i}", "length": 12288} for i in range(2)]}})
     write(str(tmp_path), "sft_s1_ppl.json",
           {"method": "sft", "seed": 1, "task": "ppl",
-           "eval_data": ev.eval_data_tag(argparse.Namespace(task="ppl", text="x/pg_essays/")),
+           "eval_data": ev.TASKS["ppl"][2]["data"](argparse.Namespace(text="x/pg_essays/")),
            "config": {}, "metrics": {"lengths": {"8192": {"ppl": 21.234, "tokens": 100}}}})
     table = mt.per_run_table(str(tmp_path))
     names = [x.split("|")[1].strip() for x in table.splitlines()[2:7]]
@@ -484,6 +484,16 @@ def test_train_summary_keeps_the_file_of_the_same_run_and_replaces_another(tmp_p
     capsys.readouterr()
     ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "bbb"])
     assert "the same run" in capsys.readouterr().out and path.read_text() == first
+    # a summary written when train.py still had flags it no longer has, left off: the same run
+    path.write_text(json.dumps(dict(json.loads(first), config=dict(json.loads(first)["config"],
+                                                                   tensorboard=False, trust_remote_code=False))))
+    ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "bbb"])
+    assert "the same run" in capsys.readouterr().out
+    path.write_text(json.dumps(dict(json.loads(first), config=dict(json.loads(first)["config"], tensorboard=True))))
+    ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "bbb"])
+    out = capsys.readouterr().out
+    assert "NOT the run" in out and "config.tensorboard" in out          # it was on: a different run
+    path.write_text(first)
     log(0.25 + 1e-15)
     ts.main([str(run), "--results_dir", str(tmp_path), "--git_commit", "bbb"])
     out = capsys.readouterr().out
