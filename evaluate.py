@@ -40,7 +40,7 @@ from longbench import normalize_answer, read_jsonl
 from loss import token_logps
 from model_patch import causal_lm, get_rope_theta
 from models import MODELS, UserError, atomic_path, generate_batch, load_model, load_tokenizer, resolve_model
-from summaries import file_tag, mvniah_summary, plan_summaries, qa_summary, summary_text
+from summaries import digest, file_tag, mvniah_summary, plan_summaries, qa_summary, summary_text
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,11 +163,6 @@ def decode(tok, new_ids):
 # ----------------------------------------------------------------------------------------
 # Finished answers on disk: a 12K question costs minutes on a CPU, a kill must not lose hours.
 ANSWERS_VERSION = 1     # bump when a change to decoding makes the answers on file stale
-
-def digest(*parts):
-    # sha256 of token-id lists / strings: '|' between parts, ',' between ids
-    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p)) for p in parts)
-                          .encode()).hexdigest()
 
 class AnswerCache:
     """One model's answers, a JSON line each in OUT_DIR/answers_LABEL.jsonl (or --answers), appended and fsync'ed as

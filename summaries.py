@@ -24,14 +24,18 @@ from models import UserError, load_config
 # ----------------------------------------------------------------------------------------
 # A summary's metrics (summary_text below): by default the result with its samples' ids and without the predictions;
 # a task whose TASK.json layout predates that names its own fields (TASKS' "summary" in evaluate.py).
+def digest(*parts):
+    # sha256 of token-id lists / strings: '|' between parts, ',' between ids
+    return hashlib.sha256("|".join(p if isinstance(p, str) else ",".join(map(str, p)) for p in parts)
+                          .encode()).hexdigest()
+
 def sample_ids(res, samples):
     """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt tokens: two models pair
     on a question only when they read the same prompt)."""
     seen = Counter()
     for r, s in zip(res["samples"], samples):
-        seen[r["length"]] += 1          # the hash: evaluate.py's digest(ids)
-        ids = hashlib.sha256(",".join(map(str, s["ids"])).encode()).hexdigest()
-        yield f"{r['length']}/{seen[r['length']] - 1}/{ids[:10]}"
+        seen[r["length"]] += 1
+        yield f"{r['length']}/{seen[r['length']] - 1}/{digest(s['ids'])[:10]}"
 
 def qa_summary(res, samples):
     qs = [{"id": i, "length": r["length"], "correct": r["correct"], "pattern": r["pattern"],
