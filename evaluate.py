@@ -81,7 +81,6 @@ def parse_args(argv=None):
     a("--max_tokens", type=int, help="ppl: tokens scored at every length (default 2 x longest)")
     return p.parse_args(argv)
 
-
 # ----------------------------------------------------------------------------------------
 # Prompts and greedy decoding.
 def prompt_ids(tok, text, use_chat, answer_prefix="", offsets=False):
@@ -158,7 +157,6 @@ def retrieval_head_score(head_scores, threshold=0.1, top_k=10):
 
 def decode(tok, new_ids):
     return [tok.decode(t, skip_special_tokens=True) for t in new_ids]   # a stop token dropped
-
 
 # ----------------------------------------------------------------------------------------
 # Finished answers on disk: a 12K question costs minutes on a CPU, a kill must not lose hours.
@@ -249,7 +247,6 @@ def answers(args, lm, tok, samples, label, cache=None):
         out.update(zip(batch, new))
     return [out[i] for i in range(len(samples))]
 
-
 # ----------------------------------------------------------------------------------------
 # Error patterns (App. C, Fig. 9).
 def states_answer(prediction, answers):
@@ -275,7 +272,6 @@ def pattern_summary(patterns):
     counts = Counter(patterns)              # rates (adding up to 1) and counts, in PATTERNS order
     return {"patterns": {p: counts[p] / max(len(patterns), 1) for p in PATTERNS},
             "pattern_counts": {p: counts[p] for p in PATTERNS}}
-
 
 # ----------------------------------------------------------------------------------------
 # Haystacks.
@@ -308,7 +304,6 @@ def context_budget(tok, template, length, use_chat, extra=0, answer_prefix="", *
         raise UserError(f"context length {length} leaves no room for a haystack next to the prompt; use "
                         "--lengths above a few hundred tokens")
     return budget
-
 
 # ----------------------------------------------------------------------------------------
 # The tasks. samples(args, tok, lengths, num) runs before any model loads (every input is checked there) and returns
@@ -398,8 +393,7 @@ def run_mvniah(args, lm, tok, samples, label, cache):
     mean = lambda xs: sum(xs) / len(xs)
     all_heads = torch.stack([h for hs in heads.values() for h in hs]).mean(0)    # (L, H)
     return {"recall": mean([r["recall"] for r in rows]), "retrieval_score": retrieval_head_score(all_heads),
-            "samples": rows,
-            "lengths": {str(L): {"recall": mean([r["recall"] for r in rows if r["length"] == L]),
+            "samples": rows, "lengths": {str(L): {"recall": mean([r["recall"] for r in rows if r["length"] == L]),
                                  "retrieval_score": retrieval_head_score(torch.stack(h).mean(0)),
                                  "samples": len(h)} for L, h in heads.items()},
             "head_scores": [[round(x, 4) for x in row] for row in all_heads.tolist()]}
@@ -557,7 +551,6 @@ TASKS = {
 COMMON_FLAGS = ["task", "out_dir", "model", "adapter", "compare", "rope_theta", "dtype", "device", "max_samples",
                 "max_new_tokens", "no_chat_template", "results_dir", "results_tag"]
 
-
 # ----------------------------------------------------------------------------------------
 # Evaluation: generic from here on, every task through TASKS.
 def read_adapter(path):
@@ -688,7 +681,6 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # one line on stderr, no traceback
-
 
 # ----------------------------------------------------------------------------------------
 # Tables and the plot, from any task's rows.

@@ -25,7 +25,6 @@ with warnings.catch_warnings():     # "using slow pure-python SequenceMatcher": 
     from fuzzywuzzy import fuzz
 from rouge import Rouge
 
-
 # ----------------------------------------------------------------------------------------
 # metrics.py
 
@@ -96,7 +95,6 @@ def f1_score(prediction, ground_truth, **kwargs):
 
 def qa_f1_score(prediction, ground_truth, **kwargs):
     return f1_score(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
-
 
 # ----------------------------------------------------------------------------------------
 # eval.py and pred.py
@@ -181,7 +179,6 @@ def budget(args, model2maxlen, preset, adapter_target_len, window):
         return adapter_target_len - 500
     return model2maxlen.get(preset["name"]) or (preset["native_len"] or window) - 500
 
-
 # ----------------------------------------------------------------------------------------
 # Reading the files: every one checked before any model loads.
 
@@ -219,7 +216,6 @@ def read_jsonl(path, required, what):
     if not records:
         raise UserError(f"{what}: no records ({path}); check the file")
     return records
-
 
 # The fields of every LongBench v1 record (data.zip), all required: a file from elsewhere
 # fails at its first line.

@@ -90,7 +90,6 @@ def logo_loss(chosen_logps, rejected_logps, beta, gamma=None, sft_weight=0.0,
     }
     return loss, {k: v.detach() for k, v in metrics.items()}
 
-
 # ----------------------------------------------------------------------------------------
 # From logits to log-probs. The next-token shift happens in exactly one place:
 # `sequence_logps` pairs logits[:, t] with labels[:, t + 1]. `token_logps` takes

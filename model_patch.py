@@ -44,7 +44,6 @@ def set_rope_theta(config, rope_theta):
     params["rope_theta"] = float(rope_theta)
     config.rope_parameters = params
 
-
 # ----------------------------------------------------------------------------------------
 # The packed forward. Three exact ways to run the attention of a packed row:
 #   "split" (CPU default): the prefix through SDPA's causal kernel, then all response
@@ -147,8 +146,7 @@ class PackedLayout:
         if flex:
             B, T = segment_ids.shape               # compiled: blockwise, never a (T, T) tensor
             build = flex_function("create_block_mask", segment_ids.device.type)
-            self.block_mask = build(packed_mask_mod(segment_ids), B, None, T, T,
-                                    device=segment_ids.device)
+            self.block_mask = build(packed_mask_mod(segment_ids), B, None, T, T, device=segment_ids.device)
         for b, (P, E) in enumerate(self.bounds if not flex else []):
             r = segment_ids[b, P:E]                                       # (R,) response segments
             causal = torch.ones(E - P, E - P, dtype=torch.bool, device=r.device).tril()
@@ -189,7 +187,6 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     out = flex(query, key, value, block_mask=packed_layout.block_mask, scale=scaling,
                enable_gqa=query.shape[1] != key.shape[1])               # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
-
 
 # FlexAttention with static shapes. Its kernels work on FLEX_BLOCK x FLEX_BLOCK tiles;
 # response_logps pads a batch to a multiple of it, so one compiled kernel serves every length
@@ -286,8 +283,7 @@ def response_logps(model, input_ids, position_ids, segment_ids, attention="auto"
         kwargs = dict(attention_mask=packed_attention_mask(segment_ids, dtype))
     elif attention in ("split", "flex"):
         if attention == "flex":                               # static shapes, see FLEX_BLOCK
-            input_ids, position_ids, segment_ids = pad_to_multiple(input_ids, position_ids,
-                                                                   segment_ids, FLEX_BLOCK)
+            input_ids, position_ids, segment_ids = pad_to_multiple(input_ids, position_ids, segment_ids, FLEX_BLOCK)
         use_packed_attention(lm)
         layout = PackedLayout(segment_ids, dtype, flex=attention == "flex", bounds=bounds)
         kwargs = dict(attention_mask=layout.mask, packed_layout=layout)

@@ -56,7 +56,6 @@ def write_json(path, obj, indent=1):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=indent)
 
-
 # ----------------------------------------------------------------------------------------
 # Presets (gpt-fast style): --model NAME picks one, explicit flags override its fields.
 # beta / gamma: paper Sec. 4.1 (SimPO's recommendations; gamma absolute). sft_weight is
@@ -68,8 +67,7 @@ def write_json(path, obj, indent=1):
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]  # attention + embeddings
 _PAPER = dict(sft_weight=0.1, num_rejected=2, chunk_len=512, num_chunks=16, lora_r=32,
               lora_alpha=16, lora_dropout=0.0, lora_targets=_LORA_TARGETS, lr=5e-7,
-              warmup_steps=120, max_steps=1200, global_batch=64, micro_batch=1,
-              dtype="bfloat16", rope_theta=None)
+              warmup_steps=120, max_steps=1200, global_batch=64, micro_batch=1, dtype="bfloat16", rope_theta=None)
 MODELS = {
     "llama3-8b-80k": dict(_PAPER, path="namespace-Pt/Llama-3-8B-Instruct-80K-QLoRA-Merged",
                           beta=10.0, gamma=3.0, target_len=81920, native_len=81920),
@@ -112,8 +110,7 @@ def resolve_model(name):
         if os.path.isfile(os.path.join(name, "config.json")):
             with open(os.path.join(name, "config.json")) as f:
                 native = json.load(f).get("max_position_embeddings")
-        return dict(_PAPER, name=name, path=name, beta=10.0, gamma=3.0,
-                    target_len=native, native_len=native)
+        return dict(_PAPER, name=name, path=name, beta=10.0, gamma=3.0, target_len=native, native_len=native)
     raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(MODELS)}), "
                      "a local model folder, or a hub id 'org/model'")
 
@@ -141,8 +138,7 @@ def tiny_config(vocab_size, arch="llama", **overrides):
     """A 2-layer model small enough for unit tests (GQA: 4 query heads, 2 kv heads)."""
     kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-              rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=4,
-              pad_token_id=2)
+              rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=4, pad_token_id=2)
     kw.update(overrides)
     if arch == "mistral":
         from transformers import MistralConfig
@@ -227,7 +223,6 @@ def load_model(path, dtype=torch.float32, attn_implementation="sdpa", rope_theta
         unset_hf_deepspeed_config()
         del ds
 
-
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
@@ -269,19 +264,6 @@ def read_flat(f, entry, start, out):
     if buf is not out:
         out.copy_(buf)                  # to the GPU, and/or e.g. bf16 checkpoint -> float32 model
 
-def _init_unsynced():
-    """deepspeed.zero.Init without its broadcast of every new weight from rank 0: every
-    partition is read from the checkpoint next, and the broadcast writes the whole model
-    through each process's memory (129M float32, 2 CPU processes: rank 1's load peak +459 MiB
-    with it, ~+250 MiB, its share, without)."""
-    import deepspeed
-
-    class InitUnsynced(deepspeed.zero.Init):
-        def _zero_init_param(self, param):
-            self._convert_to_deepspeed_param(param)
-            param.partition()
-    return InitUnsynced
-
 def _load_partitioned(config, index, dtype, attn_implementation, ds_config):
     """Build the model under deepspeed.zero.Init (each module's weights are partitioned as
     soon as it is built, and left uninitialised: no_init_weights), then every process reads
@@ -291,11 +273,18 @@ def _load_partitioned(config, index, dtype, attn_implementation, ds_config):
     a multiple of the world size, process r holds elements [r * n, (r + 1) * n)."""
     import deepspeed
     from transformers.initialization import no_init_weights
-    _InitUnsynced = _init_unsynced()
+
+    class InitUnsynced(deepspeed.zero.Init):
+        """zero.Init without its broadcast of every new weight from rank 0: every partition is read from the
+        checkpoint next, and the broadcast writes the whole model through each process's memory (129M
+        float32, 2 CPU processes: rank 1's load peak +459 MiB with it, ~+250 MiB, its share, without)."""
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
     # zero.Init takes the partitions' dtype from the config's bf16/fp16 flags (float32 when
     # neither; deepspeed 0.19.8 ignores its dtype= on CPU): checked below.
     device = deepspeed.get_accelerator().current_device_name()    # zero.Init builds there
-    with no_init_weights(), _InitUnsynced(config_dict_or_path=ds_config):
+    with no_init_weights(), InitUnsynced(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()                 # from_config leaves tied embeddings apart (from_pretrained ties)
     # RoPE tables rebuilt outside zero.Init, whose tensor constructors may cast torch.arange

@@ -130,7 +130,6 @@ def resolve(args):
             raise user_error("invalid flags", where, todo)
     return preset
 
-
 # The per-sample record and the counts.
 
 @dataclass
@@ -156,7 +155,6 @@ class Sample:
     source: str = None          # where the chosen came from (GROUPS below); None: dropped
     redraws: int = 0            # rejected answers generated again
 
-
 # One flat Counter per shard, in its header: totals, 'skipped/<reason>', 'responses/...', and per response kind
 # 'states_gold/<kind>' of 'checked/<kind>' (records with a gold answer). nest() groups their sum over the shards
 # the way meta.json stores them. chosen_source: model = its answer from the critical chunks, verified;
@@ -173,7 +171,6 @@ def nest(c):
         out[group] = {k.split("/", 1)[1]: n for k, n in c.items() if k.startswith(group + "/")}
     out["quality"] = {k: [c["states_gold/" + k], c["checked/" + k]] for k in QUALITY_KINDS}
     return dict(out, **{g: {k: c[f"{g}/{k}"] for k in keys} for g, keys in GROUPS.items()})
-
 
 # Steps 1-2: chunks (entities.split_chunks: sentence-aligned) and their entity scores.
 
@@ -211,7 +208,6 @@ def chunk_and_score(args, tok, nlp, items, counts):
         s.question_feats = next(feats)
         s.scores = score_chunks(s.question_feats, s.chunk_feats)
     return kept
-
 
 # Steps 3-4: critical chunks, the shared context C'.
 
@@ -252,7 +248,6 @@ def build_contexts(args, tok, samples, counts):
         s.prompts = [s.head + c + s.tail for c in contexts]
         kept.append(s)
     return kept
-
 
 # Step 5: the model answers; the response evaluator's chosen side.
 
@@ -312,7 +307,6 @@ def contains(response, answer):
     test, so '3' is found in '1939')."""
     return bool(answer) and squash(answer) in squash(response)
 
-
 # When the model's answer from the critical chunks is wrong and the record has no answer_sentence, the
 # model writes the gold answer in its own words (checked again).
 HINT = "\n\nCorrect answer: {answer}.\nWrite the answer as a full sentence."
@@ -344,7 +338,6 @@ def check_chosen(args, tok, model, samples, counts):
         else:                                          # not even with it given: check the record's answer
             counts["skipped/chosen_unverified"] += 1
     return [s for s in samples if s.source]
-
 
 # The rejected responses (the paper's dis-preference), all here: the chunks each kind sees, what makes one
 # unusable, and the redraws.
@@ -399,7 +392,6 @@ def check_rejected(args, tok, model, samples, counts):
     why = [next(filter(None, (fault(s, o) for o in s.responses[1:])), None) for s in samples]  # after --redraws
     counts.update("skipped/" + w for w in why if w)
     return [s for s, w in zip(samples, why) if not w]
-
 
 # Steps 6-7: positions and packing.
 
@@ -480,7 +472,6 @@ def make_shard(args, tok, model, nlp, j, items):
                        **{f"slot_base_correct/{m}": int(lp[0] > lp[m]) for m in range(1, len(lp))}})
     return tensors, preview, counts
 
-
 # Files: shards, the out_dir check, meta.json and preview.jsonl.
 
 def shard_path(out_dir, j):
@@ -557,8 +548,7 @@ def summarize(args, config, num_records):
         # Share of each kind's responses that state the gold answer: the evaluator makes it 0 for the rejected
         # kinds and 1 for chosen (unless an answer_sentence lacks the answer's exact words).
         quality=dict(contains_gold={k: (q[0] / q[1] if q[1] else None) for k, q in st["quality"].items()},
-                     counts=st["quality"]),
-        chosen_source=st["chosen_source"], responses=st["responses"],
+                     counts=st["quality"]), chosen_source=st["chosen_source"], responses=st["responses"],
         rejected_slots={m: dict(kind=kinds[int(m)], names_question_entity=st["slot_named"][m] / n,
                                 base_reward_accuracy=correct.get(m, 0) / max(1, rows))
                         for m, n in st["slot_n"].items() if n},
@@ -642,7 +632,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,6 @@ import torch
 from model_patch import get_rope_theta
 from models import UserError, load_config
 
-
 # ----------------------------------------------------------------------------------------
 # A summary's metrics (summary_text below): by default the result with its samples' ids and without the predictions;
 # a task whose TASK.json layout predates that names its own fields (TASKS' "summary" in evaluate.py).
@@ -62,7 +61,6 @@ def mvniah_summary(res, samples):
 def file_tag(path):
     """runs/x/pg_essays/ -> 'pg-essays' ('_' separates a summary name's fields)."""
     return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(os.path.normpath(path)))[0]) or "data"
-
 
 # ----------------------------------------------------------------------------------------
 # Names (method, seed, task, lengths, data), the clash check, which code and machine made it, the summary itself.
@@ -133,8 +131,7 @@ def summary_text(args, spec, plan, config, res, samples, data, total):
         "git_commit": commit, "git_dirty": dirty, "metrics": metrics,
         # wall_s: this run's only (answers from an earlier, killed run of the command are free)
         "command_wall_s": round(total, 2), "reused_answers": res.get("reused_answers"), "cpu": cpu_model(),
-        "device": args.device,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": args.device, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "config": {k: v for k, v in config.items() if k != "adapter_config"},
         # the training config without the reload check's log-probs (numbers, not settings)
         "train_config": {k: v for k, v in cfg.items() if k != "check_logps"} or None if adapter else None,

@@ -8,7 +8,6 @@ Writes  <out_dir>/run_config.json      the resolved configuration (written at st
         <out_dir>/log.jsonl            one JSON object per optimiser step
         <out_dir>/checkpoints/step_N/  DeepSpeed checkpoints (LoRA + optimiser state only)
         <out_dir>/final/               the peft adapter (safetensors), tokenizer, logo_config.json
-        <out_dir>/merged/              with --merge: the base with the adapter merged in
 
     python train.py                                    # smollm2-135m on data/demo (demo.sh: --max_steps 12)
     deepspeed --num_gpus 8 train.py --model llama3-8b-80k --data_dir data/llama3 --gradient_checkpointing
@@ -53,10 +52,9 @@ PRESET_KEYS = ["beta", "gamma", "sft_weight", "lr", "warmup_steps", "max_steps",
 # The logged metrics, in the order train_step sums them: the total loss, then logo_loss's.
 METRICS = ["loss", "logo", "sft", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"]
 # What --resume may change: folders, length, logging, switches of memory or speed, not the math.
-RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite", "merge",
+RESUME_MAY_CHANGE = {"out_dir", "data_dir", "max_steps", "stop_after", "save_every", "resume", "overwrite",
                      "wandb", "max_nonfinite_steps", "gradient_checkpointing", "offload_optimizer",
                      "offload_params", "attention"}
-
 
 # Config: the flags and a preset -> one flat dict, the run's config.
 def parse_args(argv=None):
@@ -79,8 +77,6 @@ def parse_args(argv=None):
     a("--loss", choices=["logo", "sft"], default="logo", help="sft: the chosen NLL only (Instruct Tuning (Partial))")
     a("--beta", type=float, default=None, help="beta: reward scale, Eq. 2")
     a("--gamma", type=float, default=None, help="gamma: absolute reward margin, Eq. 2")
-    # --gamma 3 with --beta 10 is --gamma_beta_ratio 0.3; 3 as a ratio never saturates (ERRORS.md)
-    a("--gamma_beta_ratio", type=float, default=None, help="gamma as gamma/beta (SimPO's and the released code's)")
     a("--sft_weight", type=float, default=None, help="lambda: weight of the SFT term, Eq. 3")
     a("--reference", action="store_true", help="rewards against the base model, adapter off (Fig. 6c; loss.py)")
     a = p.add_argument_group("optimisation").add_argument
@@ -100,7 +96,6 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     a("--stop_after", type=int, default=None, help="checkpoint and stop after this step (lr schedule: max_steps)")
     a("--overwrite", action="store_true", help="delete an existing run in out_dir first")
-    a("--merge", action="store_true", help="also save the merged model to out_dir/merged")
     a = p.add_argument_group("system").add_argument
     # The paper trains with ZeRO-3 (Sec. 4.1); it runs on CPU too (tests/test_train.py).
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None, help="DeepSpeed ZeRO; default 3 on GPU, 0 on CPU")
@@ -126,14 +121,11 @@ def resolve_config(args):
         preset = models.resolve_model(args.model)
     except ValueError as e:
         raise models.UserError(f"{e}; pick one with --model")
-    need(args.gamma is None or args.gamma_beta_ratio is None, "--gamma and --gamma_beta_ratio both given; pass one")
-    cfg = {k: v for k, v in vars(args).items() if k not in ("local_rank", "print_ds_config", "gamma_beta_ratio")}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("local_rank", "print_ds_config")}
     cfg.update({k: preset.get(k) for k in PRESET_KEYS if cfg[k] is None})
     # The presets' bf16 is for GPUs: on a CPU without AMX torch's bf16 matmuls run ~7x slower
     # (SmolLM2-135M, one 2.1K-token row, fwd+bwd: ~70 s vs ~10 s on 2 cores). --dtype forces it.
     cfg["dtype"] = args.dtype or (cfg["dtype"] if torch.cuda.is_available() else "float32")
-    if args.gamma_beta_ratio is not None:
-        cfg["gamma"] = args.gamma_beta_ratio * cfg["beta"]    # logged as the absolute margin
     # native_len: the window the checkpoint was trained for; world_size: the launcher's (1 under python)
     cfg.update(model=preset["name"], model_path=preset["path"], native_len=preset.get("native_len"),
                out_dir=args.out_dir or os.path.join("runs", args.loss), world_size=int(os.getenv("WORLD_SIZE", 1)),
@@ -157,7 +149,6 @@ def ds_config(cfg):
             "zero_allow_untested_optimizer": True,   # a torch AdamW: no JIT-built optimiser ...
             "zero_force_ds_cpu_optimizer": False,    # ... also with offload (LoRA state is small)
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}    # we log ourselves
-
 
 # Data: meta.json and the shards prepare.py wrote, checked against the model before it loads.
 def load_data(cfg):
@@ -258,7 +249,6 @@ def micro_batch(data, rows, cfg, micro, rank, pad_id, device):
                                             batch_first=True, padding_value=v).to(device)
             for k, v in (("input_ids", pad_id), ("position_ids", 0), ("segment_ids", -1))]
 
-
 # Model: a frozen base + LoRA inside a DeepSpeed engine, and its export.
 class LogoScorer(torch.nn.Module):
     """What DeepSpeed wraps (its ZeRO-3 hooks gather the weights): packed (B, T) x 3 in,
@@ -292,7 +282,7 @@ def build(cfg, rank, resume_from=None):
         # inputs requires grad (a frozen base). With ZeRO-3 it needs deepspeed >= 0.19.3 (GPU.md).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg["seed"])    # LoRA A; B starts at 0, so B @ A = 0: step 1 scores the base model
-    with warnings.catch_warnings():   # tied embeddings (SmolLM2): LoRA on the input side only (merge unties)
+    with warnings.catch_warnings():   # tied embeddings (SmolLM2): LoRA on the input side only, lm_head reads the base
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
         model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], bias="none",
                                                  lora_dropout=cfg["lora_dropout"], target_modules=cfg["lora_targets"]))
@@ -338,22 +328,6 @@ def export(engine, tok, data, cfg, rank, pad_id):
             models.write_json(os.path.join(tmp, "logo_config.json"),
                               dict(cfg, check_logps={"rows": rows[:cfg["micro_batch"]], "logps": logps.tolist()}))
     deepspeed.comm.barrier()
-
-def merge(cfg, tok):
-    """<out_dir>/merged: a fresh base with the exported adapter folded in ((alpha / r) * B @ A
-    added to the weights): loads without peft. Rank 0 alone, no DeepSpeed."""
-    from peft import PeftModel
-    base = models.load_model(cfg["model_path"], dtype=getattr(torch, cfg["dtype"]), rope_theta=cfg["rope_theta"])
-    if base.config.tie_word_embeddings and "embed_tokens" in cfg["lora_targets"]:
-        # The adapter changes the input embeddings only (lm_head reads the base matrix):
-        # merged into a tied matrix it would change the output layer too. Untie first.
-        base.lm_head.weight = torch.nn.Parameter(base.get_input_embeddings().weight.detach().clone())
-        base.config.tie_word_embeddings = False
-    merged = PeftModel.from_pretrained(base, os.path.join(cfg["out_dir"], "final")).merge_and_unload()
-    with models.atomic_path(os.path.join(cfg["out_dir"], "merged")) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-
 
 # The run folder: a fresh run or --resume, checkpoints.
 def start_run(cfg, rank, log_path):
@@ -426,8 +400,7 @@ def safe_torch_load(path, map_location=None):
             raise models.UserError(f"refusing to unpickle {what.group(1) if what else 'an object'} from a checkpoint "
                                    f"({path}), more than tensors and DeepSpeed's records: resume only from train.py's")
 
-
-# Processes: the device, DeepSpeed, one out_dir seen by all.
+# Processes: the device, DeepSpeed.
 def select_device():
     """cuda:LOCAL_RANK on a GPU node, else the CPU, before any collective or CUDA allocation: under
     `deepspeed --num_gpus 8` every process starts on cuda:0, while rank k's NCCL group is bound to
@@ -448,23 +421,6 @@ def import_deepspeed():
     if deepspeed.get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
-
-def check_shared_out_dir(cfg, rank, device):
-    """Several nodes: every process writes checkpoint shards into rank 0's out_dir and reads it on
-    --resume; a node-local folder would hold half a checkpoint. Rank 0 writes a file under a fresh
-    random name (os.urandom: nothing an earlier run left), each process looks for it; a miss stops all."""
-    name = [os.path.join(cfg["out_dir"], f".shared_check_{os.urandom(8).hex()}")]
-    if rank == 0:
-        open(name[0], "w").close()
-    torch.distributed.broadcast_object_list(name, src=0, device=device)   # rank 0's name, to all
-    missing = torch.tensor([0 if os.path.exists(name[0]) else 1], device=device)   # NCCL: GPU tensors only
-    torch.distributed.all_reduce(missing)                     # sum: processes that see no file
-    torch.distributed.barrier()
-    if rank == 0:
-        os.remove(name[0])
-    need(not missing.item(), f"{int(missing.item())} of {cfg['world_size']} processes do not see rank 0's out_dir "
-         f"({os.path.abspath(cfg['out_dir'])}); with several nodes it must be on a filesystem every node shares")
-
 
 # The loop: one step, the loggers, the run (main).
 def train_step(step, engine, opt, data, cfg, rank, pad_id):
@@ -561,13 +517,12 @@ def main(argv=None):
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(k, v)
     rank = int(os.environ["RANK"])    # global rank (--local_rank: the GPU on this node)
-    device = select_device()          # before any collective or CUDA allocation
+    select_device()                   # before any collective or CUDA allocation
     tok, data = load_data(cfg)        # a bad input fails in seconds, before DeepSpeed is imported
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     state, deepspeed = start_run(cfg, rank, log_path), import_deepspeed()
     if cfg["world_size"] > 1:
         deepspeed.init_distributed()
-        check_shared_out_dir(cfg, rank, device)
     engine, opt = build(cfg, rank, state.get("path"))
     writers = loggers(cfg, log_path) if rank == 0 else []
     end = min(cfg["max_steps"], cfg["stop_after"] or cfg["max_steps"])   # the lr schedule spans max_steps
@@ -593,14 +548,11 @@ def main(argv=None):
         return
     export(engine, tok, data, cfg, rank, pad_id)
     # The last collective is done: close the group, on success only (a failed rank may leave the others
-    # inside one; exiting with it open can abort in gloo's threads). The merge can outlast a timeout.
+    # inside one; exiting with it open can abort in gloo's threads).
     torch.distributed.destroy_process_group()
     if rank == 0:
-        if cfg["merge"]:
-            merge(cfg, tok)
         print(f"summary: {summary(log_path)}; {nonfinite} non-finite steps skipped")
         print(f"saved the adapter to {os.path.join(cfg['out_dir'], 'final')}")
-
 
 if __name__ == "__main__":
     try:

@@ -117,7 +117,7 @@ def main(argv=None):
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            # out_dir is where it ran, not what it trained; a flag later code removed (trust_remote_code,
+            # out_dir is where it ran, not what it trained; a flag later code removed (trust_remote_code, merge,
             # tensorboard) changed nothing while it was off
             diff = [d for d in differences(old, s) if d != "config.out_dir" and not (
                 d.startswith("config.") and d[7:] not in s["config"] and old["config"].get(d[7:]) in (False, None))]

@@ -219,8 +219,6 @@ def test_an_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(base
     assert_user_error(r, r"no finished checkpoint", r"--overwrite")
 
 
-def test_gamma_and_gamma_beta_ratio_together_are_refused(tmp_path):
-    r = run_train("--model", "tiny", "--gamma", 1, "--gamma_beta_ratio", 0.3, "--print_ds_config")
-    assert_user_error(r, r"--gamma and --gamma_beta_ratio")
+def test_an_unknown_model_is_refused_with_the_presets_named(tmp_path):
     r = run_train("--model", "no-such-preset", "--print_ds_config")
     assert_user_error(r, r"unknown model 'no-such-preset'", r"--model")

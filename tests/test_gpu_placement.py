@@ -12,7 +12,6 @@ The two ways the GPU path crashed before its first step, reproduced on a CPU:
    fp16 checkpoints.
 """
 
-import json
 
 import pytest
 import torch
@@ -69,14 +68,13 @@ def test_train_selects_cuda_local_rank_before_its_first_collective_and_the_model
     monkeypatch.setattr(deepspeed, "init_distributed", record("init_distributed"))
     monkeypatch.setattr(torch.distributed, "broadcast", record("broadcast"))
     monkeypatch.setattr(torch.distributed, "all_reduce", record("all_reduce"))
-    monkeypatch.setattr(train, "check_shared_out_dir", record("check_shared_out_dir"))
     monkeypatch.setattr(train, "build", record("build", stop=True))      # loads the model: allocates
     with pytest.raises(Stop):
         train.main(["--model", "tiny", "--data_dir", str(tmp_path / "data"), "--out_dir",
                     str(tmp_path / "run"), "--global_batch", "8", "--zero_stage", "0"])
     assert cuda.calls[0] == ("set_device", local_rank), cuda.calls
     assert [c for c in cuda.calls[1:] if c[0] != "set_device"] == [
-        ("init_distributed", local_rank), ("check_shared_out_dir", local_rank), ("build", local_rank)]
+        ("init_distributed", local_rank), ("build", local_rank)]
 
 
 def test_train_refuses_a_local_rank_beyond_the_visible_gpus(tmp_path, monkeypatch):

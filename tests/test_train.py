@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import models
-from train_helpers import baseline, planted, read_log, read_rows, reference_logps, run_train
+from train_helpers import baseline, read_log, read_rows, reference_logps, run_train
 
 TOL = 1e-5
 
@@ -85,11 +85,6 @@ def test_the_exported_adapter_loads_with_peft_and_reproduces_the_trained_log_pro
     for (ids, pos, seg), expected in zip(read_rows(data, check["rows"]), check["logps"]):
         got = reference_logps(model, ids, pos, seg)
         assert got.tolist() == pytest.approx(expected, abs=TOL)
-    # --merge: the merged folder is an ordinary model with the same log-probs
-    from transformers import AutoModelForCausalLM
-    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()
-    ids, pos, seg = read_rows(data, check["rows"])[0]
-    assert reference_logps(merged, ids, pos, seg).tolist() == pytest.approx(check["logps"][0], abs=TOL)
 
 
 def test_zero_stage_3_gives_the_same_losses_and_a_full_adapter(base_run, tmp_path):
@@ -145,11 +140,11 @@ def test_bf16_with_deepspeed_on_cpu_trains_close_to_float32(base_run, tmp_path):
     assert got[0]["loss"] != ref[0]["loss"]                                # it did run in bf16
 
 
-def test_sft_loss_trains_on_the_chosen_response_only_and_gamma_beta_ratio_sets_gamma(base_run, tmp_path):
+def test_sft_loss_trains_on_the_chosen_response_only(base_run, tmp_path):
     data, out = base_run
     run = tmp_path / "sft"
     r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", run, "--loss", "sft",
-                  "--beta", 2.0, "--gamma_beta_ratio", 0.3, "--stop_after", 3)
+                  "--beta", 2.0, "--gamma", 0.6, "--stop_after", 3)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.load(open(run / "run_config.json"))
     assert cfg["gamma"] == pytest.approx(0.6) and cfg["loss"] == "sft"
@@ -255,26 +250,6 @@ def test_two_processes_with_zero_and_gradient_checkpointing_train_to_the_end_lik
         assert b[k].shape == a[k].shape and b[k].numel() > 0, k
         assert torch.allclose(a[k], b[k], rtol=0, atol=DIST_TOL), (k, (a[k] - b[k]).abs().max())
     assert all(b[k].abs().max() > 1e-3 for k in b if "_B" in k)   # trained, not the zero init
-
-
-def test_processes_that_do_not_see_rank_0s_out_dir_stop_with_one_line(base_run, tmp_path):
-    # several nodes without a shared filesystem, simulated: rank 1 does not see rank 0's files
-    data, _ = base_run
-    unshared = planted(tmp_path, """
-import os
-_exists = os.path.exists
-def exists(path):
-    if int(os.environ.get("RANK", "0")) > 0 and ".shared_check_" in str(path):
-        return False
-    return _exists(path)
-os.path.exists = exists
-""")
-    r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", tmp_path / "run", "--zero_stage", 0,
-                  launcher=launcher(2), env=unshared)
-    assert r.returncode != 0
-    assert "1 of 2 processes do not see rank 0's out_dir" in r.stderr
-    assert "on a filesystem every node shares" in r.stderr
-    assert not (tmp_path / "run" / "log.jsonl").exists() or read_log(tmp_path / "run") == []
 
 
 def test_print_ds_config_shows_the_batch_split_zero_stage_and_offload():

@@ -122,14 +122,13 @@ _BASELINE = {}
 
 
 def baseline(tmp_path_factory):
-    """One uninterrupted 20-step ZeRO-0 run (with --merge) shared by both test files:
+    """One uninterrupted 20-step ZeRO-0 run shared by both test files:
     (data_dir, out_dir). Other runs are compared against its log to 1e-5."""
     if not _BASELINE:
         root = tmp_path_factory.mktemp("baseline")
         data, out = str(root / "data"), str(root / "out")
         write_tiny_data(data)
-        r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", out, "--save_every", 10,
-                      "--merge")
+        r = run_train("--model", "tiny", "--data_dir", data, "--out_dir", out, "--save_every", 10)
         assert r.returncode == 0, r.stderr[-3000:]
         _BASELINE.update(data=data, out=out, stdout=r.stdout)
     return _BASELINE["data"], _BASELINE["out"]
