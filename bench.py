@@ -99,7 +99,7 @@ if args.device_check:       # a flag set: it overrides the flags below, whatever
     args.attention, args.attn_implementation = "flex" if gpu else "split", "sdpa"
     args.warmup, args.steps = 1, 3
 if args.dtype is None:
-    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"  # bf16 on an AVX2-only CPU: many times slower
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft vs transformers 5
 warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")          # peft: LoRA on tied embeddings
 
@@ -127,12 +127,12 @@ def load(dtype):
             kw.update(hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 7 // 2)
         config = LlamaConfig(num_hidden_layers=args.num_layers, tie_word_embeddings=False, **kw)
         config._attn_implementation = args.attn_implementation
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same random weights in every layout's process
         with torch.device(args.device):
-            model = LlamaForCausalLM(config).to(dtype)
+            model = LlamaForCausalLM(config).to(dtype)  # no host copy of an 8B-wide layer
     else:
         model = models.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same LoRA A in every process (B starts at 0)
     lora = LoraConfig(r=args.lora_r or preset["lora_r"], lora_alpha=preset["lora_alpha"],
                       lora_dropout=0.0, target_modules=preset["lora_targets"])
     model = get_peft_model(model, lora)
@@ -141,7 +141,7 @@ def load(dtype):
 def make_batch(vocab_size, target_len, device):
     """B packed LOGO rows: (B, T) input ids, position ids, segment ids."""
     n, c, q, r, m = args.num_chunks, args.chunk_len, args.question_len, args.response_len, args.num_rejected
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)  # every process builds the same rows
     rows = []
     for _ in range(args.batch_size):
         ctx = synthesize_position_ids([c] * n, target_len - q - r, "continuous", g)  # (N*C,)
@@ -158,7 +158,7 @@ def run_variant():
     "stop" a JSON line with the memory and the log-probs."""
     from torch.utils._triton import has_triton
     model, preset = load(getattr(torch, args.dtype))
-    model.train()
+    model.train()  # as in training: gradient checkpointing acts in train mode only
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     cuda = model.device.type == "cuda"
@@ -180,7 +180,7 @@ def run_variant():
 
     # Everything allocated from here on is the step's. On CPU, a limit on the address space
     # turns "does not fit" into a clean allocation error instead of the OOM killer.
-    gc.collect()
+    gc.collect()  # the loading's garbage is not the step's
     if cuda:
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -195,21 +195,21 @@ def run_variant():
         if line.strip() != "step":
             break
         try:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), time.process_time()  # wall time, and CPU time of all threads
             ref = reference()
             logps, counts = score()                              # (B, 1+M) mean log-probs
             loss, _ = logo_loss(logps[:, 0], logps[:, 1:], beta=preset["beta"], gamma=preset["gamma"],
                                 sft_weight=preset["sft_weight"], **ref)
             loss.backward()
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # no update: every step runs the same weights
             if cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # kernels run asynchronously: wait for them
             say(time=time.perf_counter() - t0, cpu=time.process_time() - c0)
-            logps = logps.detach().float().cpu()
+            logps = logps.detach().float().cpu()  # the last step's, for the parity check
             del loss                  # free it all: the other layout runs next, on the same GPU
             torch.cuda.empty_cache() if cuda else ctypes.CDLL(None).malloc_trim(0)
         except (RuntimeError, MemoryError) as e:                 # an allocation beyond the limit
-            if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            if "alloc" not in str(e).lower() and "memory" not in str(e).lower():  # anything else is a bug
                 raise
             peak = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
             asked = re.search(r"allocate [\d.]+ (bytes|[KMG]iB)", str(e))   # CPU: bytes; CUDA: "2.00 GiB"
@@ -223,7 +223,7 @@ def main():
     B, n, c, q, r, m = (args.batch_size, args.num_chunks, args.chunk_len, args.question_len,
                         args.response_len, args.num_rejected)
     k = n * c + q                                                # prefix: context + question
-    tokens = dict(packed=B * (k + (m + 1) * r), unpacked=B * (m + 1) * (k + r))
+    tokens = dict(packed=B * (k + (m + 1) * r), unpacked=B * (m + 1) * (k + r))  # tokens through the layers
     tokens["reference"] = tokens["packed"]
     name = (f"random {args.random_model} shape ({args.hidden_size or 'full'} wide, {args.num_layers} layers)"
             if args.random_model else args.model)
@@ -266,7 +266,7 @@ def main():
         procs[v].stdin.close()
         procs[v].wait()
 
-    med = lambda v, key="times": statistics.median(res[v][key])
+    med = lambda v, key="times": statistics.median(res[v][key])  # robust to one slow step on a shared machine
     print(f"\n{'layout':<24} {'tokens':>7}   {'step time, median (min-max)':<27}   {'CPU time':>10}"
           f"   {'step memory':>13}")
     for label, v in [("unpacked (M+1 rows)", "unpacked"), (f"packed ({res['packed'].get('attention', '?')})",
@@ -275,7 +275,7 @@ def main():
         print(f"{label:<24} {tokens[v]:>7,}   " + (f"failed: {x['error']}" if "error" in x else
               f"{med(v):>8.2f} s ({min(t):.2f}-{max(t):.2f})   {med(v, 'cpu_times'):>8.2f} s"
               f"   {x['step_mem'] / 2**20:>9,.0f} MiB"))
-    flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)
+    flop_bound = (m + 1) * (k + r) / (k + (m + 1) * r)  # packing's saving outside attention
     failed = [f"{v} layout: {res[v]['error']}" for v in procs if "error" in res[v]]
     if failed:
         print(f"FLOP bound {flop_bound:.2f}x")
@@ -316,14 +316,14 @@ BF16_SLACK = 1e-2
 def parity(lp, lu, attention):
     """The log-probs of both layouts against an independent float32 reference (no grad, no
     TF32: the model's own SDPA over separate rows, nothing of flex); returns what failed."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 would blur the reference
     model, preset = load(torch.float32)
     ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
     with torch.no_grad():
         ref = model_patch.response_logps_unpacked(model, ids, pos, seg)[0].cpu()
         packed32 = model_patch.response_logps(model, ids, pos, seg, attention=attention)[0].cpu()
     failed = []
-    d32 = (packed32 - ref).abs().max().item()
+    d32 = (packed32 - ref).abs().max().item()  # the packed path's own error, no bf16 in it
     print(f"float32: max |packed ({attention}) - unpacked (SDPA)| = {d32:.2e} (tolerance {FLOAT32_ATOL:g})")
     if not d32 <= FLOAT32_ATOL:
         failed.append(f"float32 packed vs unpacked {d32:.2e} > {FLOAT32_ATOL:g}")

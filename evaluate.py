@@ -602,7 +602,7 @@ def parse_lengths(spec):
         out = []
     if not out or min(out) <= 0:
         raise UserError(f"--lengths {spec!r} is not a comma list of positive token counts; write e.g. 1K,2K,4096")
-    return sorted(out)
+    return sorted(out)  # ascending: a --data record goes to the first length it fits
 
 def evaluate(args):
     t0, (samples_fn, run_fn, spec) = time.time(), TASKS[args.task]
@@ -657,7 +657,7 @@ def evaluate(args):
             res["reused_answers"] = cache.reused
         if run_label in plans:
             plans[run_label].update(rope_theta=get_rope_theta(lm.config), wall_s=round(time.time() - t_model, 2))
-        del lm
+        del lm  # one model in memory at a time
         torch.cuda.empty_cache()                # a no-op without CUDA
     # the outputs, each renamed into place when whole: CSV (and its table printed), plot, JSON
     rows = table(spec, results)

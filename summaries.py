@@ -31,7 +31,7 @@ def digest(*parts):
 def sample_ids(res, samples):
     """Per sample a stable id 'LENGTH/INDEX/HASH' (index within its length, hash of the prompt tokens: two models pair
     on a question only when they read the same prompt)."""
-    seen = Counter()
+    seen = Counter()  # per length: the index within it
     for r, s in zip(res["samples"], samples):
         seen[r["length"]] += 1
         yield f"{r['length']}/{seen[r['length']] - 1}/{digest(s['ids'])[:10]}"
