@@ -114,13 +114,13 @@ RANDOM_MODELS = {"llama3-8b": dict(preset="llama3-8b-80k", hidden_size=4096, int
 
 # The preset whose LoRA, loss and window settings the run uses.
 PRESET = models.resolve_model(RANDOM_MODELS[args.random_model]["preset"] if args.random_model else args.model)
+args.target_len = args.target_len or PRESET["target_len"]
 
 def load(dtype):
     """The model with a LoRA on its preset targets (seeded: the same adapters each time).
     --random_model is built on the device directly (an 8B-wide layer is 0.9 GB in bf16)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-    preset = PRESET
     if args.random_model:
         kw = {k: v for k, v in RANDOM_MODELS[args.random_model].items() if k != "preset"}
         if args.hidden_size:            # keep the heads (32 q / 8 kv), shrink the head dim
@@ -131,20 +131,20 @@ def load(dtype):
         with torch.device(args.device):
             model = LlamaForCausalLM(config).to(dtype)  # no host copy of an 8B-wide layer
     else:
-        model = models.load_model(preset["path"], dtype=dtype, attn_implementation=args.attn_implementation)
+        model = models.load_model(PRESET["path"], dtype=dtype, attn_implementation=args.attn_implementation)
     torch.manual_seed(args.seed)  # the same LoRA A in every process (B starts at 0)
-    lora = LoraConfig(r=args.lora_r or preset["lora_r"], lora_alpha=preset["lora_alpha"],
-                      lora_dropout=0.0, target_modules=preset["lora_targets"])
+    lora = LoraConfig(r=args.lora_r or PRESET["lora_r"], lora_alpha=PRESET["lora_alpha"],
+                      lora_dropout=0.0, target_modules=PRESET["lora_targets"])
     model = get_peft_model(model, lora)
-    return model.to(args.device), preset
+    return model.to(args.device)
 
-def make_batch(vocab_size, target_len, device):
+def make_batch(vocab_size, device):
     """B packed LOGO rows: (B, T) input ids, position ids, segment ids."""
     n, c, q, r, m = args.num_chunks, args.chunk_len, args.question_len, args.response_len, args.num_rejected
     g = torch.Generator().manual_seed(args.seed)  # every process builds the same rows
     rows = []
     for _ in range(args.batch_size):
-        ctx = synthesize_position_ids([c] * n, target_len - q - r, "continuous", g)  # (N*C,)
+        ctx = synthesize_position_ids([c] * n, args.target_len - q - r, "continuous", g)  # (N*C,)
         pos = pack_position_ids(ctx, q, [r] * (m + 1))                                 # (T,)
         seg = torch.cat([torch.zeros(n * c + q, dtype=torch.long)] +
                         [torch.full((r,), j + 1) for j in range(m + 1)])               # 0 | 1 | 2..M+1
@@ -157,12 +157,12 @@ def run_variant():
     ready, then for each "step" line one step and a JSON line with its times, then after
     "stop" a JSON line with the memory and the log-probs."""
     from torch.utils._triton import has_triton
-    model, preset = load(getattr(torch, args.dtype))
+    model = load(getattr(torch, args.dtype))
     model.train()  # as in training: gradient checkpointing acts in train mode only
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     cuda = model.device.type == "cuda"
-    ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
+    ids, pos, seg = make_batch(model.config.vocab_size, model.device)
     attention = args.attention if args.attention != "auto" else "flex" if cuda and has_triton() else "split"
     score = (lambda: model_patch.response_logps_unpacked(model, ids, pos, seg)) if \
         args.variant == "unpacked" else \
@@ -198,8 +198,8 @@ def run_variant():
             t0, c0 = time.perf_counter(), time.process_time()  # wall time, and CPU time of all threads
             ref = reference()
             logps, counts = score()                              # (B, 1+M) mean log-probs
-            loss, _ = logo_loss(logps[:, 0], logps[:, 1:], beta=preset["beta"], gamma=preset["gamma"],
-                                sft_weight=preset["sft_weight"], **ref)
+            loss, _ = logo_loss(logps[:, 0], logps[:, 1:], beta=PRESET["beta"], gamma=PRESET["gamma"],
+                                sft_weight=PRESET["sft_weight"], **ref)
             loss.backward()
             model.zero_grad(set_to_none=True)  # no update: every step runs the same weights
             if cuda:
@@ -219,7 +219,6 @@ def run_variant():
     say(step_mem=peak - held, peak_mem=peak, logps=logps.tolist(), counts=counts.tolist())
 
 def main():
-    preset = PRESET
     B, n, c, q, r, m = (args.batch_size, args.num_chunks, args.chunk_len, args.question_len,
                         args.response_len, args.num_rejected)
     k = n * c + q                                                # prefix: context + question
@@ -228,8 +227,8 @@ def main():
     name = (f"random {args.random_model} shape ({args.hidden_size or 'full'} wide, {args.num_layers} layers)"
             if args.random_model else args.model)
     print(f"LOGO packing benchmark: {name} {args.dtype} on {args.device}, B={B} x [{n} x {c} context + {q} question, "
-          f"{m + 1} responses x {r} (M={m})], positions over {args.target_len or preset['target_len']}, "
-          f"LoRA r={args.lora_r or preset['lora_r']} on {'/'.join(preset['lora_targets'])}, "
+          f"{m + 1} responses x {r} (M={m})], positions over {args.target_len}, "
+          f"LoRA r={args.lora_r or PRESET['lora_r']} on {'/'.join(PRESET['lora_targets'])}, "
           f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}", flush=True)
     # Each layout in a fresh process (memory apart), taking turns step by step, so that
     # whatever else runs on the machine slows all alike.
@@ -317,8 +316,8 @@ def parity(lp, lu, attention):
     """The log-probs of both layouts against an independent float32 reference (no grad, no
     TF32: the model's own SDPA over separate rows, nothing of flex); returns what failed."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 would blur the reference
-    model, preset = load(torch.float32)
-    ids, pos, seg = make_batch(model.config.vocab_size, args.target_len or preset["target_len"], model.device)
+    model = load(torch.float32)
+    ids, pos, seg = make_batch(model.config.vocab_size, model.device)
     with torch.no_grad():
         ref = model_patch.response_logps_unpacked(model, ids, pos, seg)[0].cpu()
         packed32 = model_patch.response_logps(model, ids, pos, seg, attention=attention)[0].cpu()

@@ -657,7 +657,7 @@ def evaluate(args):
             res["reused_answers"] = cache.reused
         if run_label in plans:
             plans[run_label].update(rope_theta=get_rope_theta(lm.config), wall_s=round(time.time() - t_model, 2))
-        del lm  # one model in memory at a time
+        del lm  # freed before the next model loads (an 8B model in bf16: 16 GB)
         torch.cuda.empty_cache()                # a no-op without CUDA
     # the outputs, each renamed into place when whole: CSV (and its table printed), plot, JSON
     rows = table(spec, results)
